@@ -1,0 +1,145 @@
+"""Kernel tuning knobs and the buffer-size rules that follow from them."""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+# Bytes of per-token metadata that travel beside the hidden data in the high-throughput rings:
+# up to 16 top-k entries (int64 index + fp32 weight), the source index, padding to 16 bytes.
+MAX_TOPK = 16
+_TOKEN_META_BYTES = MAX_TOPK * (8 + 4) + 16
+# Room for counters, prefix sums and the error record beside the rings.
+_CONTROL_BYTES = 1 << 20
+_ALIGN = 128
+
+
+def _align(n: int, a: int = _ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def _slot_bytes(hidden_bytes: int) -> int:
+    """Bytes one token takes in a ring slot: data, FP8 scales (one fp32 per 128 fp8 channels,
+    i.e. ``hidden_bytes / 2 / 128 * 4`` for the bf16-sized ``hidden_bytes``), metadata."""
+    scale_bytes = hidden_bytes // 64
+    return _align(hidden_bytes + scale_bytes + _TOKEN_META_BYTES, 16)
+
+
+class Config:
+    """Performance knobs of the high-throughput kernels.
+
+    Args:
+        num_sms: SMs the kernels may use (even: half send, half receive).
+        num_max_nvl_chunked_send_tokens: tokens a sender moves per step over NVLink.
+        num_max_nvl_chunked_recv_tokens: capacity, in tokens, of each NVLink ring.
+        num_max_rdma_chunked_send_tokens: tokens a sender moves per step over the inter-node leg.
+        num_max_rdma_chunked_recv_tokens: capacity, in tokens, of each inter-node ring.
+    """
+
+    def __init__(self, num_sms: int = 20, num_max_nvl_chunked_send_tokens: int = 6,
+                 num_max_nvl_chunked_recv_tokens: int = 256, num_max_rdma_chunked_send_tokens: int = 6,
+                 num_max_rdma_chunked_recv_tokens: int = 256) -> None:
+        for name, value in (("num_sms", num_sms),
+                            ("num_max_nvl_chunked_send_tokens", num_max_nvl_chunked_send_tokens),
+                            ("num_max_nvl_chunked_recv_tokens", num_max_nvl_chunked_recv_tokens),
+                            ("num_max_rdma_chunked_send_tokens", num_max_rdma_chunked_send_tokens),
+                            ("num_max_rdma_chunked_recv_tokens", num_max_rdma_chunked_recv_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Config: {name} must be a positive int, got {value!r}")
+        if num_sms % 2 != 0:
+            raise ValueError(f"Config: num_sms must be even (half send, half receive), got {num_sms}")
+        if num_max_nvl_chunked_send_tokens > num_max_nvl_chunked_recv_tokens:
+            raise ValueError("Config: num_max_nvl_chunked_send_tokens must not exceed "
+                             "num_max_nvl_chunked_recv_tokens")
+        if num_max_rdma_chunked_send_tokens > num_max_rdma_chunked_recv_tokens:
+            raise ValueError("Config: num_max_rdma_chunked_send_tokens must not exceed "
+                             "num_max_rdma_chunked_recv_tokens")
+        self.num_sms = num_sms
+        self.num_max_nvl_chunked_send_tokens = num_max_nvl_chunked_send_tokens
+        self.num_max_nvl_chunked_recv_tokens = num_max_nvl_chunked_recv_tokens
+        self.num_max_rdma_chunked_send_tokens = num_max_rdma_chunked_send_tokens
+        self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_recv_tokens
+
+    @property
+    def num_channels(self) -> int:
+        """Channels (pairs of one sending and one receiving SM)."""
+        return self.num_sms // 2
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of NVLink buffer the high-throughput kernels need with this config.
+
+        Args:
+            hidden_bytes: bytes of one token's hidden data at its widest (``hidden * 2`` for bf16).
+            num_ranks: ranks in the group (the NVLink peers of one domain when internode).
+        """
+        if hidden_bytes <= 0 or num_ranks <= 0:
+            raise ValueError("hidden_bytes and num_ranks must be positive")
+        rings = self.num_channels * num_ranks * self.num_max_nvl_chunked_recv_tokens * _slot_bytes(hidden_bytes)
+        counters = self.num_channels * num_ranks * 4 * 8 + num_ranks * (num_ranks + 256) * 4 * 2
+        return _align(rings + counters + _CONTROL_BYTES)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of NVSHMEM symmetric buffer the internode kernels need with this config.
+
+        Args:
+            hidden_bytes: bytes of one token's hidden data at its widest.
+            num_ranks: ranks in the group (an upper bound on the inter-node peers).
+        """
+        if hidden_bytes <= 0 or num_ranks <= 0:
+            raise ValueError("hidden_bytes and num_ranks must be positive")
+        # One send ring and one receive ring per (channel, inter-node peer).
+        rings = 2 * self.num_channels * num_ranks * self.num_max_rdma_chunked_recv_tokens * _slot_bytes(hidden_bytes)
+        return _align(rings + self.num_channels * num_ranks * 64 + _CONTROL_BYTES)
+
+    def as_tuple(self) -> Tuple[int, int, int, int, int]:
+        return (self.num_sms, self.num_max_nvl_chunked_send_tokens, self.num_max_nvl_chunked_recv_tokens,
+                self.num_max_rdma_chunked_send_tokens, self.num_max_rdma_chunked_recv_tokens)
+
+    def __repr__(self) -> str:
+        return ("Config(num_sms={}, num_max_nvl_chunked_send_tokens={}, num_max_nvl_chunked_recv_tokens={}, "
+                "num_max_rdma_chunked_send_tokens={}, num_max_rdma_chunked_recv_tokens={})".format(*self.as_tuple()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self.as_tuple() == other.as_tuple()
+
+
+# Chunk sizes per rank count: (nvl send, nvl recv, rdma send, rdma recv). The SM count comes from
+# Buffer.num_sms. Intranode rows (2, 4, 8) are replaced by measured values as the kernels are tuned.
+DISPATCH_CHUNKS: Dict[int, Tuple[int, int, int, int]] = {
+    2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128),
+    16: (36, 288, 20, 128), 24: (32, 288, 8, 128), 32: (32, 288, 8, 128), 48: (32, 288, 8, 128),
+    64: (32, 288, 8, 128), 96: (20, 480, 12, 128), 128: (20, 560, 12, 128), 144: (32, 720, 12, 128),
+    160: (28, 720, 12, 128),
+}
+COMBINE_CHUNKS: Dict[int, Tuple[int, int, int, int]] = {
+    2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128),
+    16: (4, 288, 12, 128), 24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 48: (1, 288, 8, 128),
+    64: (1, 288, 20, 128), 96: (1, 480, 8, 128), 128: (1, 560, 12, 128), 144: (2, 720, 8, 128),
+    160: (2, 720, 8, 128),
+}
+
+
+def tuned_config(table: Dict[int, Tuple[int, int, int, int]], num_ranks: int, num_sms: int) -> Config:
+    """The table's chunk sizes for ``num_ranks``; rank counts without a row get Config's defaults."""
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks <= 0:
+        raise ValueError(f"num_ranks must be a positive int, got {num_ranks!r}")
+    if num_ranks not in table:
+        return Config(num_sms)
+    return Config(num_sms, *table[num_ranks])
+
+
+def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                               num_experts: int) -> int:
+    """Bytes of NVSHMEM symmetric memory the low-latency kernels need (both alternating buffers).
+
+    Per buffer: a send area and a receive area, each with one message slot per (expert, token)
+    (a dispatch message is a 16-byte header plus the token at its widest, bf16; a combine message
+    is one bf16 row), plus the count/flag words.
+    """
+    for name, v in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+                    ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
+        if v <= 0:
+            raise ValueError(f"{name} must be positive, got {v}")
+    msg_bytes = _align(16 + hidden * 2, 16)
+    area = num_experts * num_max_dispatch_tokens_per_rank * msg_bytes
+    signals = _align(num_experts * 8 * 4 + num_ranks * 64)
+    return _align(2 * (2 * area + signals))

@@ -1,0 +1,219 @@
+"""Events, errors, FP8 cast helpers and routing helpers shared by every backend."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Tuple
+
+import torch
+
+FP8_E4M3_MAX = 448.0
+FP8_AMAX_FLOOR = 1e-4
+FP8_GROUP = 128
+
+
+class DeepEPTimeoutError(RuntimeError):
+    """Raised when a communication call waited longer than the configured timeout.
+
+    The message names the rank, the kernel (or collective) and what it waited for. After a
+    timeout the buffer's internal counters are no longer consistent; the buffer is marked failed
+    and later calls on it raise at once.
+    """
+
+
+class EventHandle:
+    """A CUDA event recorded on a stream (the current stream by default).
+
+    Args:
+        stream: the stream to record on; ``None`` means the current stream.
+    """
+
+    def __init__(self, stream: Optional["torch.cuda.Stream"] = None) -> None:
+        self.event = torch.cuda.Event()
+        self.event.record(stream if stream is not None else torch.cuda.current_stream())
+
+    def current_stream_wait(self) -> None:
+        """Make the current CUDA stream wait until the event has completed."""
+        torch.cuda.current_stream().wait_event(self.event)
+
+    def stream_wait(self, stream: "torch.cuda.Stream") -> None:
+        """Make ``stream`` wait until the event has completed."""
+        stream.wait_event(self.event)
+
+    def synchronize(self) -> None:
+        """Block the host until the event has completed."""
+        self.event.synchronize()
+
+
+class EventOverlap:
+    """A handle on communication that may still be running, for overlapping it with compute.
+
+    Args:
+        event: the event that marks the end of the communication (``None``: already complete,
+            as on CPU or with ``async_finish=False``).
+        extra_tensors: tensors kept alive until the event is waited on.
+
+    Use ``current_stream_wait()``, or the object as a context manager: the body of the ``with``
+    block runs while the communication proceeds, and the current stream waits for it on exit.
+    """
+
+    def __init__(self, event: Optional[Any] = None, extra_tensors: Optional[Tuple[Any, ...]] = None) -> None:
+        self.event = event
+        self.extra_tensors = extra_tensors
+
+    def current_stream_wait(self) -> None:
+        """Make the current stream wait for the communication to finish."""
+        if self.event is not None:
+            self.event.current_stream_wait()
+
+    def stream_wait(self, stream: Any) -> None:
+        """Make ``stream`` wait for the communication to finish (no-op when already complete)."""
+        if self.event is None:
+            return
+        if hasattr(self.event, "stream_wait"):
+            self.event.stream_wait(stream)
+        else:  # an extension EventHandle: switch to the stream and wait there
+            with torch.cuda.stream(stream):
+                self.event.current_stream_wait()
+
+    def __enter__(self) -> "EventOverlap":
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        self.current_stream_wait()
+
+
+def _round_scale_up_to_pow2(scale: torch.Tensor) -> torch.Tensor:
+    """Round positive normal fp32 values up to the next power of two, exactly, on the bits."""
+    bits = scale.contiguous().view(torch.int32)
+    exponent = (bits >> 23) & 0xFF
+    exponent = exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return (exponent << 23).view(torch.float32)
+
+
+def _pack_ue8m0(scale: torch.Tensor) -> torch.Tensor:
+    """Pack the exponent bytes of power-of-two fp32 scales ``[..., G]`` into int32 ``[..., G/4]``."""
+    groups = scale.shape[-1]
+    if groups % 4 != 0:
+        raise ValueError(f"use_ue8m0 needs hidden to be a multiple of 512, got {groups * FP8_GROUP}")
+    exponent = ((scale.contiguous().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    # Group j lands in byte j % 4 of int32 j // 4 (little-endian), regardless of host order.
+    e = exponent.reshape(*scale.shape[:-1], groups // 4, 4).to(torch.int32)
+    return e[..., 0] | (e[..., 1] << 8) | (e[..., 2] << 16) | (e[..., 3] << 24)
+
+
+def unpack_ue8m0(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of the ue8m0 packing: int32 ``[..., G/4]`` -> fp32 power-of-two scales ``[..., G]``."""
+    p = packed.to(torch.int32)
+    exponents = torch.stack([(p >> (8 * i)) & 0xFF for i in range(4)], dim=-1)
+    exponents = exponents.reshape(*packed.shape[:-1], packed.shape[-1] * 4)
+    return (exponents << 23).view(torch.float32)
+
+
+def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False,
+                          use_ue8m0: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cast ``x`` to FP8 (e4m3) with one scale per token per 128 channels.
+
+    This is the reference of the FP8 rule every backend reproduces bit for bit: per group of 128
+    channels, ``amax = max(|x|)`` in fp32, clamped to at least 1e-4; ``scale = amax / 448``
+    (fp32, round to nearest); with ``round_scale`` the scale is rounded up to a power of two;
+    ``data = x / scale`` (fp32, round to nearest) converted to ``torch.float8_e4m3fn``.
+
+    Args:
+        x: ``[num_tokens, hidden]`` tensor (bf16 or fp32), ``hidden`` a multiple of 128.
+        round_scale: round each scale up to a power of two.
+        use_ue8m0: pack the scales' exponents 4 per int32 (needs ``round_scale`` semantics, which
+            it implies, and ``hidden`` a multiple of 512).
+
+    Returns:
+        ``(data, scales)``: ``data`` e4m3 ``[num_tokens, hidden]``; ``scales`` fp32
+        ``[num_tokens, hidden / 128]``, or int32 ``[num_tokens, hidden / 512]`` with ``use_ue8m0``.
+    """
+    if x.dim() != 2 or x.shape[1] % FP8_GROUP != 0:
+        raise ValueError(f"x must be [num_tokens, hidden] with hidden % 128 == 0, got {tuple(x.shape)}")
+    num_tokens, hidden = x.shape
+    grouped = x.float().reshape(num_tokens, hidden // FP8_GROUP, FP8_GROUP)
+    amax = grouped.abs().amax(dim=-1).clamp(min=FP8_AMAX_FLOOR)
+    scale = amax / FP8_E4M3_MAX
+    if round_scale or use_ue8m0:
+        scale = _round_scale_up_to_pow2(scale)
+    data = (grouped / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).reshape(num_tokens, hidden)
+    if use_ue8m0:
+        return data, _pack_ue8m0(scale)
+    return data, scale
+
+
+def per_token_cast_back(x_fp8: torch.Tensor, x_scales: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`per_token_cast_to_fp8`: ``data * scale`` per 128-channel group, as bf16.
+
+    Args:
+        x_fp8: e4m3 ``[..., hidden]``.
+        x_scales: fp32 ``[..., hidden / 128]``, or ue8m0-packed int32 ``[..., hidden / 512]``.
+    """
+    if x_scales.dtype == torch.int32:
+        x_scales = unpack_ue8m0(x_scales)
+    hidden = x_fp8.shape[-1]
+    grouped = x_fp8.float().reshape(*x_fp8.shape[:-1], hidden // FP8_GROUP, FP8_GROUP)
+    return (grouped * x_scales.float().unsqueeze(-1)).reshape(x_fp8.shape).to(torch.bfloat16)
+
+
+def group_limited_topk(scores: torch.Tensor, num_groups: int, num_topk_groups: int,
+                       num_topk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited gating (DeepSeek-V3 style): top-k experts within the best expert groups.
+
+    The experts are split into ``num_groups`` equal groups (one group per node when used for
+    expert parallelism); each group is ranked by the sum of its two highest scores (its highest
+    when a group holds one expert); the token keeps the ``num_topk_groups`` best groups and picks
+    its ``num_topk`` experts among them. So a token reaches at most ``num_topk_groups`` groups.
+
+    Args:
+        scores: ``[num_tokens, num_experts]`` routing scores.
+        num_groups: number of expert groups; must divide ``num_experts``.
+        num_topk_groups: groups a token may use.
+        num_topk: experts per token.
+
+    Returns:
+        ``(topk_idx int64 [num_tokens, num_topk], topk_weights float32 [num_tokens, num_topk])``,
+        the weights being the chosen scores.
+    """
+    num_tokens, num_experts = scores.shape
+    if num_experts % num_groups != 0:
+        raise ValueError(f"num_groups ({num_groups}) must divide num_experts ({num_experts})")
+    per_group = num_experts // num_groups
+    if num_topk > num_topk_groups * per_group:
+        raise ValueError("num_topk exceeds the experts available in num_topk_groups groups")
+    grouped = scores.float().view(num_tokens, num_groups, per_group)
+    group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+    kept_groups = group_score.topk(num_topk_groups, dim=-1).indices
+    group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept_groups, True)
+    masked = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
+    weights, idx = masked.topk(num_topk, dim=-1)
+    return idx.to(torch.int64), weights
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """A scale-free distance between two tensors: ``1 - 2<x,y> / (|x|^2 + |y|^2)`` in float64."""
+    x, y = x.double() + 1, y.double() + 1
+    denominator = (x * x + y * y).sum()
+    if denominator == 0:
+        return 0.0
+    return float(1 - 2 * (x * y).sum() / denominator)
+
+
+def hash_tensor(t: torch.Tensor) -> int:
+    """An order-sensitive checksum of a tensor's bytes (to compare repeated runs cheaply)."""
+    flat = t.contiguous().view(torch.uint8).view(-1).to(torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) % 65521
+    return int((flat * weights).sum().item())
+
+
+def tensors_alive(*tensors: Iterable[Any]) -> Tuple[Any, ...]:
+    """Flatten tensors and tuples of tensors (``None`` dropped) for ``EventOverlap.extra_tensors``."""
+    out = []
+    for t in tensors:
+        if t is None:
+            continue
+        if isinstance(t, (tuple, list)):
+            out.extend(x for x in t if isinstance(x, torch.Tensor))
+        elif isinstance(t, torch.Tensor):
+            out.append(t)
+    return tuple(out)
