@@ -160,7 +160,7 @@ class TorchBackend:
             yield
             return
         compute = torch.cuda.current_stream(self.device)
-        if previous_event is not None:
+        if previous_event is not None and previous_event.event is not None:
             previous_event.stream_wait(self.comm_stream)
         else:
             self.comm_stream.wait_stream(compute)
