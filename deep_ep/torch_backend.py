@@ -86,12 +86,14 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8).reshape(t.shape[0], width)
 
 
-def _pack_rows(parts: Sequence[torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
-    """Gather ``rows`` of each part and lay them side by side as bytes. Returns the packed
-    ``[len(rows), total]`` uint8 tensor and each part's byte width."""
-    byte_parts = [_as_bytes(p) for p in parts]
+def _pack_rows(parts: Sequence[torch.Tensor], rows: Optional[torch.Tensor]) -> Tuple[torch.Tensor, List[int]]:
+    """Gather ``rows`` (all rows when None) of each part and lay them side by side as bytes.
+    Returns the packed ``[num_rows, total]`` uint8 tensor and each part's byte width."""
+    # Gather in each part's own dtype (wide elements: far faster than a byte-wise gather).
+    gathered = [p if rows is None else p.index_select(0, rows) for p in parts]
+    byte_parts = [_as_bytes(p) for p in gathered]
     widths = [p.shape[1] for p in byte_parts]
-    packed = torch.cat(byte_parts, dim=1)[rows] if len(byte_parts) > 1 else byte_parts[0][rows]
+    packed = torch.cat(byte_parts, dim=1) if len(byte_parts) > 1 else byte_parts[0]
     return packed.contiguous(), widths
 
 
@@ -282,8 +284,7 @@ class TorchBackend:
             parts = [x[:num_recv]]
             if topk_weights is not None:
                 parts.append(topk_weights[:num_recv])
-            rows = torch.arange(num_recv, device=x.device)
-            packed, widths = _pack_rows(parts, rows)
+            packed, widths = _pack_rows(parts, None)
             back = _unpack_rows(self._all_to_all(packed, handle.recv_counts, handle.send_counts), widths)
             num_back = len(handle.send_token_idx)
             acc = torch.zeros(handle.num_tokens, hidden, dtype=torch.float32, device=x.device)
