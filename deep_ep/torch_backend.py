@@ -98,14 +98,21 @@ def _pack_rows(parts: Sequence[torch.Tensor], rows: Optional[torch.Tensor]) -> T
 
 
 def _unpack_rows(packed: torch.Tensor, widths: Sequence[int]) -> List[torch.Tensor]:
+    if len(widths) == 1:
+        return [packed]
     out, offset = [], 0
     for w in widths:
-        out.append(packed[:, offset:offset + w].contiguous())
+        # A fresh dense copy: a column slice (even a one-row one) keeps the packed row stride,
+        # which a later view as a wider dtype would reject.
+        out.append(torch.empty((packed.shape[0], w), dtype=torch.uint8, device=packed.device)
+                   .copy_(packed[:, offset:offset + w]))
         offset += w
     return out
 
 
 def _from_bytes(b: torch.Tensor, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    if b.dim() == 2 and b.shape[0] > 0 and b.stride() != (b.shape[1], 1):
+        b = torch.empty(b.shape, dtype=torch.uint8, device=b.device).copy_(b)
     return b.contiguous().view(dtype).reshape(*shape)
 
 
