@@ -103,15 +103,18 @@ class Config:
 
 
 # Chunk sizes per rank count: (nvl send, nvl recv, rdma send, rdma recv). The SM count comes from
-# Buffer.num_sms. Intranode rows (2, 4, 8) are replaced by measured values as the kernels are tuned.
+# Buffer.num_sms. Intranode rows (2, 4, 8): in the intranode kernels the send chunk is per warp (a
+# warp publishes its ring tail after that many of its tokens); 2 and 4 were measured best in the
+# SM/chunk sweep of tests/test_intranode.py --bench on 4 x H200 (docs/benchmarks.md), 8 is an
+# estimate until an 8-GPU machine is lent. Rows of 16+ ranks serve the internode kernels (estimates).
 DISPATCH_CHUNKS: Dict[int, Tuple[int, int, int, int]] = {
-    2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128),
+    2: (2, 256, 6, 128), 4: (2, 256, 6, 128), 8: (2, 256, 6, 128),
     16: (36, 288, 20, 128), 24: (32, 288, 8, 128), 32: (32, 288, 8, 128), 48: (32, 288, 8, 128),
     64: (32, 288, 8, 128), 96: (20, 480, 12, 128), 128: (20, 560, 12, 128), 144: (32, 720, 12, 128),
     160: (28, 720, 12, 128),
 }
 COMBINE_CHUNKS: Dict[int, Tuple[int, int, int, int]] = {
-    2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128),
+    2: (2, 256, 6, 128), 4: (2, 256, 6, 128), 8: (2, 256, 6, 128),
     16: (4, 288, 12, 128), 24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 48: (1, 288, 8, 128),
     64: (1, 288, 20, 128), 96: (1, 480, 8, 128), 128: (1, 560, 12, 128), 144: (2, 720, 8, 128),
     160: (2, 720, 8, 128),

@@ -1,0 +1,469 @@
+// The intranode runtime (NVLink buffer, IPC mapping, host-mapped counters, launches) and the
+// Python module deep_ep_cpp.
+#include "deep_ep.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <torch/extension.h>
+
+#include "config.hpp"
+#include "event.hpp"
+#include "kernels/api.cuh"
+#include "kernels/buffer.cuh"
+#include "kernels/exception.cuh"
+
+#ifndef DISABLE_NVSHMEM
+#if defined(__has_include)
+#if __has_include("low_latency.hpp")
+#include "low_latency.hpp"
+#define DEEP_EP_HAS_LOW_LATENCY 1
+#endif
+#endif
+#endif
+
+namespace py = pybind11;
+
+namespace deep_ep {
+namespace {
+
+constexpr int kHostCounterInts = 2 + kMaxLocalExperts;
+
+void check_cuda_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
+    DEEP_EP_HOST_ASSERT(t.is_cuda(), std::string(name) + " must be a CUDA tensor");
+    DEEP_EP_HOST_ASSERT(t.scalar_type() == dtype, std::string(name) + " has the wrong dtype");
+    DEEP_EP_HOST_ASSERT(t.is_contiguous(), std::string(name) + " must be contiguous");
+}
+
+template <typename T>
+T* optional_ptr(const std::optional<torch::Tensor>& t, const char* name, torch::ScalarType dtype) {
+    if (!t.has_value())
+        return nullptr;
+    check_cuda_tensor(*t, name, dtype);
+    return reinterpret_cast<T*>(t->data_ptr());
+}
+
+}  // namespace
+
+Buffer::Buffer(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
+    : rank_(rank), num_ranks_(num_ranks), num_nvl_bytes_(num_nvl_bytes) {
+    DEEP_EP_HOST_ASSERT(num_ranks >= 1 && num_ranks <= kMaxRanks, "the intranode runtime supports 1..8 ranks");
+    DEEP_EP_HOST_ASSERT(rank >= 0 && rank < num_ranks, "rank out of range");
+    DEEP_EP_HOST_ASSERT(num_nvl_bytes > static_cast<int64_t>(kDataOffset),
+                        "num_nvl_bytes must exceed the control area of " + std::to_string(kDataOffset) + " bytes");
+    DEEP_EP_HOST_ASSERT(timeout_s > 0, "timeout must be positive");
+    timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
+    DEEP_EP_CUDA_CHECK(cudaGetDevice(&device_));
+    DEEP_EP_CUDA_CHECK(cudaMalloc(&local_buffer_, static_cast<size_t>(num_nvl_bytes)));
+    DEEP_EP_CUDA_CHECK(cudaMemset(local_buffer_, 0, kDataOffset));
+    DEEP_EP_CUDA_CHECK(cudaHostAlloc(&error_host_, sizeof(ErrorRecord), cudaHostAllocMapped));
+    std::memset(error_host_, 0, sizeof(ErrorRecord));
+    DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
+    DEEP_EP_CUDA_CHECK(cudaHostAlloc(&counters_host_, sizeof(int) * kHostCounterInts, cudaHostAllocMapped));
+    std::memset(counters_host_, 0, sizeof(int) * kHostCounterInts);
+    DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&counters_device_), counters_host_, 0));
+    DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
+    for (auto& p : peers_.ptrs)
+        p = nullptr;
+    peers_.ptrs[rank_] = local_buffer_;
+}
+
+Buffer::~Buffer() noexcept {
+    if (!destroyed_) {
+        try {
+            destroy(false);
+        } catch (...) {
+            // Destructors must not throw; the process is usually exiting here.
+        }
+    }
+}
+
+py::bytes Buffer::get_local_ipc_handle() const {
+    cudaIpcMemHandle_t handle;
+    DEEP_EP_CUDA_CHECK(cudaIpcGetMemHandle(&handle, local_buffer_));
+    return py::bytes(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+void Buffer::sync(const std::vector<std::string>& handles) {
+    DEEP_EP_HOST_ASSERT(!available_, "sync() was already called");
+    DEEP_EP_HOST_ASSERT(static_cast<int>(handles.size()) == num_ranks_, "need one IPC handle per rank");
+    for (int r = 0; r < num_ranks_; ++r) {
+        if (r == rank_)
+            continue;
+        const std::string& bytes = handles[r];
+        DEEP_EP_HOST_ASSERT(bytes.size() == sizeof(cudaIpcMemHandle_t), "malformed IPC handle");
+        cudaIpcMemHandle_t handle;
+        std::memcpy(&handle, bytes.data(), sizeof(handle));
+        void* ptr = nullptr;
+        DEEP_EP_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess));
+        peers_.ptrs[r] = static_cast<uint8_t*>(ptr);
+    }
+    available_ = true;
+}
+
+torch::Tensor Buffer::get_local_buffer_tensor(int64_t offset, int64_t num_bytes) const {
+    DEEP_EP_HOST_ASSERT(offset >= 0 && num_bytes >= 0 && offset + num_bytes <= num_nvl_bytes_,
+                        "view out of the buffer's bounds");
+    return torch::from_blob(local_buffer_ + offset, {num_bytes},
+                            torch::TensorOptions().dtype(torch::kUInt8).device(torch::kCUDA, device_));
+}
+
+FailureContext Buffer::failure_context() const {
+    FailureContext ctx;
+    ctx.record = error_device_;
+    ctx.abort_flag = reinterpret_cast<int*>(local_buffer_ + kAbortFlagOffset);
+    ctx.timeout_ns = timeout_ns_;
+    ctx.rank = rank_;
+    return ctx;
+}
+
+void Buffer::check_usable() const {
+    DEEP_EP_HOST_ASSERT(!destroyed_, "the buffer has been destroyed");
+    DEEP_EP_HOST_ASSERT(available_, "sync() has not been called");
+    if (reinterpret_cast<volatile ErrorRecord*>(error_host_)->code != 0)
+        throw std::runtime_error("deep_ep: the buffer failed earlier (see the error record); it cannot be used");
+}
+
+int Buffer::warps_per_peer() const {
+    int warps = std::min(kIntranodeWarps / num_ranks_, kMaxWarpsPerPeer);
+    // Tuning experiments only: fewer concurrent flows per (channel, peer).
+    if (const char* value = std::getenv("DEEP_EP_WARPS_PER_PEER"))
+        warps = std::max(1, std::min(warps, std::atoi(value)));
+    return warps;
+}
+
+RingGeometry Buffer::make_ring(int num_sms, int send_chunk, int ring_capacity, int slot_bytes,
+                               int min_slots_per_sub_ring) const {
+    DEEP_EP_HOST_ASSERT(num_sms >= 2 && num_sms % 2 == 0, "num_sms must be even and >= 2");
+    DEEP_EP_HOST_ASSERT(num_sms / 2 <= kMaxChannels, "num_sms must be at most " + std::to_string(2 * kMaxChannels));
+    RingGeometry ring;
+    ring.num_channels = num_sms / 2;
+    ring.warps_per_peer = warps_per_peer();
+    ring.slot_bytes = slot_bytes;
+    ring.publish_every = std::max(1, send_chunk);
+    ring.slice_bytes = (static_cast<size_t>(num_nvl_bytes_) - kDataOffset) / num_ranks_ / 128 * 128;
+    const int64_t fit = static_cast<int64_t>(ring.slice_bytes) / (static_cast<int64_t>(ring.num_channels) * slot_bytes);
+    int64_t capacity = std::min<int64_t>(ring_capacity, fit);
+    capacity -= capacity % ring.warps_per_peer;
+    const int64_t need = static_cast<int64_t>(min_slots_per_sub_ring) * ring.warps_per_peer;
+    if (capacity < need) {
+        const int64_t need_bytes = static_cast<int64_t>(kDataOffset) +
+                                   need * ring.num_channels * static_cast<int64_t>(slot_bytes) * num_ranks_;
+        throw std::invalid_argument("deep_ep: num_nvl_bytes (" + std::to_string(num_nvl_bytes_) +
+                                    ") is too small for " + std::to_string(ring.num_channels) +
+                                    " channels of " + std::to_string(slot_bytes) + "-byte slots; need at least " +
+                                    std::to_string(need_bytes));
+    }
+    ring.capacity = static_cast<int>(capacity);
+    // Publishing less often than a sub-ring holds would only add waits.
+    ring.publish_every = std::min(ring.publish_every, ring.capacity / ring.warps_per_peer);
+    return ring;
+}
+
+void Buffer::get_dispatch_layout(const torch::Tensor& topk_idx, int num_experts,
+                                 const torch::Tensor& num_tokens_per_rank, const torch::Tensor& num_tokens_per_expert,
+                                 const torch::Tensor& is_token_in_rank) {
+    check_cuda_tensor(topk_idx, "topk_idx", torch::kInt64);
+    check_cuda_tensor(num_tokens_per_rank, "num_tokens_per_rank", torch::kInt32);
+    check_cuda_tensor(num_tokens_per_expert, "num_tokens_per_expert", torch::kInt32);
+    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
+    DEEP_EP_HOST_ASSERT(topk_idx.dim() == 2, "topk_idx must be 2-D");
+    LayoutArgs args;
+    args.topk_idx = topk_idx.data_ptr<int64_t>();
+    args.num_tokens = static_cast<int>(topk_idx.size(0));
+    args.num_topk = static_cast<int>(topk_idx.size(1));
+    args.num_experts = num_experts;
+    args.num_ranks = num_ranks_;
+    args.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
+    args.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
+    args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+    launch_get_dispatch_layout(args, at::cuda::getCurrentCUDAStream());
+}
+
+void Buffer::notify_dispatch(const torch::Tensor& num_tokens_per_rank, const torch::Tensor& num_tokens_per_expert,
+                             int num_tokens, int expert_alignment, const torch::Tensor& recv_rank_prefix,
+                             const torch::Tensor& recv_src_num_tokens, bool write_host) {
+    check_usable();
+    check_cuda_tensor(num_tokens_per_rank, "num_tokens_per_rank", torch::kInt32);
+    check_cuda_tensor(num_tokens_per_expert, "num_tokens_per_expert", torch::kInt32);
+    check_cuda_tensor(recv_rank_prefix, "recv_rank_prefix", torch::kInt32);
+    check_cuda_tensor(recv_src_num_tokens, "recv_src_num_tokens", torch::kInt32);
+    DEEP_EP_HOST_ASSERT(num_tokens_per_rank.numel() == num_ranks_, "num_tokens_per_rank must have num_ranks entries");
+    DEEP_EP_HOST_ASSERT(recv_rank_prefix.numel() == num_ranks_ + 1, "recv_rank_prefix must have num_ranks + 1 entries");
+    DEEP_EP_HOST_ASSERT(recv_src_num_tokens.numel() == num_ranks_, "recv_src_num_tokens must have num_ranks entries");
+    DEEP_EP_HOST_ASSERT(expert_alignment >= 1, "expert_alignment must be >= 1");
+    const int num_experts = static_cast<int>(num_tokens_per_expert.numel());
+    DEEP_EP_HOST_ASSERT(num_experts % num_ranks_ == 0, "num_experts must be a multiple of num_ranks");
+    DEEP_EP_HOST_ASSERT(num_experts / num_ranks_ <= kMaxLocalExperts,
+                        "at most " + std::to_string(kMaxLocalExperts) + " local experts");
+    NotifyArgs args;
+    args.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
+    args.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
+    args.num_tokens = num_tokens;
+    args.num_experts = num_experts;
+    args.expert_alignment = expert_alignment;
+    args.rank = rank_;
+    args.num_ranks = num_ranks_;
+    args.buffers = peers_;
+    args.recv_rank_prefix = recv_rank_prefix.data_ptr<int>();
+    args.recv_src_num_tokens = recv_src_num_tokens.data_ptr<int>();
+    args.host_counters = counters_device_;
+    args.write_host = write_host;
+    args.fail = failure_context();
+    if (write_host)
+        reinterpret_cast<volatile int*>(counters_host_)[0] = 0;
+    launch_notify_dispatch(args, at::cuda::getCurrentCUDAStream());
+}
+
+std::tuple<bool, int, std::vector<int>> Buffer::wait_notify(int num_local_experts) {
+    DEEP_EP_HOST_ASSERT(num_local_experts >= 0 && num_local_experts <= kMaxLocalExperts, "bad num_local_experts");
+    {
+        py::gil_scoped_release release;
+        const auto start = std::chrono::steady_clock::now();
+        // The device reports its own timeouts; the host allows a little more before giving up.
+        const auto limit = std::chrono::nanoseconds(timeout_ns_) + std::chrono::seconds(5);
+        volatile int* flag = counters_host_;
+        volatile ErrorRecord* record = error_host_;
+        uint64_t polls = 0;
+        while (*flag != 1) {
+            if (record->code > 0)
+                return {false, 0, {}};
+            if ((++polls & 1023) == 0 && std::chrono::steady_clock::now() - start > limit)
+                return {false, -1, {}};
+        }
+        std::atomic_thread_fence(std::memory_order_acquire);
+    }
+    volatile int* counters = counters_host_;
+    std::vector<int> per_expert(num_local_experts);
+    for (int e = 0; e < num_local_experts; ++e)
+        per_expert[e] = counters[2 + e];
+    return {true, counters[1], per_expert};
+}
+
+void Buffer::dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales,
+                      const std::optional<torch::Tensor>& topk_idx, const std::optional<torch::Tensor>& topk_weights,
+                      const torch::Tensor& is_token_in_rank, const torch::Tensor& recv_rank_prefix,
+                      const torch::Tensor& recv_x, const std::optional<torch::Tensor>& recv_x_scales,
+                      const std::optional<torch::Tensor>& recv_topk_idx,
+                      const std::optional<torch::Tensor>& recv_topk_weights, const torch::Tensor& recv_src_idx,
+                      int num_experts, bool fill_padding, int num_sms, int send_chunk, int ring_capacity) {
+    check_usable();
+    DEEP_EP_HOST_ASSERT(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
+    DEEP_EP_HOST_ASSERT(recv_x.is_cuda() && recv_x.dim() == 2 && recv_x.is_contiguous() &&
+                            recv_x.scalar_type() == x.scalar_type() && recv_x.size(1) == x.size(1),
+                        "recv_x must be contiguous [rows, hidden] of x's dtype");
+    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
+    check_cuda_tensor(recv_rank_prefix, "recv_rank_prefix", torch::kInt32);
+    check_cuda_tensor(recv_src_idx, "recv_src_idx", torch::kInt32);
+    DEEP_EP_HOST_ASSERT(is_token_in_rank.dim() == 2 && is_token_in_rank.size(0) == x.size(0) &&
+                            is_token_in_rank.size(1) == num_ranks_,
+                        "is_token_in_rank must be [num_tokens, num_ranks]");
+    DEEP_EP_HOST_ASSERT(recv_src_idx.numel() == recv_x.size(0), "recv_src_idx must have one entry per row");
+    DEEP_EP_HOST_ASSERT(topk_idx.has_value() == topk_weights.has_value() &&
+                            topk_idx.has_value() == recv_topk_idx.has_value() &&
+                            topk_idx.has_value() == recv_topk_weights.has_value(),
+                        "top-k inputs and outputs go together");
+    DEEP_EP_HOST_ASSERT(x_scales.has_value() == recv_x_scales.has_value(), "scales in and out go together");
+    DEEP_EP_HOST_ASSERT(num_experts >= num_ranks_ && num_experts % num_ranks_ == 0,
+                        "num_experts must be a multiple of num_ranks");
+
+    DispatchArgs args;
+    args.x = static_cast<const uint8_t*>(x.data_ptr());
+    args.num_tokens = static_cast<int>(x.size(0));
+    args.hidden_bytes = static_cast<int>(x.size(1) * x.element_size());
+    args.x_scales = nullptr;
+    args.scale_token_stride = args.scale_hidden_stride = 0;
+    args.num_scales = 0;
+    args.recv_x_scales = nullptr;
+    if (x_scales.has_value()) {
+        DEEP_EP_HOST_ASSERT(x_scales->is_cuda() && x_scales->scalar_type() == torch::kFloat32 &&
+                                x_scales->dim() == 2 && x_scales->size(0) == x.size(0),
+                            "x_scales must be float32 [num_tokens, num_scales]");
+        args.x_scales = x_scales->data_ptr<float>();
+        args.scale_token_stride = x_scales->stride(0);
+        args.scale_hidden_stride = x_scales->stride(1);
+        args.num_scales = static_cast<int>(x_scales->size(1));
+        check_cuda_tensor(*recv_x_scales, "recv_x_scales", torch::kFloat32);
+        DEEP_EP_HOST_ASSERT(recv_x_scales->dim() == 2 && recv_x_scales->size(0) == recv_x.size(0) &&
+                                recv_x_scales->size(1) == args.num_scales,
+                            "recv_x_scales must be [rows, num_scales]");
+        args.recv_x_scales = recv_x_scales->data_ptr<float>();
+    }
+    args.topk_idx = optional_ptr<const int64_t>(topk_idx, "topk_idx", torch::kInt64);
+    args.topk_weights = optional_ptr<const float>(topk_weights, "topk_weights", torch::kFloat32);
+    args.recv_topk_idx = optional_ptr<int64_t>(recv_topk_idx, "recv_topk_idx", torch::kInt64);
+    args.recv_topk_weights = optional_ptr<float>(recv_topk_weights, "recv_topk_weights", torch::kFloat32);
+    args.num_topk = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
+    if (topk_idx.has_value()) {
+        DEEP_EP_HOST_ASSERT(topk_idx->size(0) == x.size(0) && topk_weights->sizes() == topk_idx->sizes() &&
+                                recv_topk_idx->size(0) == recv_x.size(0) && recv_topk_idx->size(1) == args.num_topk &&
+                                recv_topk_weights->sizes() == recv_topk_idx->sizes(),
+                            "top-k shapes disagree");
+    }
+    args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+    args.recv_rank_prefix = recv_rank_prefix.data_ptr<int>();
+    args.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
+    args.recv_src_idx = recv_src_idx.data_ptr<int>();
+    args.num_recv_rows = static_cast<int>(recv_x.size(0));
+    args.fill_padding = fill_padding;
+    args.num_experts = num_experts;
+    args.rank = rank_;
+    args.num_ranks = num_ranks_;
+    args.slot = make_dispatch_slot(args.hidden_bytes, args.num_scales, args.num_topk);
+    args.ring = make_ring(num_sms, send_chunk, ring_capacity, args.slot.bytes, 1);
+    args.buffers = peers_;
+    args.fail = failure_context();
+    launch_intranode_dispatch(args, at::cuda::getCurrentCUDAStream());
+}
+
+void Buffer::combine(const torch::Tensor& x, const std::optional<torch::Tensor>& topk_weights,
+                     const std::optional<torch::Tensor>& bias0, const std::optional<torch::Tensor>& bias1,
+                     const torch::Tensor& is_token_in_rank, const torch::Tensor& recv_src_idx,
+                     const torch::Tensor& recv_rank_prefix, const torch::Tensor& recv_src_num_tokens,
+                     const torch::Tensor& combined_x, const std::optional<torch::Tensor>& combined_topk_weights,
+                     int num_sms, int send_chunk, int ring_capacity) {
+    check_usable();
+    check_cuda_tensor(x, "x", torch::kBFloat16);
+    check_cuda_tensor(combined_x, "combined_x", torch::kBFloat16);
+    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
+    check_cuda_tensor(recv_src_idx, "recv_src_idx", torch::kInt32);
+    check_cuda_tensor(recv_rank_prefix, "recv_rank_prefix", torch::kInt32);
+    check_cuda_tensor(recv_src_num_tokens, "recv_src_num_tokens", torch::kInt32);
+    DEEP_EP_HOST_ASSERT(x.dim() == 2 && combined_x.dim() == 2 && x.size(1) == combined_x.size(1),
+                        "x and combined_x must be [rows, hidden] and [num_tokens, hidden]");
+    DEEP_EP_HOST_ASSERT(is_token_in_rank.dim() == 2 && is_token_in_rank.size(0) == combined_x.size(0) &&
+                            is_token_in_rank.size(1) == num_ranks_,
+                        "is_token_in_rank must be [num_tokens, num_ranks]");
+    DEEP_EP_HOST_ASSERT(recv_src_idx.numel() <= x.size(0), "x has fewer rows than the handle received");
+    DEEP_EP_HOST_ASSERT(topk_weights.has_value() == combined_topk_weights.has_value(),
+                        "topk_weights and combined_topk_weights go together");
+    for (const auto* bias : {&bias0, &bias1}) {
+        if (bias->has_value()) {
+            check_cuda_tensor(**bias, "bias", torch::kBFloat16);
+            DEEP_EP_HOST_ASSERT((*bias)->sizes() == combined_x.sizes(), "bias must be [num_tokens, hidden]");
+        }
+    }
+
+    CombineArgs args;
+    args.x = static_cast<const uint8_t*>(x.data_ptr());
+    args.topk_weights = optional_ptr<const float>(topk_weights, "topk_weights", torch::kFloat32);
+    args.combined_topk_weights = optional_ptr<float>(combined_topk_weights, "combined_topk_weights", torch::kFloat32);
+    args.num_topk = topk_weights.has_value() ? static_cast<int>(topk_weights->size(1)) : 0;
+    if (topk_weights.has_value()) {
+        DEEP_EP_HOST_ASSERT(topk_weights->dim() == 2 && topk_weights->size(0) >= recv_src_idx.numel() &&
+                                combined_topk_weights->dim() == 2 &&
+                                combined_topk_weights->size(0) == combined_x.size(0) &&
+                                combined_topk_weights->size(1) == args.num_topk,
+                            "top-k weight shapes disagree");
+    }
+    args.bias0 = bias0.has_value() ? static_cast<const uint8_t*>(bias0->data_ptr()) : nullptr;
+    args.bias1 = bias1.has_value() ? static_cast<const uint8_t*>(bias1->data_ptr()) : nullptr;
+    args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+    args.recv_src_idx = recv_src_idx.data_ptr<int>();
+    args.recv_rank_prefix = recv_rank_prefix.data_ptr<int>();
+    args.recv_src_num_tokens = recv_src_num_tokens.data_ptr<int>();
+    args.num_tokens = static_cast<int>(combined_x.size(0));
+    args.hidden = static_cast<int>(x.size(1));
+    args.combined_x = static_cast<uint8_t*>(combined_x.data_ptr());
+    args.weights_offset = (args.hidden * 2 + 15) / 16 * 16;
+    args.rank = rank_;
+    args.num_ranks = num_ranks_;
+    // Whole 128-byte lines per slot, as in dispatch (line-aligned NVLink stores).
+    const int slot_bytes = (args.weights_offset + args.num_topk * 4 + 127) / 128 * 128;
+    // One receiver batch (one token per warp) may need that many rows of one sub-ring at once.
+    const int min_slots = (kIntranodeWarps + warps_per_peer() - 1) / warps_per_peer() + 1;
+    args.ring = make_ring(num_sms, send_chunk, ring_capacity, slot_bytes, min_slots);
+    args.buffers = peers_;
+    args.fail = failure_context();
+    launch_intranode_combine(args, at::cuda::getCurrentCUDAStream());
+}
+
+void Buffer::barrier() {
+    check_usable();
+    launch_intranode_barrier(peers_, rank_, num_ranks_, failure_context(), at::cuda::getCurrentCUDAStream());
+}
+
+std::optional<std::tuple<int, int, int, int, int, int, int64_t, int64_t>> Buffer::get_error() const {
+    if (error_host_ == nullptr)
+        return std::nullopt;
+    volatile ErrorRecord* record = error_host_;
+    const int code = record->code;
+    if (code <= 0)
+        return std::nullopt;
+    std::atomic_thread_fence(std::memory_order_acquire);
+    return std::make_tuple(code, static_cast<int>(record->kernel), static_cast<int>(record->rank),
+                           static_cast<int>(record->peer), static_cast<int>(record->target),
+                           static_cast<int>(record->channel), static_cast<int64_t>(record->value_seen),
+                           static_cast<int64_t>(record->expected));
+}
+
+void Buffer::destroy(bool leak_memory) {
+    if (destroyed_)
+        return;
+    destroyed_ = true;
+    if (leak_memory)
+        return;
+    for (int r = 0; r < num_ranks_; ++r)
+        if (r != rank_ && peers_.ptrs[r] != nullptr)
+            DEEP_EP_CUDA_CHECK(cudaIpcCloseMemHandle(peers_.ptrs[r]));
+    DEEP_EP_CUDA_CHECK(cudaFree(local_buffer_));
+    DEEP_EP_CUDA_CHECK(cudaFreeHost(error_host_));
+    DEEP_EP_CUDA_CHECK(cudaFreeHost(counters_host_));
+    local_buffer_ = nullptr;
+    error_host_ = error_device_ = nullptr;
+    counters_host_ = counters_device_ = nullptr;
+    available_ = false;
+}
+
+}  // namespace deep_ep
+
+PYBIND11_MODULE(deep_ep_cpp, m) {
+    m.doc() = "deep_ep CUDA extension: intranode runtime and kernels";
+    m.def("version", []() { return std::string("0.1.0"); });
+    m.def("is_sm90_compiled", []() { return true; });
+    m.attr("NVL_CONTROL_BYTES") = static_cast<int64_t>(deep_ep::kDataOffset);
+    m.attr("INTRANODE_WARPS") = deep_ep::kIntranodeWarps;
+
+    py::class_<deep_ep::Config>(m, "Config")
+        .def(py::init<int, int, int, int, int>(), py::arg("num_sms") = 20,
+             py::arg("num_max_nvl_chunked_send_tokens") = 6, py::arg("num_max_nvl_chunked_recv_tokens") = 256,
+             py::arg("num_max_rdma_chunked_send_tokens") = 6, py::arg("num_max_rdma_chunked_recv_tokens") = 256)
+        .def_readwrite("num_sms", &deep_ep::Config::num_sms)
+        .def_readwrite("num_max_nvl_chunked_send_tokens", &deep_ep::Config::num_max_nvl_chunked_send_tokens)
+        .def_readwrite("num_max_nvl_chunked_recv_tokens", &deep_ep::Config::num_max_nvl_chunked_recv_tokens)
+        .def_readwrite("num_max_rdma_chunked_send_tokens", &deep_ep::Config::num_max_rdma_chunked_send_tokens)
+        .def_readwrite("num_max_rdma_chunked_recv_tokens", &deep_ep::Config::num_max_rdma_chunked_recv_tokens)
+        .def("get_nvl_buffer_size_hint", &deep_ep::Config::get_nvl_buffer_size_hint)
+        .def("get_rdma_buffer_size_hint", &deep_ep::Config::get_rdma_buffer_size_hint);
+
+    py::class_<deep_ep::EventHandle>(m, "EventHandle")
+        .def(py::init<>())
+        .def("current_stream_wait", &deep_ep::EventHandle::current_stream_wait);
+
+    py::class_<deep_ep::Buffer>(m, "Buffer")
+        .def(py::init<int, int, int64_t, double>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_nvl_bytes"),
+             py::arg("timeout_s"))
+        .def("get_rank", &deep_ep::Buffer::get_rank)
+        .def("get_num_ranks", &deep_ep::Buffer::get_num_ranks)
+        .def("get_num_nvl_bytes", &deep_ep::Buffer::get_num_nvl_bytes)
+        .def("is_available", &deep_ep::Buffer::is_available)
+        .def("get_local_ipc_handle", &deep_ep::Buffer::get_local_ipc_handle)
+        .def("sync", &deep_ep::Buffer::sync)
+        .def("get_local_buffer_tensor", &deep_ep::Buffer::get_local_buffer_tensor)
+        .def("get_dispatch_layout", &deep_ep::Buffer::get_dispatch_layout)
+        .def("notify_dispatch", &deep_ep::Buffer::notify_dispatch)
+        .def("wait_notify", &deep_ep::Buffer::wait_notify)
+        .def("dispatch", &deep_ep::Buffer::dispatch)
+        .def("combine", &deep_ep::Buffer::combine)
+        .def("barrier", &deep_ep::Buffer::barrier)
+        .def("get_error", &deep_ep::Buffer::get_error)
+        .def("destroy", &deep_ep::Buffer::destroy);
+
+#ifdef DEEP_EP_HAS_LOW_LATENCY
+    deep_ep::register_low_latency(m);
+#endif
+}

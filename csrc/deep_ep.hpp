@@ -1,0 +1,99 @@
+// The runtime of the intranode kernels: one NVLink buffer per rank, mapped by every peer through
+// CUDA IPC; host-mapped counters and error record; kernel launches on the current stream (the
+// Python side switches to the comm stream and allocates every output).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <pybind11/pybind11.h>
+#include <torch/types.h>
+
+#include "kernels/api.cuh"
+
+namespace deep_ep {
+
+class Buffer {
+public:
+    // Allocates `num_nvl_bytes` on the current device (collective across the group in the sense
+    // that every rank must then exchange handles and call sync()).
+    Buffer(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s);
+    ~Buffer() noexcept;
+
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+
+    int get_rank() const { return rank_; }
+    int get_num_ranks() const { return num_ranks_; }
+    int64_t get_num_nvl_bytes() const { return num_nvl_bytes_; }
+    bool is_available() const { return available_; }
+
+    pybind11::bytes get_local_ipc_handle() const;
+    // Maps every peer's buffer; `handles[r]` is rank r's IPC handle (ours included).
+    void sync(const std::vector<std::string>& handles);
+
+    // uint8 view of this rank's own buffer, bytes [offset, offset + num_bytes).
+    torch::Tensor get_local_buffer_tensor(int64_t offset, int64_t num_bytes) const;
+
+    void get_dispatch_layout(const torch::Tensor& topk_idx, int num_experts, const torch::Tensor& num_tokens_per_rank,
+                             const torch::Tensor& num_tokens_per_expert, const torch::Tensor& is_token_in_rank);
+
+    // Launches the count exchange. With `write_host`, wait_notify() then returns the counts.
+    void notify_dispatch(const torch::Tensor& num_tokens_per_rank, const torch::Tensor& num_tokens_per_expert,
+                         int num_tokens, int expert_alignment, const torch::Tensor& recv_rank_prefix,
+                         const torch::Tensor& recv_src_num_tokens, bool write_host);
+    // Host wait for the counts of the last notify_dispatch(write_host=true). Returns
+    // (ok, total received rows, aligned per-local-expert counts); ok is false on a device error
+    // or after the host timeout (the caller then reads get_error()).
+    std::tuple<bool, int, std::vector<int>> wait_notify(int num_local_experts);
+
+    void dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales,
+                  const std::optional<torch::Tensor>& topk_idx, const std::optional<torch::Tensor>& topk_weights,
+                  const torch::Tensor& is_token_in_rank, const torch::Tensor& recv_rank_prefix,
+                  const torch::Tensor& recv_x, const std::optional<torch::Tensor>& recv_x_scales,
+                  const std::optional<torch::Tensor>& recv_topk_idx,
+                  const std::optional<torch::Tensor>& recv_topk_weights, const torch::Tensor& recv_src_idx,
+                  int num_experts, bool fill_padding, int num_sms, int send_chunk, int ring_capacity);
+
+    void combine(const torch::Tensor& x, const std::optional<torch::Tensor>& topk_weights,
+                 const std::optional<torch::Tensor>& bias0, const std::optional<torch::Tensor>& bias1,
+                 const torch::Tensor& is_token_in_rank, const torch::Tensor& recv_src_idx,
+                 const torch::Tensor& recv_rank_prefix, const torch::Tensor& recv_src_num_tokens,
+                 const torch::Tensor& combined_x, const std::optional<torch::Tensor>& combined_topk_weights,
+                 int num_sms, int send_chunk, int ring_capacity);
+
+    // A cross-rank barrier on the current stream.
+    void barrier();
+
+    // The first failure recorded by any kernel of this rank, or None:
+    // (code, kernel, rank, peer, target, channel, value_seen, expected).
+    std::optional<std::tuple<int, int, int, int, int, int, int64_t, int64_t>> get_error() const;
+
+    // Closes peer mappings and frees memory. With `leak_memory` (after a failure, when a peer
+    // may still write into our buffer) the device buffer is left allocated.
+    void destroy(bool leak_memory);
+
+private:
+    RingGeometry make_ring(int num_sms, int send_chunk, int ring_capacity, int slot_bytes,
+                           int min_slots_per_sub_ring) const;
+    FailureContext failure_context() const;
+    int warps_per_peer() const;
+    void check_usable() const;
+
+    int rank_, num_ranks_, device_;
+    int64_t num_nvl_bytes_;
+    uint64_t timeout_ns_;
+    bool available_ = false;
+    bool destroyed_ = false;
+    uint8_t* local_buffer_ = nullptr;
+    PeerBuffers peers_{};
+    ErrorRecord* error_host_ = nullptr;   // host view of the host-mapped record
+    ErrorRecord* error_device_ = nullptr; // device view of it
+    int* counters_host_ = nullptr;        // host-mapped notify results
+    int* counters_device_ = nullptr;
+};
+
+}  // namespace deep_ep

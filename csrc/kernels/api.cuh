@@ -1,0 +1,99 @@
+// The one list of kernel launchers the runtime may call, with their argument structs.
+// Plain pointers and sizes only: no torch type crosses this line.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "buffer.cuh"
+#include "exception.cuh"
+
+namespace deep_ep {
+
+// Warps per block of the dispatch and combine kernels (one block per SM).
+constexpr int kIntranodeWarps = 24;
+
+// ---------------------------------------------------------------- layout.cu
+struct LayoutArgs {
+    const int64_t* topk_idx;     // [num_tokens, num_topk]
+    int num_tokens, num_topk, num_experts, num_ranks;
+    int* num_tokens_per_rank;    // [num_ranks], written
+    int* num_tokens_per_expert;  // [num_experts], written
+    bool* is_token_in_rank;      // [num_tokens, num_ranks], written
+};
+void launch_get_dispatch_layout(const LayoutArgs& args, cudaStream_t stream);
+
+// ---------------------------------------------------------------- runtime.cu
+void launch_intranode_barrier(const PeerBuffers& buffers, int rank, int num_ranks, const FailureContext& fail,
+                              cudaStream_t stream);
+
+// ---------------------------------------------------------------- intranode.cu
+struct NotifyArgs {
+    const int* num_tokens_per_rank;    // [num_ranks]
+    const int* num_tokens_per_expert;  // [num_experts]
+    int num_tokens, num_experts, expert_alignment;
+    int rank, num_ranks;
+    PeerBuffers buffers;
+    int* recv_rank_prefix;     // [num_ranks + 1], written: first received row of each source, then the total
+    int* recv_src_num_tokens;  // [num_ranks], written: each source's num_tokens (combine's channel split)
+    int* host_counters;        // host-mapped: [0] ready flag, [1] total rows, [2 + e] aligned count of expert e
+    bool write_host;
+    FailureContext fail;
+};
+void launch_notify_dispatch(const NotifyArgs& args, cudaStream_t stream);
+
+// Byte offsets inside one dispatch ring slot; hidden data comes first.
+struct DispatchSlot {
+    int scales_offset, topk_idx_offset, topk_weights_offset, src_idx_offset, bytes;
+};
+DispatchSlot make_dispatch_slot(int hidden_bytes, int num_scales, int num_topk);
+
+struct DispatchArgs {
+    const uint8_t* x;  // [num_tokens, hidden_bytes]
+    const float* x_scales;  // nullable; element (t, g) at t * scale_token_stride + g * scale_hidden_stride
+    int64_t scale_token_stride, scale_hidden_stride;
+    int num_scales;
+    const int64_t* topk_idx;     // nullable, [num_tokens, num_topk]
+    const float* topk_weights;   // nullable, [num_tokens, num_topk]
+    int num_topk;
+    const bool* is_token_in_rank;  // [num_tokens, num_ranks]
+    int num_tokens, hidden_bytes;
+    const int* recv_rank_prefix;   // [num_ranks + 1]
+    uint8_t* recv_x;               // [num_recv_rows, hidden_bytes]
+    float* recv_x_scales;          // nullable, [num_recv_rows, num_scales]
+    int64_t* recv_topk_idx;        // nullable, [num_recv_rows, num_topk]
+    float* recv_topk_weights;      // nullable, [num_recv_rows, num_topk]
+    int* recv_src_idx;             // [num_recv_rows]
+    int num_recv_rows;             // rows allocated (guards every write)
+    bool fill_padding;             // num_worst_tokens: rows past the real count get zeros / -1
+    int num_experts, rank, num_ranks;
+    DispatchSlot slot;
+    RingGeometry ring;
+    PeerBuffers buffers;
+    FailureContext fail;
+};
+void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream);
+
+struct CombineArgs {
+    const uint8_t* x;            // [>= received rows, hidden] bf16, the rows this rank received
+    const float* topk_weights;   // nullable, [>= received rows, num_topk]
+    int num_topk;
+    const uint8_t* bias0;        // nullable, [num_tokens, hidden] bf16
+    const uint8_t* bias1;        // nullable
+    const bool* is_token_in_rank;   // [num_tokens, num_ranks] of this (home) rank
+    const int* recv_src_idx;        // [received rows]
+    const int* recv_rank_prefix;    // [num_ranks + 1]
+    const int* recv_src_num_tokens; // [num_ranks]
+    int num_tokens, hidden;
+    uint8_t* combined_x;         // [num_tokens, hidden] bf16
+    float* combined_topk_weights;  // nullable, [num_tokens, num_topk]
+    int weights_offset;          // byte offset of the weights in a slot
+    int rank, num_ranks;
+    RingGeometry ring;
+    PeerBuffers buffers;
+    FailureContext fail;
+};
+void launch_intranode_combine(const CombineArgs& args, cudaStream_t stream);
+
+}  // namespace deep_ep

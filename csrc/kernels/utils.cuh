@@ -1,0 +1,144 @@
+// PTX helpers: memory ordering across GPUs, timers, vector copies, warp reductions.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "exception.cuh"
+
+namespace deep_ep {
+
+constexpr int kWarpSize = 32;
+
+// ---------------------------------------------------------------- cross-GPU ordering
+// A peer GPU sees our stores in any order unless the flag that publishes them is a release at
+// system scope and the reader polls with an acquire at system scope (KERNELS.md).
+__device__ __forceinline__ int ld_acquire_sys(const int* ptr) {
+    int value;
+    asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ int ld_relaxed_sys(const int* ptr) {
+    int value;
+    asm volatile("ld.relaxed.sys.global.b32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ void st_release_sys(int* ptr, int value) {
+    asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
+    asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ int ld_volatile(const int* ptr) {
+    int value;
+    asm volatile("ld.volatile.global.b32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// ---------------------------------------------------------------- 16-byte loads and stores
+// Input tensors are read-only while a kernel runs: the non-coherent path is safe for them.
+__device__ __forceinline__ int4 ld_input_int4(const int4* ptr) {
+#ifdef DISABLE_AGGRESSIVE_PTX_INSTRS
+    return __ldg(ptr);
+#else
+    int4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
+    return v;
+#endif
+}
+
+// Ring slots are rewritten by a peer GPU during the kernel: bypass L1 so no stale line is read.
+__device__ __forceinline__ int4 ld_ring_int4(const int4* ptr) { return __ldcg(ptr); }
+
+__device__ __forceinline__ void st_int4(int4* ptr, const int4& v) { *ptr = v; }
+
+// Copies `num_int4` 16-byte words with a whole warp, `kUnroll` loads in flight per lane before
+// the first store, so one warp keeps kUnroll * 512 bytes moving.
+template <int kUnroll, bool kSrcIsRing>
+__device__ __forceinline__ void warp_copy_int4(int4* __restrict__ dst, const int4* __restrict__ src, int num_int4,
+                                               int lane) {
+    constexpr int kStride = kWarpSize * kUnroll;
+    int base = 0;
+    for (; base + kStride <= num_int4; base += kStride) {
+        int4 values[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            values[u] = kSrcIsRing ? ld_ring_int4(src + base + u * kWarpSize + lane)
+                                   : ld_input_int4(src + base + u * kWarpSize + lane);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            st_int4(dst + base + u * kWarpSize + lane, values[u]);
+    }
+    for (int i = base + lane; i < num_int4; i += kWarpSize)
+        st_int4(dst + i, kSrcIsRing ? ld_ring_int4(src + i) : ld_input_int4(src + i));
+}
+
+// ---------------------------------------------------------------- warp helpers
+__device__ __forceinline__ int warp_sum(int value) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+        value += __shfl_xor_sync(0xffffffffu, value, offset);
+    return value;
+}
+
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) % kWarpSize; }
+
+// ---------------------------------------------------------------- failure reporting
+// Records the first failure of this rank in host-mapped memory and raises the local abort flag,
+// so every other wait of this rank's kernels gives up at once instead of running to its own
+// timeout.
+__device__ __forceinline__ void report_failure(const FailureContext& ctx, int code, int kernel, int peer,
+                                               int target, int channel, int64_t value_seen, int64_t expected) {
+    if (atomicCAS_system(&ctx.record->code, 0, -1) == 0) {
+        volatile ErrorRecord* rec = ctx.record;
+        rec->kernel = kernel;
+        rec->rank = ctx.rank;
+        rec->peer = peer;
+        rec->target = target;
+        rec->channel = channel;
+        rec->value_seen = value_seen;
+        rec->expected = expected;
+        __threadfence_system();
+        rec->code = code;
+        __threadfence_system();
+    }
+    atomicExch(ctx.abort_flag, 1);
+}
+
+// A bounded spin: polls `ptr` (acquire, system scope) until `done(value)` holds. Returns false
+// on timeout or when another thread of this rank has already failed; on timeout the failure is
+// recorded. `done` must be a cheap pure predicate.
+template <typename Done>
+__device__ __forceinline__ bool wait_value(const FailureContext& ctx, const int* ptr, Done done, int& value,
+                                           int kernel, int peer, int target, int channel, int64_t expected) {
+    value = ld_acquire_sys(ptr);
+    if (done(value))
+        return true;
+    const uint64_t start = global_timer_ns();
+    while (true) {
+        value = ld_acquire_sys(ptr);
+        if (done(value))
+            return true;
+        if (ld_volatile(ctx.abort_flag) != 0)
+            return false;
+        if (global_timer_ns() - start > ctx.timeout_ns) {
+            report_failure(ctx, kErrorTimeout, kernel, peer, target, channel, value, expected);
+            return false;
+        }
+    }
+}
+
+}  // namespace deep_ep

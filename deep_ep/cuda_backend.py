@@ -1,0 +1,287 @@
+"""The CUDA backend: Buffer calls on the kernels of the ``deep_ep_cpp`` extension.
+
+Intranode (all ranks in one NVLink domain, ``num_nodes == 1``): ``get_dispatch_layout``,
+``dispatch`` and ``combine`` run on the kernels of ``csrc/kernels/intranode.cu`` over a buffer
+that every rank maps through CUDA IPC. Low-latency calls come from
+:class:`deep_ep.cuda_ll.LowLatencyKernelsMixin`. Everything else (several nodes, a buffer
+without NVLink bytes) falls through to :class:`deep_ep.torch_backend.TorchBackend`.
+
+Streams: the kernels run on the comm stream of :class:`TorchBackend`, and every output is
+allocated there, with the same rules as the torch backend (``_on_comm_stream`` / ``_finish``).
+
+Environment: ``DEEP_EP_TIMEOUT_S`` (default 100) bounds every wait inside the kernels. A kernel
+that times out records what it waited for in host-mapped memory and exits; the next call (or
+:meth:`CudaBackend.check_errors`) raises :class:`deep_ep.DeepEPTimeoutError` and the buffer
+stays failed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .config import Config
+from .cuda_ll import LowLatencyKernelsMixin
+from .torch_backend import TorchBackend
+from .utils import DeepEPTimeoutError, EventOverlap
+
+try:  # the extension is optional; Buffer only picks this backend where it imports
+    import deep_ep_cpp as _ext
+except ImportError:  # pragma: no cover - depends on the build
+    _ext = None
+
+Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
+
+_DEFAULT_TIMEOUT_S = 100.0
+_MAX_INTRANODE_RANKS = 8
+
+# Names of the codes in csrc/kernels/exception.cuh.
+_KERNEL_NAMES = {1: "notify_dispatch", 2: "intranode_dispatch", 3: "intranode_combine", 4: "intranode_barrier"}
+_TARGET_NAMES = {
+    1: "a barrier arrival",
+    2: "ring data (the sender's tail)",
+    3: "free ring slots (the receiver's head)",
+    4: "the sender's token count of a ring",
+    5: "the receiver's end-of-call acknowledgement",
+    6: "room in the output (num_worst_tokens too small)",
+}
+_ERROR_TIMEOUT, _ERROR_OVERFLOW = 1, 2
+
+
+def intranode_kernels_available() -> bool:
+    """Whether the extension with the intranode runtime is importable."""
+    return _ext is not None and hasattr(_ext, "Buffer")
+
+
+@dataclass
+class CudaDispatchHandle:
+    """Layout of one intranode dispatch on the kernels, reused by combine and cached dispatch.
+
+    Attributes:
+        num_tokens, hidden: the sender side's ``x`` shape.
+        num_experts: experts of the dispatch (for the top-k remap of a cached call).
+        num_output_rows: rows of every output (``num_worst_tokens`` when given).
+        num_recv_tokens: real received rows, or ``None`` with ``num_worst_tokens`` (never synced).
+        is_token_in_rank: ``[num_tokens, num_ranks]`` bool, this rank's routing.
+        recv_rank_prefix: int32 ``[num_ranks + 1]``, first received row of each source and the total.
+        recv_src_num_tokens: int32 ``[num_ranks]``, each source rank's ``num_tokens``.
+        recv_src_idx: int32 ``[num_output_rows]``, each received row's token index at its source.
+        padded: outputs have ``num_worst_tokens`` rows (rows past the real count are padding).
+    """
+
+    num_tokens: int
+    hidden: int
+    num_experts: int
+    num_output_rows: int
+    num_recv_tokens: Optional[int]
+    is_token_in_rank: torch.Tensor
+    recv_rank_prefix: torch.Tensor
+    recv_src_num_tokens: torch.Tensor
+    recv_src_idx: torch.Tensor
+    padded: bool
+
+
+def _timeout_from_env() -> float:
+    value = os.environ.get("DEEP_EP_TIMEOUT_S")
+    if value is None or value.strip() == "":
+        return _DEFAULT_TIMEOUT_S
+    timeout = float(value)
+    if timeout <= 0:
+        raise ValueError(f"DEEP_EP_TIMEOUT_S must be positive, got {value!r}")
+    return timeout
+
+
+class CudaBackend(LowLatencyKernelsMixin, TorchBackend):
+    """Buffer calls on the CUDA kernels, with the torch backend for what has no kernel."""
+
+    name = "cuda"
+
+    def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool,
+                 nvl_domain_size: int, num_qps_per_rank: int, allow_nvlink_for_low_latency_mode: bool,
+                 allow_mnnvl: bool, explicitly_destroy: bool, enable_shrink: bool) -> None:
+        super().__init__(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, nvl_domain_size, num_qps_per_rank,
+                         allow_nvlink_for_low_latency_mode, allow_mnnvl, explicitly_destroy, enable_shrink)
+        self.timeout_s = _timeout_from_env()
+        self._runtime: Optional[Any] = None
+        self._failure: Optional[str] = None
+        if (self.num_nodes == 1 and self.num_ranks <= _MAX_INTRANODE_RANKS and self.device.type == "cuda"
+                and intranode_kernels_available() and num_nvl_bytes > int(_ext.NVL_CONTROL_BYTES)):
+            runtime = _ext.Buffer(self.rank, self.num_ranks, num_nvl_bytes, self.timeout_s)
+            handles: List[Optional[bytes]] = [None] * self.num_ranks
+            dist.all_gather_object(handles, bytes(runtime.get_local_ipc_handle()), group=self.group)
+            runtime.sync([bytes(h) for h in handles])
+            self._runtime = runtime
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def uses_intranode_kernels(self) -> bool:
+        """True when layout, dispatch and combine run on the intranode kernels."""
+        return self._runtime is not None
+
+    def check_errors(self) -> None:
+        """Raise :class:`DeepEPTimeoutError` if a kernel of this rank reported a failure.
+
+        Kernels report into host-mapped memory; this runs at the start of every call and may be
+        called after a synchronization to check the calls before it.
+        """
+        if self._failure is not None:
+            raise DeepEPTimeoutError(self._failure)
+        if self._runtime is None:
+            return
+        record = self._runtime.get_error()
+        if record is not None:
+            self._failure = self._describe(record)
+            raise DeepEPTimeoutError(self._failure)
+        self.low_latency_check_errors()
+
+    def _describe(self, record: Tuple[int, ...]) -> str:
+        code, kernel, rank, peer, target, channel, seen, expected = record
+        kernel_name = _KERNEL_NAMES.get(kernel, f"kernel {kernel}")
+        target_name = _TARGET_NAMES.get(target, f"target {target}")
+        where = f"channel {channel}, " if channel >= 0 else ""
+        if code == _ERROR_OVERFLOW:
+            return (f"deep_ep: rank {rank}: {kernel_name}: {target_name}: row {seen} needed, {expected} rows "
+                    f"allocated (from rank {peer}); the buffer is now unusable")
+        return (f"deep_ep: rank {rank}: {kernel_name} timed out after {self.timeout_s:g} s waiting for {target_name} "
+                f"from rank {peer} ({where}last value {seen}, expected {expected}); the buffer is now unusable")
+
+    def _intranode(self) -> bool:
+        if self._runtime is None:
+            return False
+        self.check_errors()
+        return True
+
+    def destroy(self) -> None:
+        if self._runtime is not None:
+            failed = self._failure is not None or self._runtime.get_error() is not None
+            if not failed:
+                # Once this rank's kernels are done, no peer writes into its buffer any more:
+                # every remote write of a call precedes something this rank waited for.
+                torch.cuda.synchronize(self.device)
+            # After a failure a peer may still write into this buffer: leave it allocated.
+            self._runtime.destroy(failed)
+            self._runtime = None
+        super().destroy()
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size], offset: int,
+                                use_rdma_buffer: bool) -> torch.Tensor:
+        if use_rdma_buffer or self._runtime is None:
+            return super().get_local_buffer_tensor(dtype, size, offset, use_rdma_buffer)
+        raw = self._runtime.get_local_buffer_tensor(offset, self.num_nvl_bytes - offset)
+        element_size = torch.empty((), dtype=dtype).element_size()
+        usable = raw[: raw.numel() // element_size * element_size].view(dtype)
+        if size is None:
+            return usable
+        return usable[: int(torch.Size(size).numel())].view(size)
+
+    # ------------------------------------------------------------------ layout
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap], async_finish: bool,
+                            allocate_on_comm_stream: bool):
+        if not self._intranode():
+            return super().get_dispatch_layout(topk_idx, num_experts, previous_event, async_finish,
+                                               allocate_on_comm_stream)
+        with self._on_comm_stream(previous_event):
+            num_tokens = topk_idx.shape[0]
+            per_rank = torch.empty(self.num_ranks, dtype=torch.int32, device=self.device)
+            per_expert = torch.empty(num_experts, dtype=torch.int32, device=self.device)
+            is_token_in_rank = torch.empty(num_tokens, self.num_ranks, dtype=torch.bool, device=self.device)
+            self._runtime.get_dispatch_layout(topk_idx, num_experts, per_rank, per_expert, is_token_in_rank)
+        event = self._finish(async_finish, (topk_idx,), (per_rank, per_expert, is_token_in_rank))
+        return per_rank, None, per_expert, is_token_in_rank, event
+
+    # ------------------------------------------------------------------ dispatch
+    def _wait_counts(self, num_local_experts: int) -> Tuple[int, List[int]]:
+        ok, total, per_expert = self._runtime.wait_notify(num_local_experts)
+        if ok:
+            return total, list(per_expert)
+        self.check_errors()  # a kernel recorded why
+        self._failure = (f"deep_ep: rank {self.rank}: the host waited more than {self.timeout_s:g} s for the "
+                         f"receive counts of notify_dispatch; the buffer is now unusable")
+        raise DeepEPTimeoutError(self._failure)
+
+    def dispatch(self, x: Union[torch.Tensor, Fp8Pair], handle: Optional[Any],
+                 num_tokens_per_rank: Optional[torch.Tensor], num_tokens_per_rdma_rank: Optional[torch.Tensor],
+                 is_token_in_rank: Optional[torch.Tensor], num_tokens_per_expert: Optional[torch.Tensor],
+                 topk_idx: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor],
+                 expert_alignment: int, num_worst_tokens: int, config: Config,
+                 previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool):
+        if not self._intranode() or (handle is not None and not isinstance(handle, CudaDispatchHandle)):
+            return super().dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                                    num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                                    num_worst_tokens, config, previous_event, async_finish, allocate_on_comm_stream)
+        is_fp8 = isinstance(x, tuple)
+        data = x[0] if is_fp8 else x
+        scales = x[1] if is_fp8 else None
+        num_tokens, hidden = data.shape
+        cached = handle is not None
+        device = self.device
+        with self._on_comm_stream(previous_event):
+            per_expert_list: List[int] = []
+            if cached:
+                num_experts = handle.num_experts
+                rows = handle.num_output_rows
+                is_token_in_rank = handle.is_token_in_rank
+                recv_rank_prefix, recv_src_num_tokens = handle.recv_rank_prefix, handle.recv_src_num_tokens
+                padded = handle.padded
+            else:
+                num_experts = num_tokens_per_expert.numel()
+                recv_rank_prefix = torch.empty(self.num_ranks + 1, dtype=torch.int32, device=device)
+                recv_src_num_tokens = torch.empty(self.num_ranks, dtype=torch.int32, device=device)
+                padded = num_worst_tokens > 0
+                self._runtime.notify_dispatch(num_tokens_per_rank, num_tokens_per_expert, num_tokens,
+                                              expert_alignment, recv_rank_prefix, recv_src_num_tokens, not padded)
+                if padded:
+                    rows, num_recv = num_worst_tokens, None
+                else:
+                    num_recv, per_expert_list = self._wait_counts(num_experts // self.num_ranks)
+                    rows = num_recv
+            recv_data = torch.empty(rows, hidden, dtype=data.dtype, device=device)
+            recv_scales = (torch.empty(rows, scales.shape[1], dtype=torch.float32, device=device)
+                           if is_fp8 else None)
+            recv_src_idx = torch.empty(rows, dtype=torch.int32, device=device)
+            recv_topk_idx = recv_topk_weights = None
+            if topk_idx is not None:
+                recv_topk_idx = torch.empty(rows, topk_idx.shape[1], dtype=torch.int64, device=device)
+                recv_topk_weights = torch.empty(rows, topk_idx.shape[1], dtype=torch.float32, device=device)
+            self._runtime.dispatch(data, scales, topk_idx, topk_weights, is_token_in_rank, recv_rank_prefix,
+                                   recv_data, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx,
+                                   num_experts, padded, config.num_sms, config.num_max_nvl_chunked_send_tokens,
+                                   config.num_max_nvl_chunked_recv_tokens)
+            if not cached:
+                handle = CudaDispatchHandle(num_tokens, hidden, num_experts, rows, num_recv, is_token_in_rank,
+                                            recv_rank_prefix, recv_src_num_tokens, recv_src_idx, padded)
+        recv_x: Union[torch.Tensor, Fp8Pair] = (recv_data, recv_scales) if is_fp8 else recv_data
+        event = self._finish(async_finish, (x, topk_idx, topk_weights, is_token_in_rank, recv_rank_prefix,
+                                            recv_src_num_tokens, num_tokens_per_rank, num_tokens_per_expert),
+                             (recv_data, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx))
+        if cached:
+            return recv_x, None, None, None, None, event
+        return recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, x: torch.Tensor, handle: Any, topk_weights: Optional[torch.Tensor],
+                bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], config: Config,
+                previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool):
+        if not self._intranode() or not isinstance(handle, CudaDispatchHandle):
+            return super().combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                                   allocate_on_comm_stream)
+        bias0, bias1 = bias if isinstance(bias, tuple) else (bias, None)
+        with self._on_comm_stream(previous_event):
+            combined_x = torch.empty(handle.num_tokens, x.shape[1], dtype=torch.bfloat16, device=self.device)
+            combined_weights = None
+            if topk_weights is not None:
+                combined_weights = torch.empty(handle.num_tokens, topk_weights.shape[1], dtype=torch.float32,
+                                               device=self.device)
+            self._runtime.combine(x, topk_weights, bias0, bias1, handle.is_token_in_rank, handle.recv_src_idx,
+                                  handle.recv_rank_prefix, handle.recv_src_num_tokens, combined_x, combined_weights,
+                                  config.num_sms, config.num_max_nvl_chunked_send_tokens,
+                                  config.num_max_nvl_chunked_recv_tokens)
+        event = self._finish(async_finish, (x, topk_weights, bias0, bias1, handle.is_token_in_rank,
+                                            handle.recv_src_idx, handle.recv_rank_prefix, handle.recv_src_num_tokens),
+                             (combined_x, combined_weights))
+        return combined_x, combined_weights, event

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One device call: build the extension, check the intranode kernels on 4 and 2 GPUs, benchmark
+# them, and run the foundation benchmark on both backends. Logs go to $OUT (one per step).
+#
+#   GPU_STEPS=build,test4,test2,bench,foundation bash scripts/gpu_run.sh
+#   (foundation = foundation_torch + foundation_cuda; each can be named alone)
+#
+# Each step runs in its own process group with a wall-clock limit; on timeout the whole group
+# is ended, so no rank of a hung test outlives its step.
+set -uo pipefail
+set -m
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/deep_ep_gpu_out}"
+mkdir -p "$OUT"
+STEPS=",${GPU_STEPS:-build,test4,test2,bench,foundation},"
+PYTHON="${PYTHON:-python3}"
+summary=()
+
+want() { [[ "$STEPS" == *",$1,"* ]]; }
+
+# run_step NAME LIMIT_S COMMAND...: runs COMMAND (a shell string) with output in $OUT/NAME.log.
+run_step() {
+    local name="$1" limit="$2" cmd="$3" start=$SECONDS rc
+    echo "=== $name (limit ${limit}s): $cmd"
+    bash -c "$cmd" >"$OUT/$name.log" 2>&1 &
+    local pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        if (( SECONDS - start >= limit )); then
+            echo "=== $name: TIMEOUT after ${limit}s, ending process group $pid"
+            kill -TERM -- "-$pid" 2>/dev/null
+            sleep 3
+            kill -KILL -- "-$pid" 2>/dev/null
+            break
+        fi
+        sleep 1
+    done
+    wait "$pid"
+    rc=$?
+    echo "=== $name: rc=$rc ($((SECONDS - start)) s)"
+    tail -n "${TAIL_LINES:-30}" "$OUT/$name.log"
+    summary+=("$name rc=$rc $((SECONDS - start))s")
+    return $rc
+}
+
+nvidia-smi --query-gpu=index,name,memory.total,clocks.sm --format=csv >"$OUT/gpus.txt" 2>&1
+nvidia-smi topo -m >>"$OUT/gpus.txt" 2>&1
+
+if want build; then
+    run_step build "${BUILD_LIMIT:-300}" \
+        "MAX_JOBS=32 $PYTHON -m pip install --no-build-isolation --no-deps -e . && $PYTHON -c 'import torch, deep_ep_cpp, deep_ep; print(\"deep_ep_cpp\", deep_ep_cpp.version(), [n for n in dir(deep_ep_cpp) if not n.startswith(\"_\")])'" \
+        || { printf '%s\n' "${summary[@]}"; exit 1; }
+fi
+want test4 && run_step test4 "${TEST4_LIMIT:-240}" "$PYTHON tests/test_intranode.py --num-processes 4 ${TEST_ARGS:-}"
+want test2 && run_step test2 "${TEST2_LIMIT:-150}" "$PYTHON tests/test_intranode.py --num-processes 2 --quick ${TEST_ARGS:-}"
+want bench && run_step bench "${BENCH_LIMIT:-180}" \
+    "$PYTHON tests/test_intranode.py --num-processes 4 --bench --json $OUT/bench.json ${BENCH_ARGS:-}"
+if want foundation || want foundation_torch; then
+    run_step foundation_torch "${FOUNDATION_LIMIT:-120}" "DEEP_EP_BACKEND=torch $PYTHON -m deep_ep.bench"
+fi
+if want foundation || want foundation_cuda; then
+    run_step foundation_cuda "${FOUNDATION_LIMIT:-120}" "$PYTHON -m deep_ep.bench"
+fi
+echo "=== summary"
+printf '%s\n' "${summary[@]}"
+[ -f "$OUT/bench.log" ] && grep -E "GB/s|bench:" "$OUT/bench.log" | tail -n 40
+exit 0
