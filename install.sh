@@ -4,12 +4,13 @@
 # CUDA extension deep_ep_cpp where a CUDA-enabled torch and nvcc are present.
 #
 # Idempotent, and offline wherever everything is already installed: pip is only asked for what
-# fails to import. Environment: PYTHON (default: python, else python3), DEEP_EP_VERBOSE=1 for the build log.
+# fails to import. Environment: PYTHON (default: python3, else python), DEEP_EP_VERBOSE=1 for the build log.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$repo_root"
-PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python3)}"
+# python3 first: on the GPU images it is the interpreter that holds torch.
+PYTHON="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore
 
 TORCH_VERSION="2.13.0"

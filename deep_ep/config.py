@@ -10,6 +10,8 @@ MAX_TOPK = 16
 _TOKEN_META_BYTES = MAX_TOPK * (8 + 4) + 16
 # Room for counters, prefix sums and the error record beside the rings.
 _CONTROL_BYTES = 1 << 20
+# Header of one low-latency dispatch message (source token, top-k ids, call tag).
+_LL_HEADER_BYTES = 80
 _ALIGN = 128
 
 
@@ -134,15 +136,26 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
                                num_experts: int) -> int:
     """Bytes of NVSHMEM symmetric memory the low-latency kernels need (both alternating buffers).
 
-    Per buffer: a send area and a receive area, each with one message slot per (expert, token)
-    (a dispatch message is a 16-byte header plus the token at its widest, bf16; a combine message
-    is one bf16 row), plus the count/flag words.
+    Mirrors ``ll::make_layout`` in ``csrc/kernels/internode_ll.cu`` (tests/test_low_latency.py checks
+    that the two agree): a signal area, then two buffers, each holding the dispatch receive slots
+    (one message per source rank and token: an 80-byte header plus the token at its widest, bf16),
+    the dispatch send staging, the combine receive slots (max(16, ranks) per token), the combine
+    send rows, the top-k weights and a staging area.
     """
     for name, v in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
                     ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
-        if v <= 0:
-            raise ValueError(f"{name} must be positive, got {v}")
-    msg_bytes = _align(16 + hidden * 2, 16)
-    area = num_experts * num_max_dispatch_tokens_per_rank * msg_bytes
-    signals = _align(num_experts * 8 * 4 + num_ranks * 64)
-    return _align(2 * (2 * area + signals))
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    page = 4096
+    m, h, r = num_max_dispatch_tokens_per_rank, hidden, num_ranks
+    num_local = num_experts // num_ranks
+    msg_bytes = _align(_LL_HEADER_BYTES + h * 2, 16)
+    signal_bytes = _align(2 * 3 * r * 8, page)
+    combine_slots_per_token = max(MAX_TOPK, r)
+    offset = _align(r * m * msg_bytes, page)                                 # dispatch receive
+    offset = _align(offset + m * msg_bytes, page)                            # dispatch send
+    offset = _align(offset + m * combine_slots_per_token * h * 2, page)      # combine receive
+    offset = _align(offset + num_local * r * m * h * 2, page)                # combine send
+    offset = _align(offset + r * m * MAX_TOPK * 4, page)                     # weights
+    buffer_bytes = _align(offset + r * m * h * 2, page)                      # staging
+    return signal_bytes + 2 * buffer_bytes

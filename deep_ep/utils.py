@@ -133,7 +133,9 @@ def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False,
     num_tokens, hidden = x.shape
     grouped = x.float().reshape(num_tokens, hidden // FP8_GROUP, FP8_GROUP)
     amax = grouped.abs().amax(dim=-1).clamp(min=FP8_AMAX_FLOOR)
-    scale = amax / FP8_E4M3_MAX
+    # Tensor / tensor: a true division on every device (CUDA turns `/ python_float` into a
+    # multiplication by the reciprocal, which is off by one ulp for about half the values).
+    scale = amax / torch.full_like(amax, FP8_E4M3_MAX)
     if round_scale or use_ue8m0:
         scale = _round_scale_up_to_pow2(scale)
     data = (grouped / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).reshape(num_tokens, hidden)

@@ -8,6 +8,9 @@
 
 #include "buffer.cuh"
 #include "exception.cuh"
+// The low-latency launchers (namespace deep_ep::ll) live in their own header; listed here so that
+// this file stays the one index of every launcher.
+#include "internode_ll_api.cuh"
 
 namespace deep_ep {
 
