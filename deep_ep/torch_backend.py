@@ -243,9 +243,8 @@ class TorchBackend:
                     per_expert_list = [(c + expert_alignment - 1) // expert_alignment * expert_alignment
                                        for c in counts[2 * self.num_ranks:]]
                 num_recv = sum(recv_counts)
-                if num_worst_tokens > 0 and num_recv > num_worst_tokens:
-                    raise ValueError(f"dispatch: rank {self.rank} receives {num_recv} tokens, more than "
-                                     f"num_worst_tokens={num_worst_tokens}")
+                if num_worst_tokens > 0:
+                    self._check_worst_tokens(num_recv, num_worst_tokens)
                 handle = TorchDispatchHandle(num_tokens, hidden, is_token_in_rank, send_token_idx,
                                              send_counts, recv_counts, num_recv,
                                              num_worst_tokens if num_worst_tokens > 0 else num_recv)
@@ -281,6 +280,17 @@ class TorchBackend:
         if cached:
             return recv_x, None, None, None, None, event
         return recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event
+
+    def _check_worst_tokens(self, num_recv: int, num_worst_tokens: int) -> None:
+        """Every rank learns every rank's receive count, so that all of them raise together
+        (one rank leaving the exchange alone would break the collectives of the others)."""
+        counts = torch.zeros(self.num_ranks, dtype=torch.int64, device=self.device)
+        counts[self.rank] = num_recv
+        dist.all_reduce(counts, group=self.group)
+        over = [(r, c) for r, c in enumerate(counts.tolist()) if c > num_worst_tokens]
+        if over:
+            detail = ", ".join(f"rank {r} receives {c}" for r, c in over)
+            raise ValueError(f"dispatch: num_worst_tokens={num_worst_tokens} is too small ({detail})")
 
     def combine(self, x: torch.Tensor, handle: TorchDispatchHandle, topk_weights: Optional[torch.Tensor],
                 bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], config: Config,

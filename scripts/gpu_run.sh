@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One device call: build the extension, check the intranode kernels on 4 and 2 GPUs, benchmark
-# them, and run the foundation benchmark on both backends. Logs go to $OUT (one per step).
+# One device call: build the extension, check the intranode and low-latency kernels on 4 and 2
+# GPUs, benchmark them, and run the foundation benchmark on both backends. Logs go to $OUT (one
+# per step).
 #
-#   GPU_STEPS=build,test4,test2,bench,foundation bash scripts/gpu_run.sh
+#   GPU_STEPS=build,test4,test2,bench,ll4,ll2,llbench,foundation bash scripts/gpu_run.sh
 #   (foundation = foundation_torch + foundation_cuda; each can be named alone)
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
@@ -12,7 +13,7 @@ set -m
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/deep_ep_gpu_out}"
 mkdir -p "$OUT"
-STEPS=",${GPU_STEPS:-build,test4,test2,bench,foundation},"
+STEPS=",${GPU_STEPS:-build,test4,test2,bench,ll4,ll2,llbench,foundation},"
 PYTHON="${PYTHON:-python3}"
 summary=()
 
@@ -54,6 +55,10 @@ want test4 && run_step test4 "${TEST4_LIMIT:-240}" "$PYTHON tests/test_intranode
 want test2 && run_step test2 "${TEST2_LIMIT:-150}" "$PYTHON tests/test_intranode.py --num-processes 2 --quick ${TEST_ARGS:-}"
 want bench && run_step bench "${BENCH_LIMIT:-180}" \
     "$PYTHON tests/test_intranode.py --num-processes 4 --bench --json $OUT/bench.json ${BENCH_ARGS:-}"
+want ll4 && run_step ll4 "${LL4_LIMIT:-240}" "$PYTHON tests/test_low_latency.py --num-processes 4 ${LL_ARGS:-}"
+want ll2 && run_step ll2 "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 --quick ${LL_ARGS:-}"
+want llbench && run_step llbench "${LLBENCH_LIMIT:-180}" \
+    "$PYTHON tests/test_low_latency.py --num-processes 4 --bench-only ${LL_ARGS:-}"
 if want foundation || want foundation_torch; then
     run_step foundation_torch "${FOUNDATION_LIMIT:-120}" "DEEP_EP_BACKEND=torch $PYTHON -m deep_ep.bench"
 fi
