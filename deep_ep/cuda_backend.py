@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from .config import Config
 from .cuda_ll import LowLatencyKernelsMixin
-from .torch_backend import TorchBackend
+from .torch_backend import TorchBackend, view_bytes
 from .utils import DeepEPTimeoutError, EventOverlap
 
 try:  # the extension is optional; Buffer only picks this backend where it imports
@@ -171,12 +171,7 @@ class CudaBackend(LowLatencyKernelsMixin, TorchBackend):
                                 use_rdma_buffer: bool) -> torch.Tensor:
         if use_rdma_buffer or self._runtime is None:
             return super().get_local_buffer_tensor(dtype, size, offset, use_rdma_buffer)
-        raw = self._runtime.get_local_buffer_tensor(offset, self.num_nvl_bytes - offset)
-        element_size = torch.empty((), dtype=dtype).element_size()
-        usable = raw[: raw.numel() // element_size * element_size].view(dtype)
-        if size is None:
-            return usable
-        return usable[: int(torch.Size(size).numel())].view(size)
+        return view_bytes(self._runtime.get_local_buffer_tensor(offset, self.num_nvl_bytes - offset), dtype, size)
 
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,

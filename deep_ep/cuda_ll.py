@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .utils import DeepEPTimeoutError, EventOverlap, tensors_alive
+from .torch_backend import view_bytes
 
 try:  # the extension is optional: without it (or without NVSHMEM) the torch path serves
     import deep_ep_cpp as _ext
@@ -215,12 +216,7 @@ class LowLatencyKernelsMixin:
                                 use_rdma_buffer: bool) -> torch.Tensor:
         if not (use_rdma_buffer and self._ll is not None):
             return super().get_local_buffer_tensor(dtype, size, offset, use_rdma_buffer)  # type: ignore[misc]
-        raw = self._ll.rdma_buffer()[offset:]
-        element_size = torch.empty((), dtype=dtype).element_size()
-        usable = raw[: raw.numel() // element_size * element_size].view(dtype)
-        if size is None:
-            return usable
-        return usable[: int(torch.Size(size).numel())].view(size)
+        return view_bytes(self._ll.rdma_buffer()[offset:], dtype, size)
 
     def _ll_launch(self, async_finish: bool, launch: Callable[[], None], keep_alive: Sequence[Any]) -> EventOverlap:
         """Run ``launch`` on the comm stream with ``async_finish`` (returning its event), else on

@@ -155,12 +155,7 @@ class TorchBackend:
         key = "rdma" if use_rdma_buffer else "nvl"
         if key not in self._local_buffers:
             self._local_buffers[key] = torch.empty(total, dtype=torch.uint8, device=self.device)
-        raw = self._local_buffers[key][offset:]
-        element_size = torch.empty((), dtype=dtype).element_size()
-        usable = raw[: raw.numel() // element_size * element_size].view(dtype)
-        if size is None:
-            return usable
-        return usable[: int(torch.Size(size).numel())].view(size)
+        return view_bytes(self._local_buffers[key][offset:], dtype, size)
 
     @contextlib.contextmanager
     def _on_comm_stream(self, previous_event: Optional[EventOverlap]):
@@ -506,6 +501,15 @@ def compute_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks:
         in_node = is_token_in_rank.view(num_tokens, num_nodes, nvl_domain_size).any(-1)
         per_rdma_rank = in_node.sum(0).to(torch.int32)
     return per_rank, per_rdma_rank, per_expert, is_token_in_rank
+
+
+def view_bytes(raw: torch.Tensor, dtype: torch.dtype, size: Optional[torch.Size]) -> torch.Tensor:
+    """View a uint8 buffer as ``dtype``: the whole of it (whole elements), or its first ``size``."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    usable = raw[: raw.numel() // element_size * element_size].view(dtype)
+    if size is None:
+        return usable
+    return usable[: int(torch.Size(size).numel())].view(size)
 
 
 def _remap_topk(global_idx: torch.Tensor, weights: torch.Tensor, rank: int,
