@@ -111,6 +111,19 @@ class Buffer:
         backend: ``"cuda"`` (the kernels) or ``"torch"`` (portable collectives). Default: ``"cuda"``
             where the extension is built and the GPU is Hopper, else ``"torch"``; the environment
             variable ``DEEP_EP_BACKEND`` overrides the default.
+
+    Every argument is checked before anything is launched (wrong dtype, shape, device or layout:
+    ``TypeError``/``ValueError`` naming the argument). Checks that read tensor values (the
+    ``topk_idx`` range, ``num_tokens_per_rank`` against ``is_token_in_rank``) need a host sync, so
+    on the ``cuda`` backend they run only where the call syncs anyway (a dispatch without
+    ``num_worst_tokens``) or with ``DEEP_EP_STRICT_CHECKS=1``; elsewhere the kernels ignore expert
+    ids outside ``[0, num_experts)`` and never write out of bounds. A kernel wait that exceeds
+    ``DEEP_EP_TIMEOUT_S`` (default 100 s) raises :class:`DeepEPTimeoutError`, after which the
+    buffer refuses further calls.
+
+    Streams: the calls run on the buffer's comm stream, which first waits for ``previous_event``
+    (else the current stream); ``async_finish=True`` returns an :class:`EventOverlap` instead of
+    making the current stream wait; tensors used on the comm stream stay alive until it is done.
     """
 
     num_sms: int = 20
