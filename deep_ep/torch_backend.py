@@ -379,11 +379,12 @@ class TorchBackend:
             packed = torch.cat([token_bytes, _as_bytes(meta), _as_bytes(token.to(torch.int32).unsqueeze(1))], 1)
             received, work = self._all_to_all(packed, send_counts, recv_counts, async_op=True)
 
-            recv_data = torch.zeros((num_local, num_slots, hidden),
+            # Rows past recv_count are unspecified (as with the kernels): no fill of the whole area.
+            recv_data = torch.empty((num_local, num_slots, hidden),
                                     dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=x.device)
             recv_scales = None
             if use_fp8:
-                recv_scales = torch.zeros((num_local, num_slots) + tuple(parts[1].shape[1:]),
+                recv_scales = torch.empty((num_local, num_slots) + tuple(parts[1].shape[1:]),
                                           dtype=parts[1].dtype, device=x.device)
             recv_count = recv_per_expert.sum(0).to(torch.int32)
             src_info = torch.full((num_local, num_slots), -1, dtype=torch.int32, device=x.device)
