@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 EXTENSION_NAME = "deep_ep_cpp"
 
 # Sources that call NVSHMEM; they are left out of a build without NVSHMEM.
-NVSHMEM_SOURCES = ("csrc/kernels/internode_ll.cu", "csrc/kernels/internode.cu", "csrc/low_latency.cpp")
+NVSHMEM_SOURCES = ("csrc/kernels/internode_ll.cu", "csrc/kernels/internode.cu", "csrc/low_latency.cpp",
+                   "csrc/internode.cpp")
 
 DEFAULT_ARCH_FLAGS = ["-arch=sm_90"]
 

@@ -23,6 +23,10 @@
 #include "low_latency.hpp"
 #define DEEP_EP_HAS_LOW_LATENCY 1
 #endif
+#if __has_include("internode.hpp")
+#include "internode.hpp"
+#define DEEP_EP_HAS_INTERNODE 1
+#endif
 #endif
 #endif
 
@@ -465,5 +469,8 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
 
 #ifdef DEEP_EP_HAS_LOW_LATENCY
     deep_ep::register_low_latency(m);
+#endif
+#ifdef DEEP_EP_HAS_INTERNODE
+    deep_ep::register_internode(m);
 #endif
 }

@@ -3,8 +3,11 @@
 Intranode (all ranks in one NVLink domain, ``num_nodes == 1``): ``get_dispatch_layout``,
 ``dispatch`` and ``combine`` run on the kernels of ``csrc/kernels/intranode.cu`` over a buffer
 that every rank maps through CUDA IPC. Low-latency calls come from
-:class:`deep_ep.cuda_ll.LowLatencyKernelsMixin`. Everything else (several nodes, a buffer
-without NVLink bytes) falls through to :class:`deep_ep.torch_backend.TorchBackend`.
+:class:`deep_ep.cuda_ll.LowLatencyKernelsMixin`. Several nodes (``num_nodes > 1``): the internode
+kernels of :class:`deep_ep.cuda_internode.InternodeKernelsMixin` serve layout, dispatch and combine
+only when ``DEEP_EP_INTERNODE_KERNELS=1`` is set (opt-in, first version); by default, and for
+everything else (a buffer without NVLink bytes), calls fall through to
+:class:`deep_ep.torch_backend.TorchBackend` (NCCL across nodes).
 
 Streams: the kernels run on the comm stream of :class:`TorchBackend`, and every output is
 allocated there, with the same rules as the torch backend (``_on_comm_stream`` / ``_finish``).
@@ -25,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
+from .cuda_internode import InternodeKernelsMixin
 from .cuda_ll import LowLatencyKernelsMixin
 from .torch_backend import TorchBackend, view_bytes
 from .utils import DeepEPTimeoutError, EventOverlap
@@ -95,8 +99,12 @@ def _timeout_from_env() -> float:
     return timeout
 
 
-class CudaBackend(LowLatencyKernelsMixin, TorchBackend):
-    """Buffer calls on the CUDA kernels, with the torch backend for what has no kernel."""
+class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
+    """Buffer calls on the CUDA kernels, with the torch backend for what has no kernel.
+
+    With several nodes, layout/dispatch/combine go (through ``super()``) to the internode
+    kernels when ``DEEP_EP_INTERNODE_KERNELS=1`` was set at construction, else to the torch backend.
+    """
 
     name = "cuda"
 

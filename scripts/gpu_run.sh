@@ -3,7 +3,9 @@
 # GPUs, benchmark them, and run the foundation benchmark on both backends. Logs go to $OUT (one
 # per step).
 #
-#   GPU_STEPS=build,test4,test2,bench,ll4,ll2,llbench,foundation bash scripts/gpu_run.sh
+#   GPU_STEPS=build,test4,test2,bench,ll4,ll2,llbench,inter22,inter41,foundation bash scripts/gpu_run.sh
+#   (inter22 / inter41: internode kernels, opt-in DEEP_EP_INTERNODE_KERNELS=1, on 4 GPUs as 2 nodes x 2 and
+#   4 nodes x 1; interbench: their benchmark as 2 x 2, not in the default list)
 #   (foundation = foundation_torch + foundation_cuda; each can be named alone)
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
@@ -13,7 +15,7 @@ set -m
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/deep_ep_gpu_out}"
 mkdir -p "$OUT"
-STEPS=",${GPU_STEPS:-build,test4,test2,bench,ll4,ll2,llbench,foundation},"
+STEPS=",${GPU_STEPS:-build,test4,test2,bench,ll4,ll2,llbench,inter22,inter41,foundation},"
 PYTHON="${PYTHON:-python3}"
 summary=()
 
@@ -59,6 +61,13 @@ want ll4 && run_step ll4 "${LL4_LIMIT:-240}" "$PYTHON tests/test_low_latency.py 
 want ll2 && run_step ll2 "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 --quick ${LL_ARGS:-}"
 want llbench && run_step llbench "${LLBENCH_LIMIT:-180}" \
     "$PYTHON tests/test_low_latency.py --num-processes 4 --bench-only ${LL_ARGS:-}"
+# The internode kernels are a first version: a short kernel timeout turns a hang into an error.
+want inter22 && run_step inter22 "${INTER_LIMIT:-300}" \
+    "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 ${INTER_ARGS:-}"
+want inter41 && run_step inter41 "${INTER_LIMIT:-300}" \
+    "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 1 ${INTER_ARGS:-}"
+want interbench && run_step interbench "${INTERBENCH_LIMIT:-240}" \
+    "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 --bench"
 if want foundation || want foundation_torch; then
     run_step foundation_torch "${FOUNDATION_LIMIT:-120}" "DEEP_EP_BACKEND=torch $PYTHON -m deep_ep.bench"
 fi

@@ -11,6 +11,8 @@
 // The low-latency launchers (namespace deep_ep::ll) live in their own header; listed here so that
 // this file stays the one index of every launcher.
 #include "internode_ll_api.cuh"
+// The internode high-throughput launchers (namespace deep_ep::internode).
+#include "internode_api.cuh"
 
 namespace deep_ep {
 

@@ -1,0 +1,429 @@
+"""Internode kernels (cuda backend, ``DEEP_EP_INTERNODE_KERNELS=1``) against the torch backend.
+
+One host's GPUs are split into "nodes" of ``--nvl-domain-size`` ranks, so the inter-node (rail)
+leg really runs, over NVSHMEM's P2P transport here. Every rank builds a torch-backend Buffer and
+a cuda-backend Buffer with the same ``nvl_domain_size`` on the same NCCL group and feeds both the
+same inputs: dispatch must match bit for bit (row order included), with uniform and with
+group-limited routing (``deep_ep.utils.group_limited_topk``); combine must lie within one bf16
+rounding of a float64 reference per node partial sum (the kernels round each node's partial sum
+to bf16 once before the final sum); repeated runs must be identical. ``--bench`` prints
+logical, inter-node-leg and NVLink GB/s beside the ``all_to_all_single`` baseline and the
+intranode kernels on the same GPUs.
+
+Run as a script::
+
+    python tests/test_internode.py --num-processes 4 --nvl-domain-size 2
+    python tests/test_internode.py --num-processes 4 --nvl-domain-size 1
+    python tests/test_internode.py --num-processes 4 --nvl-domain-size 2 --bench
+
+or through pytest (skipped without enough Hopper GPUs or without the extension).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gpu_utils  # noqa: E402
+from gpu_utils import assert_bitwise_equal, poison_, poison_allocator  # noqa: E402
+from test_intranode import (_log, _lowest, _slowest, _time_us, combine_input, combine_reference,  # noqa: E402
+                            compare_dispatch, make_case)
+
+MAX_HIDDEN = 7168
+MAX_SMS = 32
+ENV_FLAG = "DEEP_EP_INTERNODE_KERNELS"
+
+
+def _buffer_bytes(num_ranks: int, nvl_domain_size: int) -> Tuple[int, int]:
+    import deep_ep
+    config = deep_ep.Config(MAX_SMS, 8, 512, 16, 128)
+    return (config.get_nvl_buffer_size_hint(MAX_HIDDEN * 2, nvl_domain_size),
+            config.get_rdma_buffer_size_hint(MAX_HIDDEN * 2, num_ranks))
+
+
+def _make_buffers(group: Any, num_ranks: int, nvl_domain_size: int) -> Tuple[Any, Any]:
+    import deep_ep
+    nvl_bytes, rdma_bytes = _buffer_bytes(num_ranks, nvl_domain_size)
+    os.environ[ENV_FLAG] = "1"
+    try:
+        cuda_buf = deep_ep.Buffer(group, nvl_bytes, rdma_bytes, backend="cuda", explicitly_destroy=True,
+                                  nvl_domain_size=nvl_domain_size)
+    finally:
+        del os.environ[ENV_FLAG]
+    assert cuda_buf._backend.uses_internode_kernels, "the internode kernels were not enabled"
+    torch_buf = deep_ep.Buffer(group, nvl_bytes, rdma_bytes, backend="torch", nvl_domain_size=nvl_domain_size)
+    return torch_buf, cuda_buf
+
+
+def assert_close_per_node(name: str, actual: torch.Tensor, reference: torch.Tensor, magnitude: torch.Tensor) -> None:
+    """``actual`` within one bf16 rounding of the float64 ``reference`` plus one bf16 rounding of
+    each node's partial sum (bounded by ``magnitude``, the sum of the absolute terms)."""
+    if bool(torch.isnan(actual).any()):
+        raise AssertionError(f"{name}: NaN in the result (an element was never written)")
+    diff = (actual.double() - reference).abs()
+    bad = diff > reference.abs() * 2.0 ** -8 + magnitude * 2.0 ** -8 + 1e-30
+    if bool(bad.any()):
+        index = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{name}: {int(bad.sum())} elements off, e.g. at {index}: got "
+                             f"{float(actual[tuple(index)])}, reference {float(reference[tuple(index)])}")
+
+
+def group_limited_case(rank: int, seed: int, num_tokens: int, hidden: int, num_topk: int, num_experts: int,
+                       num_nodes: int) -> Dict[str, torch.Tensor]:
+    """Like make_case, with DeepSeek-style routing: top-k experts within the best node groups."""
+    import deep_ep
+    case = make_case(rank, 1, seed, num_tokens, hidden, num_topk, num_experts, "uniform")
+    gen = torch.Generator().manual_seed(seed * 7919 + rank)
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    groups = max(1, num_nodes // 2)
+    topk_idx, weights = deep_ep.utils.group_limited_topk(scores, num_nodes, groups, num_topk)
+    case["topk_idx"], case["topk_weights"] = topk_idx.cuda(), weights.float().cuda()
+    return case
+
+
+def check_case(rank: int, num_ranks: int, group: Any, torch_buf: Any, cuda_buf: Any, case: Dict[str, torch.Tensor],
+               tag: str, num_experts: int, config: Any, alignment: int, use_async: bool) -> None:
+    import deep_ep
+    x, topk_idx, topk_weights = case["x"], case["topk_idx"], case["topk_weights"]
+    ref_layout = torch_buf.get_dispatch_layout(topk_idx, num_experts)
+    got_layout = cuda_buf.get_dispatch_layout(topk_idx, num_experts)
+    for i, name in ((0, "num_tokens_per_rank"), (1, "num_tokens_per_rdma_rank"), (2, "num_tokens_per_expert"),
+                    (3, "is_token_in_rank")):
+        assert_bitwise_equal(f"{tag} layout {name}", got_layout[i], ref_layout[i])
+    per_rank, per_node, per_expert, in_rank, _ = got_layout
+    comm_stream = cuda_buf.get_comm_stream()
+
+    def run(buf: Any, x_in: Any, poison_as: Optional[Tuple] = None, **kw: Any) -> Tuple:
+        if poison_as is not None:
+            poison_allocator(comm_stream, *poison_as[:3])
+        extra: Dict[str, Any] = {}
+        if use_async:
+            extra = dict(previous_event=deep_ep.Buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
+        out = buf.dispatch(x_in, **kw, config=config, **extra)
+        if use_async:
+            out[-1].current_stream_wait()
+        return out
+
+    layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+                  num_tokens_per_expert=per_expert)
+    ref = run(torch_buf, x, **layout, topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=alignment)
+    got = run(cuda_buf, x, poison_as=ref, **layout, topk_idx=topk_idx, topk_weights=topk_weights,
+              expert_alignment=alignment)
+    compare_dispatch(f"{tag} bf16", got, ref)
+    handle, ref_handle = got[4], ref[4]
+
+    x_fp8, scales = deep_ep.per_token_cast_to_fp8(x)
+    scales_cm = scales.t().contiguous().t()
+    ref8 = run(torch_buf, (x_fp8, scales_cm), **layout, topk_idx=topk_idx, topk_weights=topk_weights)
+    got8 = run(cuda_buf, (x_fp8, scales_cm), poison_as=ref8, **layout, topk_idx=topk_idx, topk_weights=topk_weights)
+    compare_dispatch(f"{tag} fp8", got8, ref8)
+
+    x2 = (x.float() * -0.5 + 1).to(torch.bfloat16)
+    ref_c = run(torch_buf, x2, handle=ref_handle)
+    compare_dispatch(f"{tag} cached", run(cuda_buf, x2, poison_as=ref_c, handle=handle), ref_c, cached=True)
+    ref_c8 = run(torch_buf, (x_fp8, scales), handle=ref_handle)
+    compare_dispatch(f"{tag} cached fp8", run(cuda_buf, (x_fp8, scales), poison_as=ref_c8, handle=handle), ref_c8,
+                     cached=True)
+
+    comb_in = combine_input(got[0], rank)
+    expected_weights = torch.where(topk_idx >= 0, topk_weights, torch.zeros_like(topk_weights))
+    for biases in ((case["bias0"], case["bias1"]), (case["bias0"], None), (None, None)):
+        bias_arg = biases if biases[1] is not None else biases[0]
+        extra: Dict[str, Any] = {}
+        if use_async:
+            extra = dict(previous_event=deep_ep.Buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
+        poison_allocator(comm_stream, x, topk_weights)
+        combined, combined_w, event = cuda_buf.combine(comb_in, handle, topk_weights=got[2], bias=bias_arg,
+                                                       config=config, **extra)
+        if use_async:
+            event.current_stream_wait()
+        ref_comb, magnitude = combine_reference(x, in_rank, num_ranks, biases)
+        assert_close_per_node(f"{tag} combine biases={sum(b is not None for b in biases)}", combined, ref_comb,
+                              magnitude)
+        assert_bitwise_equal(f"{tag} combined_topk_weights", combined_w, expected_weights)
+    poison_allocator(comm_stream, x)
+    combined_nw, none_w, _ = cuda_buf.combine(comb_in, handle, config=config)
+    assert none_w is None
+    ref_comb, magnitude = combine_reference(x, in_rank, num_ranks, (None, None))
+    assert_close_per_node(f"{tag} combine no weights", combined_nw, ref_comb, magnitude)
+
+    # num_worst_tokens: no host sync, fixed row count, padding rows zero / -1 / 0
+    total_tokens = torch.tensor([x.shape[0]], device="cuda")
+    dist.all_reduce(total_tokens, group=group)
+    worst = int(total_tokens.item()) + 7
+    ref_w = torch_buf.dispatch(x, **layout, topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=worst,
+                               config=config)
+    poison_allocator(comm_stream, *ref_w[:3])
+    got_w = cuda_buf.dispatch(x, **layout, topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=worst,
+                              config=config)
+    compare_dispatch(f"{tag} worst", got_w, ref_w)
+    comb_in_w = combine_input(got_w[0], rank)
+    comb_in_w[int(got[0].shape[0]):] = float("nan")  # must never be read
+    poison_allocator(comm_stream, x)
+    assert_close_per_node(f"{tag} worst combine", cuda_buf.combine(comb_in_w, got_w[4], config=config)[0], ref_comb,
+                          magnitude)
+
+
+def _layout(buf: Any, topk_idx: torch.Tensor, num_experts: int) -> Dict[str, torch.Tensor]:
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
+    return dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert)
+
+
+def check_cuda_graph(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config: Any) -> None:
+    """Layout + dispatch (num_worst_tokens) + combine captured in one CUDA graph, replayed."""
+    num_tokens, hidden, num_topk, num_experts = 256, 2048, 4, 8 * num_ranks
+    case = make_case(rank, num_ranks, seed, num_tokens, hidden, num_topk, num_experts, "uniform")
+    worst = num_tokens * num_ranks
+    static = {k: case[k].clone() for k in ("x", "topk_idx", "topk_weights")}
+
+    def step() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        layout = _layout(cuda_buf, static["topk_idx"], num_experts)
+        recv_x, recv_idx, _, _, handle, _ = cuda_buf.dispatch(static["x"], **layout, topk_idx=static["topk_idx"],
+                                                              topk_weights=static["topk_weights"],
+                                                              num_worst_tokens=worst, config=config)
+        return recv_x, recv_idx, cuda_buf.combine(recv_x, handle, config=config)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for replay in range(3):
+        fresh = make_case(rank, num_ranks, seed + 100 + replay, num_tokens, hidden, num_topk, num_experts, "uniform")
+        for k in static:
+            static[k].copy_(fresh[k])
+        for t in outs:
+            poison_(t)
+        graph.replay()
+        eager = step()
+        for name, a, b in zip(("recv_x", "recv_topk_idx", "combined"), outs, eager):
+            assert_bitwise_equal(f"graph replay {replay} {name}", a, b)
+    torch.cuda.synchronize()
+
+
+def check_repeatable(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config: Any, repeats: int) -> None:
+    """The same inputs give the same bytes every time (no races)."""
+    num_tokens, hidden, num_topk, num_experts = 1024, 4096, 8, 16 * num_ranks
+    case = make_case(rank, num_ranks, seed, num_tokens, hidden, num_topk, num_experts, "hot")
+    layout = _layout(cuda_buf, case["topk_idx"], num_experts)
+    recv_x, _, recv_w, _, handle, _ = cuda_buf.dispatch(case["x"], **layout, topk_idx=case["topk_idx"],
+                                                        topk_weights=case["topk_weights"], config=config)
+    comb_in = combine_input(recv_x, rank)
+    first = cuda_buf.combine(comb_in, handle, topk_weights=recv_w, config=config)[0]
+    comm_stream = cuda_buf.get_comm_stream()
+    for i in range(repeats):
+        poison_allocator(comm_stream, recv_x, first)
+        assert_bitwise_equal(f"repeat {i} dispatch", cuda_buf.dispatch(case["x"], handle=handle, config=config)[0],
+                             recv_x)
+        assert_bitwise_equal(f"repeat {i} combine",
+                             cuda_buf.combine(comb_in, handle, topk_weights=recv_w, config=config)[0], first)
+
+
+def correctness_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_size: int, quick: bool) -> None:
+    import deep_ep
+    torch.manual_seed(seed + rank)
+    num_nodes = num_ranks // nvl_domain_size
+    torch_buf, cuda_buf = _make_buffers(group, num_ranks, nvl_domain_size)
+    gen = torch.Generator().manual_seed(seed)
+    cases = [
+        # (tokens, hidden, topk, experts, routing, config, alignment, async)
+        (4096, 7168, 8, 256, "uniform", deep_ep.Config(24, 4, 256, 8, 128), 1, False),
+        (4096, 7168, 8, 256, "group", deep_ep.Config(24, 4, 256, 8, 128), 1, False),
+        (1000, 2048, 4, 8 * num_ranks, "hot", deep_ep.Config(8, 1, 48, 2, 32), 128, False),
+        (777, 4096, 9, 32 * num_ranks, "uniform", deep_ep.Config(2, 2, 64, 4, 16), 4, True),
+        (513, 256, 2, 2 * num_ranks, "hot", deep_ep.Config(32, 8, 512, 16, 128), 1, False),
+        (300, 7168, 6, 64 * num_ranks, "group", deep_ep.Config(16, 6, 96, 6, 64), 16, True),
+    ]
+    if quick:
+        cases = cases[:3]
+    for i, (t, h, k, e, mode, config, align, use_async) in enumerate(cases):
+        case_seed = seed + 31 * i
+        t_rank = max(0, t + int(torch.randint(-t // 4, t // 4 + 1, (1,), generator=gen)) * (rank % 2 * 2 - 1))
+        if i == 2 and rank == num_ranks - 1:
+            mode = "empty"  # this rank sends nothing
+        if i == 3 and rank == 0:
+            t_rank = 0
+        if mode == "group":
+            case = group_limited_case(rank, case_seed, t_rank, h, k, e, num_nodes)
+        else:
+            case = make_case(rank, num_ranks, case_seed, t_rank, h, k, e, mode)
+        tag = (f"[case {i} seed={case_seed} T={t_rank} H={h} K={k} E={e} {mode} L={nvl_domain_size} "
+               f"config={config} align={align} async={use_async}]")
+        check_case(rank, num_ranks, group, torch_buf, cuda_buf, case, tag, e, config, align, use_async)
+        _log(rank, f"case {i}: T~{t} H={h} K={k} E={e} {mode} sms={config.num_sms}: ok")
+    check_cuda_graph(rank, num_ranks, cuda_buf, seed + 7, deep_ep.Config(16, 4, 128, 4, 64))
+    _log(rank, "cuda graph capture + replay: ok")
+    check_repeatable(rank, num_ranks, cuda_buf, seed + 11, deep_ep.Config(24, 4, 256, 8, 128),
+                     repeats=5 if quick else 20)
+    _log(rank, "repeated runs identical: ok")
+    cuda_buf.destroy()
+    torch_buf.destroy()
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmark
+# ------------------------------------------------------------------------------------------------
+def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_size: int, iters: int) -> None:
+    import deep_ep
+    num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
+    num_nodes = num_ranks // nvl_domain_size
+    gen = torch.Generator().manual_seed(seed + rank)
+    xs = [torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).cuda() for _ in range(3)]
+    x8s = [deep_ep.per_token_cast_to_fp8(x) for x in xs]
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    routings = {"uniform": (scores.topk(num_topk, dim=-1).indices, torch.rand(num_tokens, num_topk, generator=gen)),
+                "group-limited": deep_ep.utils.group_limited_topk(scores, num_nodes, max(1, num_nodes // 2),
+                                                                  num_topk)}
+    _, cuda_buf = _make_buffers(group, num_ranks, nvl_domain_size)
+    nvl_bytes, _ = _buffer_bytes(num_ranks, num_ranks)
+    intra_buf = deep_ep.Buffer(group, nvl_bytes, backend="cuda", explicitly_destroy=True, nvl_domain_size=num_ranks)
+    config = deep_ep.Config(24, 4, 256, 8, 128)
+    intra_config = deep_ep.Config(24, 2, 256)
+    _log(rank, f"bench: {num_ranks} ranks as {num_nodes} nodes x {nvl_domain_size}, {torch.cuda.get_device_name()}, "
+               f"{num_tokens} tokens x {hidden} top-{num_topk} of {num_experts}; {config}; median of {iters}, "
+               f"slowest rank; GB/s of the slowest rank")
+    for name, (topk_idx, topk_weights) in routings.items():
+        topk_idx, topk_weights = topk_idx.cuda(), topk_weights.float().cuda()
+        layout = _layout(cuda_buf, topk_idx, num_experts)
+        recv_x, _, _, _, handle, _ = cuda_buf.dispatch(xs[0], **layout, topk_idx=topk_idx, topk_weights=topk_weights,
+                                                       config=config)
+        rows = recv_x.shape[0]
+        node = rank // nvl_domain_size
+        per_node = layout["num_tokens_per_rdma_rank"].tolist()
+        rail_tokens = sum(c for m, c in enumerate(per_node) if m != node)
+        forwarded = int(handle.forward_counts.sum())
+        comb_ins = [combine_input(recv_x, rank), combine_input(recv_x, rank + 1)]
+        per_rank = layout["num_tokens_per_rank"]
+        recv_counts = torch.empty(num_ranks, dtype=torch.int64, device="cuda")
+        dist.all_to_all_single(recv_counts, per_rank.to(torch.int64))
+        send_counts, recv_counts_l = per_rank.tolist(), recv_counts.tolist()
+
+        def a2a(row_bytes: int, reverse: bool) -> float:
+            s, r = (recv_counts_l, send_counts) if reverse else (send_counts, recv_counts_l)
+            send = torch.randint(0, 255, (sum(s) * row_bytes,), dtype=torch.uint8, device="cuda")
+            recv = torch.empty(sum(r) * row_bytes, dtype=torch.uint8, device="cuda")
+            return _time_us(lambda i: dist.all_to_all_single(recv, send, [c * row_bytes for c in r],
+                                                             [c * row_bytes for c in s]), iters)
+
+        intra_layout = intra_buf.get_dispatch_layout(topk_idx, num_experts)
+        _, _, _, _, intra_handle, _ = intra_buf.dispatch(
+            xs[0], num_tokens_per_rank=intra_layout[0], is_token_in_rank=intra_layout[3],
+            num_tokens_per_expert=intra_layout[2], topk_idx=topk_idx, topk_weights=topk_weights, config=intra_config)
+        fp8_row = hidden + hidden // 128 * 4
+        ops = [
+            ("dispatch_bf16", hidden * 2, lambda i: cuda_buf.dispatch(xs[i % 3], handle=handle, config=config),
+             lambda i: intra_buf.dispatch(xs[i % 3], handle=intra_handle, config=intra_config), False),
+            ("dispatch_fp8", fp8_row, lambda i: cuda_buf.dispatch(x8s[i % 3], handle=handle, config=config),
+             lambda i: intra_buf.dispatch(x8s[i % 3], handle=intra_handle, config=intra_config), False),
+            ("combine_bf16", hidden * 2, lambda i: cuda_buf.combine(comb_ins[i % 2], handle, config=config),
+             lambda i: intra_buf.combine(comb_ins[i % 2], intra_handle, config=intra_config), True),
+        ]
+        _log(rank, f"routing {name}: rank 0 receives {rows} rows, sends {rail_tokens} tokens over the rails, "
+                   f"forwards {forwarded} rows over NVLink")
+        for op, row_bytes, fn, intra_fn, reverse in ops:
+            t = _time_us(fn, iters)
+            t_intra = _time_us(intra_fn, iters)
+            t_base = a2a(row_bytes, reverse)
+            logical = _lowest(rows * row_bytes / t / 1e3)
+            rail = _lowest(rail_tokens * row_bytes / t / 1e3)
+            nvlink = _lowest(forwarded * row_bytes / t / 1e3)
+            intra = _lowest(rows * row_bytes / t_intra / 1e3)
+            base = _lowest(rows * row_bytes / t_base / 1e3)
+            _log(rank, f"{name:13s} {op:13s}: {_slowest(t):8.1f} us  logical {logical:6.1f} GB/s  rail {rail:6.1f} "
+                       f"GB/s  NVLink {nvlink:6.1f} GB/s | intranode kernels {intra:6.1f} GB/s "
+                       f"(ratio {logical / intra:.2f}) | all_to_all_single {base:6.1f} GB/s")
+    intra_buf.destroy()
+    cuda_buf.destroy()
+
+
+# ------------------------------------------------------------------------------------------------
+# entry points
+# ------------------------------------------------------------------------------------------------
+def _seed() -> int:
+    value = os.environ.get("DEEP_EP_TEST_SEED")
+    return int(value) if value else int.from_bytes(os.urandom(3), "little")
+
+
+@pytest.mark.parametrize("num_nodes,nvl_domain_size", [(2, 2), (4, 1), (2, 4), (3, 2)])
+def test_row_order(num_nodes: int, nvl_domain_size: int) -> None:
+    """(CPU) The permutation from the NVLink leg's block order (forwarding local rank, source node)
+    to the contract's (global source rank), padding rows in place; and the byte-wise scatter."""
+    import types
+    from deep_ep.cuda_internode import InternodeKernelsMixin, _scatter_rows
+    N, L = num_nodes, nvl_domain_size
+    R = N * L
+    gen = torch.Generator().manual_seed(N * 10 + L)
+    stub = types.SimpleNamespace(nvl_domain_size=L, num_nodes=N, num_ranks=R, device=torch.device("cpu"))
+    for trial in range(20):
+        counts = torch.randint(0, 5, (R,), generator=gen)
+        if trial % 5 == 0:
+            counts.zero_()
+        total = int(counts.sum())
+        rows = total + (trial % 3) * 4
+        order = InternodeKernelsMixin._row_order(stub, counts.to(torch.int32), rows)
+        if L == 1:
+            assert order is None
+            continue
+        leg = [(n * L + l, i) for l in range(L) for n in range(N) for i in range(int(counts[n * L + l]))]
+        out = [(n * L + l, i) for n in range(N) for l in range(L) for i in range(int(counts[n * L + l]))]
+        position = {v: j for j, v in enumerate(out)}
+        assert order.tolist() == [position[v] for v in leg] + list(range(total, rows))
+        src = torch.randn(rows, 3).to(torch.bfloat16)
+        assert torch.equal(_scatter_rows(src, order)[order], src)
+
+
+@pytest.mark.parametrize("nvl_domain_size", [2, 1])
+def test_internode(nvl_domain_size: int) -> None:
+    reason = gpu_utils.skip_reason(4)
+    if reason is None:
+        import deep_ep_cpp
+        if not hasattr(deep_ep_cpp, "InternodeRuntime"):
+            reason = "the extension was built without NVSHMEM (no internode kernels)"
+    if reason is not None:
+        pytest.skip(reason)
+    gpu_utils.spawn(correctness_worker, 4, _seed(), nvl_domain_size, True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-processes", type=int, default=4)
+    parser.add_argument("--nvl-domain-size", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="fewer cases and repeats")
+    parser.add_argument("--bench", action="store_true", help="run the benchmark instead of the checks")
+    parser.add_argument("--iters", type=int, default=30)
+    args = parser.parse_args()
+    if args.num_processes % args.nvl_domain_size != 0 or args.num_processes // args.nvl_domain_size < 2:
+        parser.error("--nvl-domain-size must divide --num-processes into at least 2 nodes")
+    reason = gpu_utils.skip_reason(args.num_processes)
+    if reason is not None:
+        print(f"skipped: {reason}")
+        return
+    seed = args.seed if args.seed is not None else _seed()
+    print(f"seed {seed}", flush=True)
+    start = time.time()
+    if args.bench:
+        gpu_utils.spawn(bench_worker, args.num_processes, seed, args.nvl_domain_size, args.iters)
+    else:
+        gpu_utils.spawn(correctness_worker, args.num_processes, seed, args.nvl_domain_size, args.quick)
+        print(f"test_internode: all checks passed on {args.num_processes} GPUs as "
+              f"{args.num_processes // args.nvl_domain_size} nodes x {args.nvl_domain_size} "
+              f"({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
