@@ -12,6 +12,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/types.h>
 
+#include "error_record.hpp"
 #include "kernels/api.cuh"
 
 namespace deep_ep {
@@ -76,7 +77,7 @@ public:
 
     // The first failure recorded by any kernel of this rank, or None:
     // (code, kernel, rank, peer, target, channel, value_seen, expected).
-    std::optional<std::tuple<int, int, int, int, int, int, int64_t, int64_t>> get_error() const;
+    std::optional<ErrorRecordTuple> get_error() const;
 
     // Closes peer mappings and frees memory. With `leak_memory` (after a failure, when a peer
     // may still write into our buffer) the device buffer is left allocated.

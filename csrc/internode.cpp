@@ -349,18 +349,8 @@ void InternodeRuntime::rail_combine(const torch::Tensor& partial, const std::opt
     internode::launch_rail_combine(context(), args, at::cuda::getCurrentCUDAStream());
 }
 
-std::optional<std::tuple<int, int, int, int, int, int, int64_t, int64_t>> InternodeRuntime::get_error() const {
-    if (error_host_ == nullptr)
-        return std::nullopt;
-    volatile ErrorRecord* record = error_host_;
-    const int code = record->code;
-    if (code <= 0)
-        return std::nullopt;
-    std::atomic_thread_fence(std::memory_order_acquire);
-    return std::make_tuple(code, static_cast<int>(record->kernel), static_cast<int>(record->rank),
-                           static_cast<int>(record->peer), static_cast<int>(record->target),
-                           static_cast<int>(record->channel), static_cast<int64_t>(record->value_seen),
-                           static_cast<int64_t>(record->expected));
+std::optional<ErrorRecordTuple> InternodeRuntime::get_error() const {
+    return read_error_record(error_host_);
 }
 
 void InternodeRuntime::destroy(bool failed) {

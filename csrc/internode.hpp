@@ -14,6 +14,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/types.h>
 
+#include "error_record.hpp"
 #include "kernels/api.cuh"
 
 namespace deep_ep {
@@ -63,7 +64,7 @@ public:
                       int num_sms, int send_chunk, int ring_capacity);
 
     // (code, kernel, rank, peer, target, channel, value_seen, expected) of the first failure, or None.
-    std::optional<std::tuple<int, int, int, int, int, int, int64_t, int64_t>> get_error() const;
+    std::optional<ErrorRecordTuple> get_error() const;
 
     // Frees the symmetric memory (collective) and finalizes NVSHMEM if this runtime initialized it.
     // With `failed` (a peer may be stuck or still writing) nothing collective is attempted.

@@ -38,7 +38,7 @@ from .config import Config
 from .cuda_internode import InternodeKernelsMixin
 from .cuda_ll import LowLatencyKernelsMixin
 from .torch_backend import TorchBackend, view_bytes
-from .utils import DeepEPTimeoutError, EventOverlap
+from .utils import DeepEPTimeoutError, EventOverlap, describe_kernel_failure
 
 try:  # the extension is optional; Buffer only picks this backend where it imports
     import deep_ep_cpp as _ext
@@ -61,7 +61,6 @@ _TARGET_NAMES = {
     6: "room in the output (num_worst_tokens too small)",
     7: "a local bulk copy (copy engine) to land",
 }
-_ERROR_TIMEOUT, _ERROR_OVERFLOW = 1, 2
 
 
 def intranode_kernels_available() -> bool:
@@ -230,15 +229,7 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
         self.low_latency_check_errors()
 
     def _describe(self, record: Tuple[int, ...]) -> str:
-        code, kernel, rank, peer, target, channel, seen, expected = record
-        kernel_name = _KERNEL_NAMES.get(kernel, f"kernel {kernel}")
-        target_name = _TARGET_NAMES.get(target, f"target {target}")
-        where = f"channel {channel}, " if channel >= 0 else ""
-        if code == _ERROR_OVERFLOW:
-            return (f"deep_ep: rank {rank}: {kernel_name}: {target_name}: row {seen} needed, {expected} rows "
-                    f"allocated (from rank {peer}); the buffer is now unusable")
-        return (f"deep_ep: rank {rank}: {kernel_name} timed out after {self.timeout_s:g} s waiting for {target_name} "
-                f"from rank {peer} ({where}last value {seen}, expected {expected}); the buffer is now unusable")
+        return describe_kernel_failure(record, _KERNEL_NAMES, _TARGET_NAMES, self.timeout_s)
 
     def _intranode(self) -> bool:
         if self._runtime is None:

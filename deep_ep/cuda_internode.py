@@ -52,7 +52,7 @@ import torch.distributed as dist
 from . import cuda_ll
 from .config import Config
 from .torch_backend import _group_device, view_bytes
-from .utils import DeepEPTimeoutError, EventOverlap
+from .utils import DeepEPTimeoutError, EventOverlap, describe_kernel_failure
 
 try:  # the extension is optional; without NVSHMEM it has no InternodeRuntime
     import deep_ep_cpp as _ext
@@ -82,7 +82,6 @@ _TARGET_NAMES = {
     9: "free rail ring slots (the rail peer's head)",
     10: "room in the staging area (num_worst_tokens too small)",
 }
-_ERROR_OVERFLOW = 2
 
 
 def internode_kernels_requested() -> bool:
@@ -223,16 +222,7 @@ class InternodeKernelsMixin:
         return self._internode is not None
 
     def _internode_describe(self, record: Tuple[int, ...]) -> str:
-        code, kernel, rank, peer, target, channel, seen, expected = record
-        kernel_name = _KERNEL_NAMES.get(kernel, f"kernel {kernel}")
-        target_name = _TARGET_NAMES.get(target, f"target {target}")
-        where = f"channel {channel}, " if channel >= 0 else ""
-        if code == _ERROR_OVERFLOW:
-            return (f"deep_ep: rank {rank}: {kernel_name}: {target_name}: row {seen} needed, {expected} rows "
-                    f"allocated (from rank {peer}); the buffer is now unusable")
-        return (f"deep_ep: rank {rank}: {kernel_name} timed out after {self._internode_timeout_s:g} s waiting for "
-                f"{target_name} from rank {peer} ({where}last value {seen}, expected {expected}); the buffer is "
-                f"now unusable")
+        return describe_kernel_failure(record, _KERNEL_NAMES, _TARGET_NAMES, self._internode_timeout_s)
 
     def internode_check_errors(self) -> None:
         """Raise :class:`DeepEPTimeoutError` if a kernel of the internode path reported a failure.

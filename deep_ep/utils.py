@@ -20,6 +20,24 @@ class DeepEPTimeoutError(RuntimeError):
     """
 
 
+KERNEL_ERROR_OVERFLOW = 2  # codes of csrc/kernels/exception.cuh: 1 = timeout, 2 = overflow
+
+
+def describe_kernel_failure(record: Tuple[int, ...], kernel_names: dict, target_names: dict,
+                            timeout_s: float) -> str:
+    """The message of a kernel's error record ``(code, kernel, rank, peer, target, channel, seen,
+    expected)``, naming the rank, the kernel and what it waited for."""
+    code, kernel, rank, peer, target, channel, seen, expected = record
+    kernel_name = kernel_names.get(kernel, f"kernel {kernel}")
+    target_name = target_names.get(target, f"target {target}")
+    where = f"channel {channel}, " if channel >= 0 else ""
+    if code == KERNEL_ERROR_OVERFLOW:
+        return (f"deep_ep: rank {rank}: {kernel_name}: {target_name}: row {seen} needed, {expected} rows "
+                f"allocated (from rank {peer}); the buffer is now unusable")
+    return (f"deep_ep: rank {rank}: {kernel_name} timed out after {timeout_s:g} s waiting for {target_name} "
+            f"from rank {peer} ({where}last value {seen}, expected {expected}); the buffer is now unusable")
+
+
 class EventHandle:
     """A CUDA event recorded on a stream (the current stream by default).
 
