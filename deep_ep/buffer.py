@@ -61,6 +61,21 @@ def _check_topk_range(name: str, topk_idx: torch.Tensor, num_experts: int) -> No
         raise ValueError(f"{name} values must lie in [-1, {num_experts}), got min {lo}, max {hi}")
 
 
+def _check_layout_values(topk_idx: Optional[torch.Tensor], num_experts: int, is_token_in_rank: torch.Tensor,
+                         num_tokens_per_rank: torch.Tensor) -> None:
+    """The dispatch checks that read values, evaluated on the device and read back with one host sync."""
+    mismatch = (is_token_in_rank.sum(0, dtype=torch.int32) != num_tokens_per_rank).any()
+    if topk_idx is not None and topk_idx.numel() > 0:
+        out_of_range = ((topk_idx < -1) | (topk_idx >= num_experts)).any()
+        bad_range, bad_counts = torch.stack([out_of_range, mismatch]).tolist()
+    else:
+        bad_range, bad_counts = False, bool(mismatch)
+    if bad_range:
+        _check_topk_range("topk_idx", topk_idx, num_experts)  # raises, with the offending values
+    if bad_counts:
+        raise ValueError("num_tokens_per_rank does not match is_token_in_rank (column sums)")
+
+
 def _check_event_args(previous_event: Optional[EventOverlap], async_finish: bool,
                       allocate_on_comm_stream: bool) -> None:
     if previous_event is not None and not isinstance(previous_event, EventOverlap):
@@ -410,10 +425,7 @@ class Buffer:
                 self._check_device("topk_weights", topk_weights, dtype=torch.float32, shape=(num_tokens, num_topk))
             # Without num_worst_tokens the host waits for the receive counts anyway: value checks are cheap.
             if (self._value_checks or num_worst_tokens == 0) and not _capturing():
-                if topk_idx is not None:
-                    _check_topk_range("topk_idx", topk_idx, num_tokens_per_expert.numel())
-                if not torch.equal(is_token_in_rank.sum(0, dtype=torch.int32), num_tokens_per_rank):
-                    raise ValueError("num_tokens_per_rank does not match is_token_in_rank (column sums)")
+                _check_layout_values(topk_idx, num_tokens_per_expert.numel(), is_token_in_rank, num_tokens_per_rank)
         return self._run(self._backend.dispatch, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
                          is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
                          num_worst_tokens, config, previous_event, async_finish, allocate_on_comm_stream)
