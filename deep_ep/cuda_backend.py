@@ -38,7 +38,7 @@ from .config import Config
 from .cuda_internode import InternodeKernelsMixin
 from .cuda_ll import LowLatencyKernelsMixin
 from .torch_backend import TorchBackend, view_bytes
-from .utils import DeepEPTimeoutError, EventOverlap, describe_kernel_failure
+from .utils import DeepEPTimeoutError, EventOverlap, describe_kernel_failure, timeout_from_env
 
 try:  # the extension is optional; Buffer only picks this backend where it imports
     import deep_ep_cpp as _ext
@@ -47,7 +47,6 @@ except ImportError:  # pragma: no cover - depends on the build
 
 Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
 
-_DEFAULT_TIMEOUT_S = 100.0
 _MAX_INTRANODE_RANKS = 8
 
 # Names of the codes in csrc/kernels/exception.cuh.
@@ -130,14 +129,6 @@ class CudaDispatchHandle:
     padded: bool
 
 
-def _timeout_from_env() -> float:
-    value = os.environ.get("DEEP_EP_TIMEOUT_S")
-    if value is None or value.strip() == "":
-        return _DEFAULT_TIMEOUT_S
-    timeout = float(value)
-    if timeout <= 0:
-        raise ValueError(f"DEEP_EP_TIMEOUT_S must be positive, got {value!r}")
-    return timeout
 
 
 class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
@@ -154,7 +145,7 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
                  allow_mnnvl: bool, explicitly_destroy: bool, enable_shrink: bool) -> None:
         super().__init__(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, nvl_domain_size, num_qps_per_rank,
                          allow_nvlink_for_low_latency_mode, allow_mnnvl, explicitly_destroy, enable_shrink)
-        self.timeout_s = _timeout_from_env()
+        self.timeout_s = timeout_from_env()
         copy_plan = intranode_copy_from_env()
         self._runtime: Optional[Any] = None
         self._failure: Optional[str] = None

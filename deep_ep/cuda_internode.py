@@ -52,7 +52,7 @@ import torch.distributed as dist
 from . import cuda_ll
 from .config import Config
 from .torch_backend import _group_device, view_bytes
-from .utils import DeepEPTimeoutError, EventOverlap, describe_kernel_failure
+from .utils import DeepEPTimeoutError, EventOverlap, describe_kernel_failure, timeout_from_env
 
 try:  # the extension is optional; without NVSHMEM it has no InternodeRuntime
     import deep_ep_cpp as _ext
@@ -62,7 +62,6 @@ except ImportError:  # pragma: no cover - depends on the build
 Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
 
 ENV_FLAG = "DEEP_EP_INTERNODE_KERNELS"
-_DEFAULT_TIMEOUT_S = 100.0
 _MAX_NODE_RANKS = 8
 _MAX_LAYOUT_RANKS = 64
 
@@ -94,14 +93,6 @@ def internode_kernels_available() -> bool:
     return _ext is not None and hasattr(_ext, "InternodeRuntime") and hasattr(_ext, "Buffer")
 
 
-def _timeout_from_env() -> float:
-    value = os.environ.get("DEEP_EP_TIMEOUT_S")
-    if value is None or value.strip() == "":
-        return _DEFAULT_TIMEOUT_S
-    timeout = float(value)
-    if timeout <= 0:
-        raise ValueError(f"DEEP_EP_TIMEOUT_S must be positive, got {value!r}")
-    return timeout
 
 
 def _single_host(group: dist.ProcessGroup) -> bool:
@@ -185,7 +176,7 @@ class InternodeKernelsMixin:
         self._internode_failure: Optional[str] = None
         self._internode_owns_nvshmem = False
         if wanted:
-            self._internode_timeout_s = _timeout_from_env()
+            self._internode_timeout_s = timeout_from_env()
             self._create_internode(num_nvl_bytes, num_rdma_bytes, single_host)
 
     def _create_internode(self, num_nvl_bytes: int, num_rdma_bytes: int, single_host: bool) -> None:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from .utils import DeepEPTimeoutError, EventOverlap, tensors_alive
+from .utils import DeepEPTimeoutError, EventOverlap, tensors_alive, timeout_from_env
 from .torch_backend import view_bytes
 
 try:  # the extension is optional: without it (or without NVSHMEM) the torch path serves
@@ -43,7 +43,6 @@ try:  # the extension is optional: without it (or without NVSHMEM) the torch pat
 except ImportError:  # pragma: no cover - depends on the build
     _ext = None
 
-_DEFAULT_TIMEOUT_S = 100.0
 _MAX_TOPK = 16
 _COMBINE_MODES = ("reduced", "rows")
 _HEAP_HEADROOM_BYTES = 1 << 29
@@ -113,7 +112,7 @@ def _create_runtime(group: dist.ProcessGroup, rank: int, num_ranks: int, num_rdm
     prepare_nvshmem_environment(num_rdma_bytes, single_host=len(set(hosts)) == 1)
     unique_id = [_ext.LowLatencyRuntime.get_unique_id() if rank == 0 else None]
     dist.broadcast_object_list(unique_id, src=dist.get_global_rank(group, 0), group=group)
-    timeout_s = float(os.environ.get("DEEP_EP_TIMEOUT_S", _DEFAULT_TIMEOUT_S))
+    timeout_s = timeout_from_env()
     runtime = _ext.LowLatencyRuntime(rank, num_ranks, unique_id[0], num_rdma_bytes, allow_nvlink, enable_shrink,
                                      timeout_s)
     _active_runtime = runtime

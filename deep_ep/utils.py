@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Optional, Tuple
 
 import torch
@@ -18,6 +19,23 @@ class DeepEPTimeoutError(RuntimeError):
     timeout the buffer's internal counters are no longer consistent; the buffer is marked failed
     and later calls on it raise at once.
     """
+
+
+DEFAULT_TIMEOUT_S = 100.0
+
+
+def timeout_from_env() -> float:
+    """The bound of every kernel wait, in seconds: ``DEEP_EP_TIMEOUT_S``, default 100."""
+    value = os.environ.get("DEEP_EP_TIMEOUT_S", "").strip()
+    if value == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        timeout = float(value)
+    except ValueError:
+        raise ValueError(f"DEEP_EP_TIMEOUT_S must be a number of seconds, got {value!r}") from None
+    if timeout <= 0:
+        raise ValueError(f"DEEP_EP_TIMEOUT_S must be positive, got {value!r}")
+    return timeout
 
 
 KERNEL_ERROR_OVERFLOW = 2  # codes of csrc/kernels/exception.cuh: 1 = timeout, 2 = overflow
