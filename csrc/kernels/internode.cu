@@ -612,29 +612,10 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
                             m == ctx.node ? a.partial + (own_first_row + index) * row_bytes
                                           : recv_ring(ctx, g, channel, m) +
                                                 ((s_base[m] + index) % g.capacity) * static_cast<size_t>(g.slot_bytes);
-                        const int4 raw = __ldcg(reinterpret_cast<const int4*>(row) + column);
-                        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-                        for (int j = 0; j < 8; ++j)
-                            acc[j] += __bfloat162float(v[j]);
+                        accumulate_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(row) + column));
                     }
-                    const uint8_t* biases[2] = {a.bias0, a.bias1};
-#pragma unroll
-                    for (int b = 0; b < 2; ++b) {
-                        if (biases[b] == nullptr)
-                            continue;
-                        const int4 raw = __ldg(reinterpret_cast<const int4*>(biases[b] + out_offset) + column);
-                        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-                        for (int j = 0; j < 8; ++j)
-                            acc[j] += __bfloat162float(v[j]);
-                    }
-                    int4 packed;
-                    __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(&packed);
-#pragma unroll
-                    for (int j = 0; j < 8; ++j)
-                        out[j] = __float2bfloat16_rn(acc[j]);
-                    reinterpret_cast<int4*>(a.combined_x + out_offset)[column] = packed;
+                    accumulate_biases(acc, a.bias0, a.bias1, out_offset, column);
+                    store_bf16x8(a.combined_x + out_offset, column, acc);
                 }
                 if (a.combined_topk_weights != nullptr && lane < a.num_topk) {
                     float sum = 0.0f;

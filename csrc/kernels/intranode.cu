@@ -586,28 +586,10 @@ __device__ __forceinline__ void sum_column_store(const int4 (&loaded)[kRanks], u
     for (int peer = 0; peer < kRanks; ++peer) {
         if (((present >> peer) & 1u) == 0)
             continue;
-        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&loaded[peer]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-            acc[j] += __bfloat162float(v[j]);
+        accumulate_bf16x8(acc, loaded[peer]);
     }
-    const uint8_t* biases[2] = {args.bias0, args.bias1};
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-        if (biases[b] == nullptr)
-            continue;
-        const int4 raw = __ldg(reinterpret_cast<const int4*>(biases[b] + out_offset) + column);
-        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-            acc[j] += __bfloat162float(v[j]);
-    }
-    int4 packed;
-    __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(&packed);
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-        out[j] = __float2bfloat16_rn(acc[j]);
-    reinterpret_cast<int4*>(args.combined_x + out_offset)[column] = packed;
+    accumulate_biases(acc, args.bias0, args.bias1, out_offset, column);
+    store_bf16x8(args.combined_x + out_offset, column, acc);
 }
 
 // Receiver: the block walks its channel's tokens in batches of one token per warp. Warp 0 first

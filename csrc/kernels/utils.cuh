@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "exception.cuh"
@@ -334,5 +335,36 @@ private:
     uint32_t stages_ = 0, barriers_ = 0;
     int stored_ = 0;  // chunks stored so far = bulk groups committed
 };
+
+// ---------------------------------------------------------------- fp32 sums of bf16 rows (combine)
+// Adds the 8 bf16 values of one 16-byte vector to `acc`.
+__device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& raw) {
+    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+        acc[j] += __bfloat162float(v[j]);
+}
+
+// Adds 16-byte column `column` of the row at `row_offset` of each given bias (bf16 [T, H]; null = none).
+__device__ __forceinline__ void accumulate_biases(float (&acc)[8], const uint8_t* bias0, const uint8_t* bias1,
+                                                  int64_t row_offset, int column) {
+    const uint8_t* biases[2] = {bias0, bias1};
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+        if (biases[b] == nullptr)
+            continue;
+        accumulate_bf16x8(acc, __ldg(reinterpret_cast<const int4*>(biases[b] + row_offset) + column));
+    }
+}
+
+// Rounds `acc` to bf16 (nearest) and stores it as 16-byte column `column` of `row`.
+__device__ __forceinline__ void store_bf16x8(uint8_t* row, int column, const float (&acc)[8]) {
+    int4 packed;
+    __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(&packed);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+        out[j] = __float2bfloat16_rn(acc[j]);
+    reinterpret_cast<int4*>(row)[column] = packed;
+}
 
 }  // namespace deep_ep
