@@ -16,6 +16,7 @@
 #include "kernels/api.cuh"
 #include "kernels/buffer.cuh"
 #include "kernels/exception.cuh"
+#include "tensor_checks.hpp"
 
 #ifndef DISABLE_NVSHMEM
 #if defined(__has_include)
@@ -41,20 +42,6 @@ constexpr int kHostCounterInts = 2 + kMaxLocalExperts;
 // as deep_ep_cpp.INTRANODE_COPY_VARIANTS.
 const char* const kIntranodeCopyNames[] = {"simt", "bulk", "bulk_send"};
 constexpr int kNumIntranodeCopies = 3;
-
-void check_cuda_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
-    DEEP_EP_HOST_ASSERT(t.is_cuda(), std::string(name) + " must be a CUDA tensor");
-    DEEP_EP_HOST_ASSERT(t.scalar_type() == dtype, std::string(name) + " has the wrong dtype");
-    DEEP_EP_HOST_ASSERT(t.is_contiguous(), std::string(name) + " must be contiguous");
-}
-
-template <typename T>
-T* optional_ptr(const std::optional<torch::Tensor>& t, const char* name, torch::ScalarType dtype) {
-    if (!t.has_value())
-        return nullptr;
-    check_cuda_tensor(*t, name, dtype);
-    return reinterpret_cast<T*>(t->data_ptr());
-}
 
 }  // namespace
 
@@ -284,18 +271,13 @@ void Buffer::dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>
     args.x = static_cast<const uint8_t*>(x.data_ptr());
     args.num_tokens = static_cast<int>(x.size(0));
     args.hidden_bytes = static_cast<int>(x.size(1) * x.element_size());
-    args.x_scales = nullptr;
-    args.scale_token_stride = args.scale_hidden_stride = 0;
-    args.num_scales = 0;
+    const StridedScales scales = read_strided_scales(x_scales, x.size(0));
+    args.x_scales = scales.data;
+    args.scale_token_stride = scales.token_stride;
+    args.scale_hidden_stride = scales.hidden_stride;
+    args.num_scales = scales.num_scales;
     args.recv_x_scales = nullptr;
     if (x_scales.has_value()) {
-        DEEP_EP_HOST_ASSERT(x_scales->is_cuda() && x_scales->scalar_type() == torch::kFloat32 &&
-                                x_scales->dim() == 2 && x_scales->size(0) == x.size(0),
-                            "x_scales must be float32 [num_tokens, num_scales]");
-        args.x_scales = x_scales->data_ptr<float>();
-        args.scale_token_stride = x_scales->stride(0);
-        args.scale_hidden_stride = x_scales->stride(1);
-        args.num_scales = static_cast<int>(x_scales->size(1));
         check_cuda_tensor(*recv_x_scales, "recv_x_scales", torch::kFloat32);
         DEEP_EP_HOST_ASSERT(recv_x_scales->dim() == 2 && recv_x_scales->size(0) == recv_x.size(0) &&
                                 recv_x_scales->size(1) == args.num_scales,

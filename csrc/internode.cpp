@@ -14,29 +14,9 @@
 #include <torch/extension.h>
 
 #include "kernels/exception.cuh"
+#include "tensor_checks.hpp"
 
 namespace deep_ep {
-namespace {
-
-void check_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
-    DEEP_EP_HOST_ASSERT(t.is_cuda(), std::string(name) + " must be a CUDA tensor");
-    DEEP_EP_HOST_ASSERT(t.scalar_type() == dtype, std::string(name) + " has the wrong dtype");
-    DEEP_EP_HOST_ASSERT(t.is_contiguous(), std::string(name) + " must be contiguous");
-}
-
-template <typename T>
-T* optional_ptr(const std::optional<torch::Tensor>& t, const char* name, torch::ScalarType dtype) {
-    if (!t.has_value())
-        return nullptr;
-    check_tensor(*t, name, dtype);
-    return reinterpret_cast<T*>(t->data_ptr());
-}
-
-void check_numel(const torch::Tensor& t, int64_t numel, const char* name) {
-    DEEP_EP_HOST_ASSERT(t.numel() == numel, std::string(name) + " must have " + std::to_string(numel) + " elements");
-}
-
-}  // namespace
 
 InternodeRuntime::InternodeRuntime(int rank, int num_ranks, int nvl_domain_size, const std::string& unique_id,
                                    int64_t num_rdma_bytes, double timeout_s)
@@ -130,10 +110,10 @@ void InternodeRuntime::get_dispatch_layout(const torch::Tensor& topk_idx, int nu
                                            const torch::Tensor& num_tokens_per_rank,
                                            const torch::Tensor& num_tokens_per_expert,
                                            const torch::Tensor& is_token_in_rank) {
-    check_tensor(topk_idx, "topk_idx", torch::kInt64);
-    check_tensor(num_tokens_per_rank, "num_tokens_per_rank", torch::kInt32);
-    check_tensor(num_tokens_per_expert, "num_tokens_per_expert", torch::kInt32);
-    check_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
+    check_cuda_tensor(topk_idx, "topk_idx", torch::kInt64);
+    check_cuda_tensor(num_tokens_per_rank, "num_tokens_per_rank", torch::kInt32);
+    check_cuda_tensor(num_tokens_per_expert, "num_tokens_per_expert", torch::kInt32);
+    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
     DEEP_EP_HOST_ASSERT(topk_idx.dim() == 2, "topk_idx must be 2-D");
     check_numel(num_tokens_per_rank, num_ranks_, "num_tokens_per_rank");
     check_numel(num_tokens_per_expert, num_experts, "num_tokens_per_expert");
@@ -157,14 +137,14 @@ void InternodeRuntime::notify(const torch::Tensor& num_tokens_per_rank, const to
                               const torch::Tensor& rail_prefix, const torch::Tensor& rail_src_num_tokens,
                               const torch::Tensor& forward_counts, bool write_host) {
     check_usable();
-    check_tensor(num_tokens_per_rank, "num_tokens_per_rank", torch::kInt32);
-    check_tensor(num_tokens_per_expert, "num_tokens_per_expert", torch::kInt32);
-    check_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
-    check_tensor(recv_from_rank, "recv_from_rank", torch::kInt32);
-    check_tensor(recv_rank_prefix, "recv_rank_prefix", torch::kInt32);
-    check_tensor(rail_prefix, "rail_prefix", torch::kInt32);
-    check_tensor(rail_src_num_tokens, "rail_src_num_tokens", torch::kInt32);
-    check_tensor(forward_counts, "forward_counts", torch::kInt32);
+    check_cuda_tensor(num_tokens_per_rank, "num_tokens_per_rank", torch::kInt32);
+    check_cuda_tensor(num_tokens_per_expert, "num_tokens_per_expert", torch::kInt32);
+    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
+    check_cuda_tensor(recv_from_rank, "recv_from_rank", torch::kInt32);
+    check_cuda_tensor(recv_rank_prefix, "recv_rank_prefix", torch::kInt32);
+    check_cuda_tensor(rail_prefix, "rail_prefix", torch::kInt32);
+    check_cuda_tensor(rail_src_num_tokens, "rail_src_num_tokens", torch::kInt32);
+    check_cuda_tensor(forward_counts, "forward_counts", torch::kInt32);
     check_numel(num_tokens_per_rank, num_ranks_, "num_tokens_per_rank");
     DEEP_EP_HOST_ASSERT(is_token_in_rank.dim() == 2 && is_token_in_rank.size(1) == num_ranks_,
                         "is_token_in_rank must be [num_tokens, num_ranks]");
@@ -225,10 +205,10 @@ void InternodeRuntime::rail_dispatch(const torch::Tensor& x, const std::optional
     DEEP_EP_HOST_ASSERT(staging_x.is_cuda() && staging_x.is_contiguous() && staging_x.dim() == 2 &&
                             staging_x.size(1) == x.size(1) && staging_x.scalar_type() == x.scalar_type(),
                         "staging_x must be [rows, H] like x");
-    check_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
-    check_tensor(rail_prefix, "rail_prefix", torch::kInt32);
-    check_tensor(staging_src_token, "staging_src_token", torch::kInt32);
-    check_tensor(forward_in_rank, "forward_in_rank", torch::kBool);
+    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
+    check_cuda_tensor(rail_prefix, "rail_prefix", torch::kInt32);
+    check_cuda_tensor(staging_src_token, "staging_src_token", torch::kInt32);
+    check_cuda_tensor(forward_in_rank, "forward_in_rank", torch::kBool);
     DEEP_EP_HOST_ASSERT(is_token_in_rank.dim() == 2 && is_token_in_rank.size(0) == x.size(0) &&
                             is_token_in_rank.size(1) == num_ranks_,
                         "is_token_in_rank must be [num_tokens, num_ranks]");
@@ -247,19 +227,14 @@ void InternodeRuntime::rail_dispatch(const torch::Tensor& x, const std::optional
     internode::RailDispatchArgs args;
     args.x = static_cast<const uint8_t*>(x.data_ptr());
     args.hidden_bytes = static_cast<int>(x.size(1) * x.element_size());
-    args.x_scales = nullptr;
-    args.scale_token_stride = args.scale_hidden_stride = 0;
-    args.num_scales = 0;
+    const StridedScales scales = read_strided_scales(x_scales, x.size(0));
+    args.x_scales = scales.data;
+    args.scale_token_stride = scales.token_stride;
+    args.scale_hidden_stride = scales.hidden_stride;
+    args.num_scales = scales.num_scales;
     args.staging_scales = nullptr;
     if (x_scales.has_value()) {
-        DEEP_EP_HOST_ASSERT(x_scales->is_cuda() && x_scales->scalar_type() == torch::kFloat32 &&
-                                x_scales->dim() == 2 && x_scales->size(0) == x.size(0),
-                            "x_scales must be float32 [num_tokens, num_scales]");
-        args.x_scales = x_scales->data_ptr<float>();
-        args.scale_token_stride = x_scales->stride(0);
-        args.scale_hidden_stride = x_scales->stride(1);
-        args.num_scales = static_cast<int>(x_scales->size(1));
-        check_tensor(*staging_scales, "staging_scales", torch::kFloat32);
+        check_cuda_tensor(*staging_scales, "staging_scales", torch::kFloat32);
         check_numel(*staging_scales, rows * args.num_scales, "staging_scales");
         args.staging_scales = staging_scales->data_ptr<float>();
     }
@@ -298,12 +273,12 @@ void InternodeRuntime::rail_combine(const torch::Tensor& partial, const std::opt
                                     const std::optional<torch::Tensor>& combined_topk_weights, int num_sms,
                                     int send_chunk, int ring_capacity) {
     check_usable();
-    check_tensor(partial, "partial", torch::kBFloat16);
-    check_tensor(combined_x, "combined_x", torch::kBFloat16);
-    check_tensor(rail_prefix, "rail_prefix", torch::kInt32);
-    check_tensor(rail_src_num_tokens, "rail_src_num_tokens", torch::kInt32);
-    check_tensor(staging_src_token, "staging_src_token", torch::kInt32);
-    check_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
+    check_cuda_tensor(partial, "partial", torch::kBFloat16);
+    check_cuda_tensor(combined_x, "combined_x", torch::kBFloat16);
+    check_cuda_tensor(rail_prefix, "rail_prefix", torch::kInt32);
+    check_cuda_tensor(rail_src_num_tokens, "rail_src_num_tokens", torch::kInt32);
+    check_cuda_tensor(staging_src_token, "staging_src_token", torch::kInt32);
+    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
     DEEP_EP_HOST_ASSERT(partial.dim() == 2 && combined_x.dim() == 2 && partial.size(1) == combined_x.size(1),
                         "partial and combined_x must be [rows, hidden] and [num_tokens, hidden]");
     const int64_t rows = partial.size(0);
@@ -317,7 +292,7 @@ void InternodeRuntime::rail_combine(const torch::Tensor& partial, const std::opt
                         "partial_weights and combined_topk_weights go together");
     for (const auto* bias : {&bias0, &bias1}) {
         if (bias->has_value()) {
-            check_tensor(**bias, "bias", torch::kBFloat16);
+            check_cuda_tensor(**bias, "bias", torch::kBFloat16);
             DEEP_EP_HOST_ASSERT((*bias)->sizes() == combined_x.sizes(), "bias must be [num_tokens, hidden]");
         }
     }
