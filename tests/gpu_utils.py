@@ -149,3 +149,29 @@ def assert_close_to_reference(name: str, actual: torch.Tensor, reference: torch.
         index = bad.nonzero()[0].tolist()
         raise AssertionError(f"{name}: {int(bad.sum())} elements off, e.g. at {index}: got "
                              f"{float(actual[tuple(index)])}, reference {float(reference[tuple(index)])}")
+
+
+def check_graph_replay(step: Callable[[], Tuple[torch.Tensor, ...]], static: dict,
+                       fresh_inputs: Callable[[int], dict], names: Tuple[str, ...]) -> None:
+    """Capture ``step`` (which reads the tensors of ``static``) in a CUDA graph, then three times:
+    copy new inputs into ``static``, poison the graph's outputs, replay, and compare them byte for
+    byte with an eager ``step`` on the same inputs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as graph capture requires
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for replay in range(3):
+        fresh = fresh_inputs(replay)
+        for k in static:
+            static[k].copy_(fresh[k])
+        for t in outs:
+            poison_(t)
+        graph.replay()
+        eager = step()
+        for name, a, b in zip(names, outs, eager):
+            assert_bitwise_equal(f"graph replay {replay} {name}", a, b)
+    torch.cuda.synchronize()

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpu_utils  # noqa: E402
-from gpu_utils import assert_bitwise_equal, assert_close_to_reference, poison_, poison_allocator  # noqa: E402
+from gpu_utils import assert_bitwise_equal, assert_close_to_reference, poison_allocator  # noqa: E402
 
 MAX_HIDDEN = 7168
 MAX_SMS = 32
@@ -291,25 +291,11 @@ def check_cuda_graph(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config
         combined = cuda_buf.combine(recv_x, handle, config=config)[0]
         return recv_x, recv_idx, combined
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
-    for replay in range(3):
-        fresh = make_case(rank, num_ranks, seed + 100 + replay, num_tokens, hidden, num_topk, num_experts, "uniform")
-        for k in static:
-            static[k].copy_(fresh[k])
-        for t in outs:
-            poison_(t)
-        graph.replay()
-        eager = step()
-        for name, a, b in zip(("recv_x", "recv_topk_idx", "combined"), outs, eager):
-            assert_bitwise_equal(f"graph replay {replay} {name}", a, b)
-    torch.cuda.synchronize()
+    gpu_utils.check_graph_replay(
+        step, static,
+        lambda replay: make_case(rank, num_ranks, seed + 100 + replay, num_tokens, hidden, num_topk, num_experts,
+                                 "uniform"),
+        ("recv_x", "recv_topk_idx", "combined"))
 
 
 def check_repeatable(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config: Any, repeats: int = 50) -> None:
