@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the extension, check the intranode and low-latency kernels on 4 and 2
-# GPUs, benchmark them, and run the foundation benchmark on both backends. Logs go to $OUT (one
-# per step).
+# GPUs, benchmark them, and run the foundation benchmark on both backends. Logs go to $OUT/logs.tar
+# (one log per step).
 #
 #   GPU_STEPS=build,test4,test2,bench,ll4,ll2,llbench,inter22,inter41,foundation bash scripts/gpu_run.sh
 #   (inter22 / inter41: internode kernels, opt-in DEEP_EP_INTERNODE_KERNELS=1, on 4 GPUs as 2 nodes x 2 and
@@ -9,6 +9,8 @@
 #   (foundation = foundation_torch + foundation_cuda; each can be named alone)
 #   test4 / test2 / bench check and measure every row-copy variant the build offers (simt and bulk,
 #   tests/test_intranode.py --copy-variants). Not in the default list:
+#   bench2: the intranode benchmark on 2 GPUs;
+#   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once);
 #   testbulk: the bulk variants alone, quick, with a short kernel timeout (first run of new code);
 #   benchvariants: simt, bulk and bulk_send side by side plus bulk pipeline shapes (docs/benchmarks.md,
 #   "Next measurement"); BULK_SHAPES overrides the shapes.
@@ -19,18 +21,29 @@ set -uo pipefail
 set -m
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/deep_ep_gpu_out}"
-mkdir -p "$OUT"
+# The device tool returns only a few files from $OUT: every log and JSON goes to $LOGS, and
+# $OUT/logs.tar is rewritten after each step (so a call cut short still returns what ran).
+LOGS="${LOGS:-/tmp/deep_ep_gpu_logs}"
+mkdir -p "$OUT" "$LOGS"
 STEPS=",${GPU_STEPS:-build,test4,test2,bench,ll4,ll2,llbench,inter22,inter41,foundation},"
 PYTHON="${PYTHON:-python3}"
 summary=()
 
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 
-# run_step NAME LIMIT_S COMMAND...: runs COMMAND (a shell string) with output in $OUT/NAME.log.
+# run_step NAME LIMIT_S COMMAND...: runs COMMAND (a shell string) with output in $LOGS/NAME.log.
 run_step() {
     local name="$1" limit="$2" cmd="$3" start=$SECONDS rc
+    # DEADLINE_S: the whole call's budget; a step gets at most what is left of it.
+    local left=$(( ${DEADLINE_S:-100000} - SECONDS ))
+    if (( left < 20 )); then
+        echo "=== $name: skipped, ${left}s left of DEADLINE_S"
+        summary+=("$name skipped (deadline)")
+        return 1
+    fi
+    (( limit > left )) && limit=$left
     echo "=== $name (limit ${limit}s): $cmd"
-    bash -c "$cmd" >"$OUT/$name.log" 2>&1 &
+    bash -c "$cmd" >"$LOGS/$name.log" 2>&1 &
     local pid=$!
     while kill -0 "$pid" 2>/dev/null; do
         if (( SECONDS - start >= limit )); then
@@ -45,36 +58,41 @@ run_step() {
     wait "$pid"
     rc=$?
     echo "=== $name: rc=$rc ($((SECONDS - start)) s)"
-    tail -n "${TAIL_LINES:-30}" "$OUT/$name.log"
+    tail -n "${TAIL_LINES:-30}" "$LOGS/$name.log"
+    tar -cf "$OUT/logs.tar" -C "$LOGS" .
     summary+=("$name rc=$rc $((SECONDS - start))s")
     return $rc
 }
 
-nvidia-smi --query-gpu=index,name,memory.total,clocks.sm --format=csv >"$OUT/gpus.txt" 2>&1
-nvidia-smi topo -m >>"$OUT/gpus.txt" 2>&1
+nvidia-smi --query-gpu=index,name,memory.total,clocks.sm --format=csv >"$LOGS/gpus.txt" 2>&1
+nvidia-smi topo -m >>"$LOGS/gpus.txt" 2>&1
 
 if want build; then
     run_step build "${BUILD_LIMIT:-300}" \
         "MAX_JOBS=32 $PYTHON -m pip install --no-build-isolation --no-deps -e . && $PYTHON -c 'import torch, deep_ep_cpp, deep_ep; print(\"deep_ep_cpp\", deep_ep_cpp.version(), [n for n in dir(deep_ep_cpp) if not n.startswith(\"_\")])'" \
         || { printf '%s\n' "${summary[@]}"; exit 1; }
 fi
+want probe && run_step probe "${PROBE_LIMIT:-90}" \
+    "nvcc -O3 -arch=sm_90 -o /tmp/nvlink_probe scripts/nvlink_probe.cu && /tmp/nvlink_probe ${PROBE_MIB:-64}"
 want testbulk && run_step testbulk "${TESTBULK_LIMIT:-240}" \
     "DEEP_EP_TIMEOUT_S=${BULK_TIMEOUT_S:-20} $PYTHON tests/test_intranode.py --num-processes 4 --quick --skip-timeout --copy-variants bulk,bulk_send ${TEST_ARGS:-}"
 want test4 && run_step test4 "${TEST4_LIMIT:-420}" "$PYTHON tests/test_intranode.py --num-processes 4 ${TEST_ARGS:-}"
 want test2 && run_step test2 "${TEST2_LIMIT:-240}" "$PYTHON tests/test_intranode.py --num-processes 2 --quick ${TEST_ARGS:-}"
-want bench && run_step bench "${BENCH_LIMIT:-300}" \
-    "$PYTHON tests/test_intranode.py --num-processes 4 --bench --json $OUT/bench.json ${BENCH_ARGS:-}"
-want benchvariants && run_step benchvariants "${BENCHVARIANTS_LIMIT:-360}" \
-    "DEEP_EP_TIMEOUT_S=${BULK_TIMEOUT_S:-20} $PYTHON tests/test_intranode.py --num-processes 4 --bench --copy-variants simt,bulk,bulk_send --bulk-shapes ${BULK_SHAPES:-2x1,4x1,4x2,4x3,8x2,8x4,8x6} --json $OUT/bench_variants.json ${BENCH_ARGS:-}"
 want ll4 && run_step ll4 "${LL4_LIMIT:-240}" "$PYTHON tests/test_low_latency.py --num-processes 4 ${LL_ARGS:-}"
 want ll2 && run_step ll2 "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 --quick ${LL_ARGS:-}"
-want llbench && run_step llbench "${LLBENCH_LIMIT:-180}" \
-    "$PYTHON tests/test_low_latency.py --num-processes 4 --bench-only ${LL_ARGS:-}"
 # The internode kernels are a first version: a short kernel timeout turns a hang into an error.
 want inter22 && run_step inter22 "${INTER_LIMIT:-300}" \
     "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 ${INTER_ARGS:-}"
 want inter41 && run_step inter41 "${INTER_LIMIT:-300}" \
     "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 1 ${INTER_ARGS:-}"
+want bench && run_step bench "${BENCH_LIMIT:-300}" \
+    "$PYTHON tests/test_intranode.py --num-processes 4 --bench --json $LOGS/bench.json ${BENCH_ARGS:-}"
+want bench2 && run_step bench2 "${BENCH_LIMIT:-300}" \
+    "$PYTHON tests/test_intranode.py --num-processes 2 --bench --json $LOGS/bench2.json ${BENCH_ARGS:-}"
+want benchvariants && run_step benchvariants "${BENCHVARIANTS_LIMIT:-360}" \
+    "DEEP_EP_TIMEOUT_S=${BULK_TIMEOUT_S:-20} $PYTHON tests/test_intranode.py --num-processes 4 --bench --copy-variants simt,bulk,bulk_send --bulk-shapes ${BULK_SHAPES:-2x1,4x1,4x2,4x3,8x2,8x4,8x6} --json $LOGS/bench_variants.json ${BENCH_ARGS:-}"
+want llbench && run_step llbench "${LLBENCH_LIMIT:-180}" \
+    "$PYTHON tests/test_low_latency.py --num-processes 4 --bench-only ${LL_ARGS:-}"
 want interbench && run_step interbench "${INTERBENCH_LIMIT:-240}" \
     "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 --bench"
 if want foundation || want foundation_torch; then
@@ -85,8 +103,8 @@ if want foundation || want foundation_cuda; then
 fi
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
-[ -f "$OUT/bench.log" ] && grep -E "GB/s|bench:" "$OUT/bench.log" | tail -n 40
-for log in "$OUT/bench.log" "$OUT/benchvariants.log"; do
+[ -f "$LOGS/bench.log" ] && grep -E "GB/s|bench:" "$LOGS/bench.log" | tail -n 40
+for log in "$LOGS/bench.log" "$LOGS/benchvariants.log"; do
     [ -f "$log" ] && sed -n '/^side by side/,$p' "$log"
 done
 exit 0
