@@ -36,8 +36,6 @@ namespace py = pybind11;
 namespace deep_ep {
 namespace {
 
-constexpr int kHostCounterInts = 2 + kMaxLocalExperts;
-
 // Names of the IntranodeCopy variants, index = enum value; deep_ep/cuda_backend.py reads them
 // as deep_ep_cpp.INTRANODE_COPY_VARIANTS.
 const char* const kIntranodeCopyNames[] = {"simt", "bulk", "bulk_send"};
@@ -182,7 +180,9 @@ void Buffer::get_dispatch_layout(const torch::Tensor& topk_idx, int num_experts,
 
 void Buffer::notify_dispatch(const torch::Tensor& num_tokens_per_rank, const torch::Tensor& num_tokens_per_expert,
                              int num_tokens, int expert_alignment, const torch::Tensor& recv_rank_prefix,
-                             const torch::Tensor& recv_src_num_tokens, bool write_host) {
+                             const torch::Tensor& recv_src_num_tokens, bool write_host,
+                             const std::optional<torch::Tensor>& check_topk_idx,
+                             const std::optional<torch::Tensor>& check_is_token_in_rank) {
     check_usable();
     check_cuda_tensor(num_tokens_per_rank, "num_tokens_per_rank", torch::kInt32);
     check_cuda_tensor(num_tokens_per_expert, "num_tokens_per_expert", torch::kInt32);
@@ -209,13 +209,42 @@ void Buffer::notify_dispatch(const torch::Tensor& num_tokens_per_rank, const tor
     args.recv_src_num_tokens = recv_src_num_tokens.data_ptr<int>();
     args.host_counters = counters_device_;
     args.write_host = write_host;
+    args.check_scratch = nullptr;
     args.fail = failure_context();
-    if (write_host)
-        reinterpret_cast<volatile int*>(counters_host_)[0] = 0;
-    launch_notify_dispatch(args, at::cuda::getCurrentCUDAStream());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    if (check_is_token_in_rank.has_value()) {
+        DEEP_EP_HOST_ASSERT(write_host, "the value checks report through the host counters (write_host)");
+        const torch::Tensor& in_rank = *check_is_token_in_rank;
+        check_cuda_tensor(in_rank, "is_token_in_rank", torch::kBool);
+        DEEP_EP_HOST_ASSERT(in_rank.dim() == 2 && in_rank.size(0) == num_tokens && in_rank.size(1) == num_ranks_,
+                            "is_token_in_rank must be [num_tokens, num_ranks]");
+        DispatchCheckArgs check;
+        check.topk_idx = nullptr;
+        check.num_topk = 0;
+        if (check_topk_idx.has_value()) {
+            check_cuda_tensor(*check_topk_idx, "topk_idx", torch::kInt64);
+            DEEP_EP_HOST_ASSERT(check_topk_idx->dim() == 2 && check_topk_idx->size(0) == num_tokens,
+                                "topk_idx must be [num_tokens, num_topk]");
+            check.topk_idx = check_topk_idx->data_ptr<int64_t>();
+            check.num_topk = static_cast<int>(check_topk_idx->size(1));
+        }
+        check.is_token_in_rank = in_rank.data_ptr<bool>();
+        check.num_tokens = num_tokens;
+        check.num_experts = num_experts;
+        check.num_ranks = num_ranks_;
+        check.scratch = reinterpret_cast<int*>(local_buffer_ + kCheckOffset);
+        launch_check_dispatch_values(check, stream);
+        args.check_scratch = check.scratch;
+    }
+    if (write_host) {
+        volatile int* counters = counters_host_;
+        counters[kHostCounterReady] = 0;
+        counters[kHostCounterChecks] = 0;
+    }
+    launch_notify_dispatch(args, stream);
 }
 
-std::tuple<bool, int, std::vector<int>> Buffer::wait_notify(int num_local_experts) {
+std::tuple<bool, int, std::vector<int>, int> Buffer::wait_notify(int num_local_experts) {
     DEEP_EP_HOST_ASSERT(num_local_experts >= 0 && num_local_experts <= kMaxLocalExperts, "bad num_local_experts");
     {
         py::gil_scoped_release release;
@@ -227,17 +256,17 @@ std::tuple<bool, int, std::vector<int>> Buffer::wait_notify(int num_local_expert
         uint64_t polls = 0;
         while (*flag != 1) {
             if (record->code > 0)
-                return {false, 0, {}};
+                return {false, 0, {}, 0};
             if ((++polls & 1023) == 0 && std::chrono::steady_clock::now() - start > limit)
-                return {false, -1, {}};
+                return {false, -1, {}, 0};
         }
         std::atomic_thread_fence(std::memory_order_acquire);
     }
     volatile int* counters = counters_host_;
     std::vector<int> per_expert(num_local_experts);
     for (int e = 0; e < num_local_experts; ++e)
-        per_expert[e] = counters[2 + e];
-    return {true, counters[1], per_expert};
+        per_expert[e] = counters[kHostCounterExperts + e];
+    return {true, counters[kHostCounterRows], per_expert, counters[kHostCounterChecks]};
 }
 
 void Buffer::dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales,
@@ -444,6 +473,8 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
     m.def("is_sm90_compiled", []() { return true; });
     m.attr("NVL_CONTROL_BYTES") = static_cast<int64_t>(deep_ep::kDataOffset);
     m.attr("INTRANODE_WARPS") = deep_ep::kIntranodeWarps;
+    m.attr("CHECK_BAD_TOPK") = deep_ep::kCheckBadTopk;
+    m.attr("CHECK_BAD_COUNTS") = deep_ep::kCheckBadCounts;
     py::tuple copy_variants(deep_ep::kNumIntranodeCopies);
     for (int i = 0; i < deep_ep::kNumIntranodeCopies; ++i)
         copy_variants[i] = deep_ep::kIntranodeCopyNames[i];

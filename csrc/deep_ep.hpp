@@ -42,14 +42,18 @@ public:
     void get_dispatch_layout(const torch::Tensor& topk_idx, int num_experts, const torch::Tensor& num_tokens_per_rank,
                              const torch::Tensor& num_tokens_per_expert, const torch::Tensor& is_token_in_rank);
 
-    // Launches the count exchange. With `write_host`, wait_notify() then returns the counts.
+    // Launches the count exchange. With `write_host`, wait_notify() then returns the counts. With
+    // `check_is_token_in_rank` (and optionally `check_topk_idx`), a kernel first checks the
+    // dispatch's layout values (DESIGN.md §5) and wait_notify() reports the outcome.
     void notify_dispatch(const torch::Tensor& num_tokens_per_rank, const torch::Tensor& num_tokens_per_expert,
                          int num_tokens, int expert_alignment, const torch::Tensor& recv_rank_prefix,
-                         const torch::Tensor& recv_src_num_tokens, bool write_host);
+                         const torch::Tensor& recv_src_num_tokens, bool write_host,
+                         const std::optional<torch::Tensor>& check_topk_idx,
+                         const std::optional<torch::Tensor>& check_is_token_in_rank);
     // Host wait for the counts of the last notify_dispatch(write_host=true). Returns
-    // (ok, total received rows, aligned per-local-expert counts); ok is false on a device error
-    // or after the host timeout (the caller then reads get_error()).
-    std::tuple<bool, int, std::vector<int>> wait_notify(int num_local_experts);
+    // (ok, total received rows, aligned per-local-expert counts, value-check flags: kCheckBad*);
+    // ok is false on a device error or after the host timeout (the caller then reads get_error()).
+    std::tuple<bool, int, std::vector<int>, int> wait_notify(int num_local_experts);
 
     void dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales,
                   const std::optional<torch::Tensor>& topk_idx, const std::optional<torch::Tensor>& topk_weights,

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from .config import (COMBINE_CHUNKS, DISPATCH_CHUNKS, MAX_TOPK, Config, low_latency_rdma_size_hint,
                      tuned_config)
 from .torch_backend import TorchBackend
-from .utils import DeepEPTimeoutError, EventHandle, EventOverlap
+from .utils import DeepEPTimeoutError, EventHandle, EventOverlap, check_topk_range, raise_layout_value_errors
 
 Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
 _BACKENDS = ("cuda", "torch")
@@ -54,11 +54,8 @@ def _capturing() -> bool:
 def _check_topk_range(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
     """Values in [-1, num_experts). Needs a host sync, so it is skipped inside CUDA-graph capture
     (the kernels then drop out-of-range ids instead of writing out of bounds)."""
-    if topk_idx.numel() == 0 or _capturing():
-        return
-    lo, hi = int(topk_idx.min()), int(topk_idx.max())
-    if lo < -1 or hi >= num_experts:
-        raise ValueError(f"{name} values must lie in [-1, {num_experts}), got min {lo}, max {hi}")
+    if not _capturing():
+        check_topk_range(name, topk_idx, num_experts)
 
 
 def _check_layout_values(topk_idx: Optional[torch.Tensor], num_experts: int, is_token_in_rank: torch.Tensor,
@@ -70,10 +67,7 @@ def _check_layout_values(topk_idx: Optional[torch.Tensor], num_experts: int, is_
         bad_range, bad_counts = torch.stack([out_of_range, mismatch]).tolist()
     else:
         bad_range, bad_counts = False, bool(mismatch)
-    if bad_range:
-        _check_topk_range("topk_idx", topk_idx, num_experts)  # raises, with the offending values
-    if bad_counts:
-        raise ValueError("num_tokens_per_rank does not match is_token_in_rank (column sums)")
+    raise_layout_value_errors(bad_range, bad_counts, topk_idx, num_experts)
 
 
 def _check_event_args(previous_event: Optional[EventOverlap], async_finish: bool,
@@ -423,8 +417,11 @@ class Buffer:
                 if not 1 <= num_topk <= MAX_TOPK:
                     raise ValueError(f"topk_idx: num_topk must be in [1, {MAX_TOPK}], got {num_topk}")
                 self._check_device("topk_weights", topk_weights, dtype=torch.float32, shape=(num_tokens, num_topk))
-            # Without num_worst_tokens the host waits for the receive counts anyway: value checks are cheap.
-            if (self._value_checks or num_worst_tokens == 0) and not _capturing():
+            # Without num_worst_tokens the host waits for the receive counts anyway, so the values are
+            # checked then: by the backend on the device where it can (the outcome arrives with the
+            # counts), else here (one more host sync).
+            device_checked = num_worst_tokens == 0 and self._backend.checks_dispatch_values_on_device()
+            if (self._value_checks or (num_worst_tokens == 0 and not device_checked)) and not _capturing():
                 _check_layout_values(topk_idx, num_tokens_per_expert.numel(), is_token_in_rank, num_tokens_per_rank)
         return self._run(self._backend.dispatch, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
                          is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,

@@ -38,7 +38,8 @@ from .config import Config
 from .cuda_internode import InternodeKernelsMixin
 from .cuda_ll import LowLatencyKernelsMixin
 from .torch_backend import TorchBackend, view_bytes
-from .utils import DeepEPTimeoutError, EventOverlap, describe_kernel_failure, timeout_from_env
+from .utils import (DeepEPTimeoutError, EventOverlap, describe_kernel_failure, raise_layout_value_errors,
+                    timeout_from_env)
 
 try:  # the extension is optional; Buffer only picks this backend where it imports
     import deep_ep_cpp as _ext
@@ -222,6 +223,10 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
     def _describe(self, record: Tuple[int, ...]) -> str:
         return describe_kernel_failure(record, _KERNEL_NAMES, _TARGET_NAMES, self.timeout_s)
 
+    def checks_dispatch_values_on_device(self) -> bool:
+        # The intranode notify runs the checks; the internode path (its own notify) does not.
+        return self._runtime is not None
+
     def _intranode(self) -> bool:
         if self._runtime is None:
             return False
@@ -263,10 +268,10 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
         return per_rank, None, per_expert, is_token_in_rank, event
 
     # ------------------------------------------------------------------ dispatch
-    def _wait_counts(self, num_local_experts: int) -> Tuple[int, List[int]]:
-        ok, total, per_expert = self._runtime.wait_notify(num_local_experts)
+    def _wait_counts(self, num_local_experts: int) -> Tuple[int, List[int], int]:
+        ok, total, per_expert, check_flags = self._runtime.wait_notify(num_local_experts)
         if ok:
-            return total, list(per_expert)
+            return total, list(per_expert), check_flags
         self.check_errors()  # a kernel recorded why
         self._failure = (f"deep_ep: rank {self.rank}: the host waited more than {self.timeout_s:g} s for the "
                          f"receive counts of notify_dispatch; the buffer is now unusable")
@@ -301,12 +306,20 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
                 recv_rank_prefix = torch.empty(self.num_ranks + 1, dtype=torch.int32, device=device)
                 recv_src_num_tokens = torch.empty(self.num_ranks, dtype=torch.int32, device=device)
                 padded = num_worst_tokens > 0
+                # Without num_worst_tokens the host waits for the counts: the layout values are
+                # checked on the device on the way (Buffer then skips its own, synchronizing check).
+                check = not padded
                 self._runtime.notify_dispatch(num_tokens_per_rank, num_tokens_per_expert, num_tokens,
-                                              expert_alignment, recv_rank_prefix, recv_src_num_tokens, not padded)
+                                              expert_alignment, recv_rank_prefix, recv_src_num_tokens, not padded,
+                                              topk_idx if check else None, is_token_in_rank if check else None)
                 if padded:
                     rows, num_recv = num_worst_tokens, None
                 else:
-                    num_recv, per_expert_list = self._wait_counts(num_experts // self.num_ranks)
+                    num_recv, per_expert_list, check_flags = self._wait_counts(num_experts // self.num_ranks)
+                    if check_flags:
+                        # Nothing was dispatched; every rank given the same bad layout stops here too.
+                        raise_layout_value_errors(bool(check_flags & _ext.CHECK_BAD_TOPK),
+                                                  bool(check_flags & _ext.CHECK_BAD_COUNTS), topk_idx, num_experts)
                     rows = num_recv
             recv_data = torch.empty(rows, hidden, dtype=data.dtype, device=device)
             recv_scales = (torch.empty(rows, scales.shape[1], dtype=torch.float32, device=device)

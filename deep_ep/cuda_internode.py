@@ -373,7 +373,8 @@ class InternodeKernelsMixin:
             if not cached:
                 # Counts only: one dummy expert per rank of the node (the host never reads them).
                 self._node_buffer.notify_dispatch(forward_counts, torch.zeros(L, dtype=torch.int32, device=device),
-                                                  staging_rows, 1, intra_rank_prefix, intra_src_num_tokens, False)
+                                                  staging_rows, 1, intra_rank_prefix, intra_src_num_tokens, False,
+                                                  None, None)
 
             # NVLink leg: the intranode kernels over the ranks of this node.
             leg_x = torch.empty(rows, hidden, dtype=data.dtype, device=device)

@@ -149,6 +149,11 @@ class TorchBackend:
     def get_comm_stream(self) -> Optional["torch.cuda.Stream"]:
         return self.comm_stream
 
+    def checks_dispatch_values_on_device(self) -> bool:
+        """Whether a non-cached ``dispatch`` without ``num_worst_tokens`` checks its layout values
+        itself (reporting them with the receive counts), so that ``Buffer`` need not sync for them."""
+        return False
+
     def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size], offset: int,
                                 use_rdma_buffer: bool) -> torch.Tensor:
         total = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes

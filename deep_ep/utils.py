@@ -118,6 +118,30 @@ class EventOverlap:
         self.current_stream_wait()
 
 
+def check_topk_range(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
+    """Raise ``ValueError`` unless every value of ``topk_idx`` lies in ``[-1, num_experts)``.
+
+    Reads the tensor's minimum and maximum back to the host (a sync); callers skip it inside
+    CUDA-graph capture, where the kernels drop out-of-range ids instead of writing out of bounds.
+    """
+    if topk_idx.numel() == 0:
+        return
+    lo, hi = int(topk_idx.min()), int(topk_idx.max())
+    if lo < -1 or hi >= num_experts:
+        raise ValueError(f"{name} values must lie in [-1, {num_experts}), got min {lo}, max {hi}")
+
+
+def raise_layout_value_errors(bad_range: bool, bad_counts: bool, topk_idx: Optional[torch.Tensor],
+                              num_experts: int) -> None:
+    """Turn the outcome of dispatch's value checks (on the host or the device) into the error."""
+    if bad_range and topk_idx is not None:
+        check_topk_range("topk_idx", topk_idx, num_experts)  # raises, naming the offending values
+    if bad_range:
+        raise ValueError(f"topk_idx values must lie in [-1, {num_experts})")
+    if bad_counts:
+        raise ValueError("num_tokens_per_rank does not match is_token_in_rank (column sums)")
+
+
 def _round_scale_up_to_pow2(scale: torch.Tensor) -> torch.Tensor:
     """Round positive normal fp32 values up to the next power of two, exactly, on the bits."""
     bits = scale.contiguous().view(torch.int32)

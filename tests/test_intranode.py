@@ -176,6 +176,27 @@ def compare_dispatch(tag: str, got: Tuple, ref: Tuple, cached: bool = False) -> 
     assert got[3] == ref[3], f"{tag}: num_recv_tokens_per_expert_list {got[3]} != {ref[3]}"
 
 
+def check_bad_values(rank: int, num_ranks: int, group: Any, torch_buf: Any, cuda_buf: Any, seed: int) -> None:
+    """Every rank passes the same kind of bad layout values to a non-cached dispatch: each gets a
+    ValueError (the kernels check them on the way to the receive counts), and the next good call works."""
+    import deep_ep
+    num_tokens, hidden, num_topk, num_experts = 512, 1024, 4, 8 * num_ranks
+    case = make_case(rank, num_ranks, seed, num_tokens, hidden, num_topk, num_experts, "uniform")
+    x, topk_idx, topk_weights = case["x"], case["topk_idx"], case["topk_weights"]
+    per_rank, _, per_expert, in_rank, _ = cuda_buf.get_dispatch_layout(topk_idx, num_experts)
+    config = deep_ep.Config(8, 4, 128)
+    bad_topk = topk_idx.clone()
+    bad_topk[num_tokens // 2, 1] = num_experts
+    bad_inputs = (("topk_idx values must lie in", dict(topk_idx=bad_topk, num_tokens_per_rank=per_rank)),
+                  ("does not match is_token_in_rank", dict(topk_idx=topk_idx, num_tokens_per_rank=per_rank + 1)))
+    for message, kw in bad_inputs:
+        with pytest.raises(ValueError, match=message):
+            cuda_buf.dispatch(x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                              topk_weights=topk_weights, config=config, **kw)
+    check_case(rank, num_ranks, group, torch_buf, cuda_buf, seed + 1, num_tokens, hidden, num_topk, num_experts,
+               "uniform", config, 1, False)
+
+
 def check_case(rank: int, num_ranks: int, group: Any, torch_buf: Any, cuda_buf: Any, seed: int, num_tokens: int,
                hidden: int, num_topk: int, num_experts: int, mode: str, config: Any, alignment: int,
                use_async: bool) -> None:
@@ -413,6 +434,8 @@ def check_variant(rank: int, num_ranks: int, group: Any, torch_buf: Any, seed: i
                deep_ep.Buffer.get_dispatch_config(num_ranks), 1, False)
     deep_ep.Buffer.set_num_sms(20)
     _log(rank, f"[{variant}] set_num_sms + tuned configs: ok")
+    check_bad_values(rank, num_ranks, group, torch_buf, cuda_buf, seed + 13)
+    _log(rank, f"[{variant}] bad layout values -> ValueError, buffer still usable: ok")
     cuda_buf.destroy()
     if not skip_timeout:
         check_timeout(rank, num_ranks, group, seed + 5, variant)

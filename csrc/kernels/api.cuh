@@ -29,6 +29,21 @@ struct LayoutArgs {
 };
 void launch_get_dispatch_layout(const LayoutArgs& args, cudaStream_t stream);
 
+// The value checks of a non-cached dispatch (DESIGN.md §5), done on the device so that the host
+// learns the outcome together with the receive counts it waits for anyway: no extra host sync.
+// Accumulates into `scratch` ([0] flags, [1 + r] column sums of is_token_in_rank); the notify
+// kernel that follows on the stream compares the sums, publishes the flags and zeroes `scratch`.
+constexpr int kCheckBadTopk = 1;    // a top-k id outside [-1, num_experts)
+constexpr int kCheckBadCounts = 2;  // num_tokens_per_rank differs from the column sums of is_token_in_rank
+constexpr int kCheckScratchInts = 1 + kMaxRanks;
+struct DispatchCheckArgs {
+    const int64_t* topk_idx;        // [num_tokens, num_topk], or nullptr
+    const bool* is_token_in_rank;   // [num_tokens, num_ranks]
+    int num_tokens, num_topk, num_experts, num_ranks;
+    int* scratch;                   // [kCheckScratchInts], zero on entry
+};
+void launch_check_dispatch_values(const DispatchCheckArgs& args, cudaStream_t stream);
+
 // ---------------------------------------------------------------- runtime.cu
 void launch_intranode_barrier(const PeerBuffers& buffers, int rank, int num_ranks, const FailureContext& fail,
                               cudaStream_t stream);
@@ -42,10 +57,15 @@ struct NotifyArgs {
     PeerBuffers buffers;
     int* recv_rank_prefix;     // [num_ranks + 1], written: first received row of each source, then the total
     int* recv_src_num_tokens;  // [num_ranks], written: each source's num_tokens (combine's channel split)
-    int* host_counters;        // host-mapped: [0] ready flag, [1] total rows, [2 + e] aligned count of expert e
+    int* host_counters;        // host-mapped, kHostCounterInts: see the kHostCounter* indices
     bool write_host;
+    int* check_scratch;        // launch_check_dispatch_values' result to publish (needs write_host), or nullptr
     FailureContext fail;
 };
+// Indices into NotifyArgs::host_counters: the ready flag, the total rows, the value-check flags,
+// then the aligned count of each local expert.
+constexpr int kHostCounterReady = 0, kHostCounterRows = 1, kHostCounterChecks = 2, kHostCounterExperts = 3;
+constexpr int kHostCounterInts = kHostCounterExperts + kMaxLocalExperts;
 void launch_notify_dispatch(const NotifyArgs& args, cudaStream_t stream);
 
 // How dispatch and combine move token rows (runtime choice: env DEEP_EP_INTRANODE_COPY). The ring

@@ -32,6 +32,7 @@ constexpr int kNotifySlotInts = 2 + kMaxLocalExperts;  // [tokens to me, sender'
 constexpr size_t kSignalOffset = 0;                      // int[kMaxRanks]
 constexpr size_t kNotifySeqOffset = 64;                  // int, local only
 constexpr size_t kAbortFlagOffset = 128;                 // int, local only
+constexpr size_t kCheckOffset = 192;                     // int[1 + kMaxRanks], local only: dispatch value checks
 constexpr size_t kNotifyOffset = 256;
 constexpr size_t kNotifyBytes = sizeof(int) * 2 * kMaxRanks * kNotifySlotInts;
 constexpr size_t kCounterArrayInts = static_cast<size_t>(kMaxChannels) * kMaxRanks * kMaxWarpsPerPeer;

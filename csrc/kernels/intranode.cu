@@ -70,14 +70,25 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyA
         }
         args.recv_rank_prefix[args.num_ranks] = prefix;
         if (args.write_host)
-            args.host_counters[1] = prefix;
+            args.host_counters[kHostCounterRows] = prefix;
+        if (args.check_scratch != nullptr) {
+            // The check kernel ran before this one on the stream: its sums are complete.
+            int flags = args.check_scratch[0];
+            for (int r = 0; r < args.num_ranks; ++r) {
+                if (args.check_scratch[1 + r] != args.num_tokens_per_rank[r])
+                    flags |= kCheckBadCounts;
+                args.check_scratch[1 + r] = 0;
+            }
+            args.check_scratch[0] = 0;
+            args.host_counters[kHostCounterChecks] = flags;
+        }
     }
     if (args.write_host) {
         for (int e = threadIdx.x; e < num_local_experts; e += blockDim.x) {
             int count = 0;
             for (int s = 0; s < args.num_ranks; ++s)
                 count += ld_volatile(notify_slot(own, parity, s) + 2 + e);
-            args.host_counters[2 + e] = (count + args.expert_alignment - 1) / args.expert_alignment *
+            args.host_counters[kHostCounterExperts + e] = (count + args.expert_alignment - 1) / args.expert_alignment *
                                         args.expert_alignment;
         }
     }
@@ -86,7 +97,7 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyA
         *sequence = ld_volatile(sequence) + 1;
         if (args.write_host) {
             __threadfence_system();
-            *reinterpret_cast<volatile int*>(args.host_counters) = 1;
+            reinterpret_cast<volatile int*>(args.host_counters)[kHostCounterReady] = 1;
             __threadfence_system();
         }
     }
