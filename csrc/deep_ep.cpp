@@ -36,10 +36,6 @@ namespace py = pybind11;
 namespace deep_ep {
 namespace {
 
-// Names of the IntranodeCopy variants, index = enum value; deep_ep/cuda_backend.py reads them
-// as deep_ep_cpp.INTRANODE_COPY_VARIANTS.
-const char* const kIntranodeCopyNames[] = {"simt", "bulk", "bulk_send"};
-constexpr int kNumIntranodeCopies = 3;
 
 }  // namespace
 
@@ -337,7 +333,6 @@ void Buffer::dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>
     args.ring = make_ring(num_sms, send_chunk, ring_capacity, args.slot.bytes, 1);
     args.buffers = peers_;
     args.fail = failure_context();
-    args.copy = copy_;
     launch_intranode_dispatch(args, at::cuda::getCurrentCUDAStream());
 }
 
@@ -400,47 +395,12 @@ void Buffer::combine(const torch::Tensor& x, const std::optional<torch::Tensor>&
     args.ring = make_ring(num_sms, send_chunk, ring_capacity, slot_bytes, min_slots);
     args.buffers = peers_;
     args.fail = failure_context();
-    args.copy = copy_;
     launch_intranode_combine(args, at::cuda::getCurrentCUDAStream());
 }
 
 void Buffer::barrier() {
     check_usable();
     launch_intranode_barrier(peers_, rank_, num_ranks_, failure_context(), at::cuda::getCurrentCUDAStream());
-}
-
-void Buffer::set_intranode_copy(const std::string& variant, int bulk_stages, int bulk_lookahead) {
-    DEEP_EP_HOST_ASSERT(!destroyed_, "the buffer has been destroyed");
-    int index = 0;
-    while (index < kNumIntranodeCopies && variant != kIntranodeCopyNames[index])
-        ++index;
-    DEEP_EP_HOST_ASSERT(index < kNumIntranodeCopies,
-                        "unknown intranode copy variant '" + variant + "' (expected simt, bulk or bulk_send)");
-    DEEP_EP_HOST_ASSERT(bulk_stages >= 1 && bulk_stages <= kMaxBulkStages,
-                        "bulk_stages must be in 1.." + std::to_string(kMaxBulkStages));
-    DEEP_EP_HOST_ASSERT(bulk_lookahead >= 1 && bulk_lookahead <= bulk_stages,
-                        "bulk_lookahead must be in 1..bulk_stages");
-    IntranodeCopyPlan plan;
-    plan.variant = static_cast<IntranodeCopy>(index);
-    plan.bulk_stages = bulk_stages;
-    plan.bulk_lookahead = bulk_lookahead;
-    // The kernels' shared-memory limit is raised here, on this buffer's device, so that no launch
-    // (possibly under stream capture) has to.
-    int previous_device = 0;
-    DEEP_EP_CUDA_CHECK(cudaGetDevice(&previous_device));
-    DEEP_EP_CUDA_CHECK(cudaSetDevice(device_));
-    try {
-        prepare_intranode_copy(plan.variant);
-    } catch (...) {
-        cudaSetDevice(previous_device);
-        throw;
-    }
-    DEEP_EP_CUDA_CHECK(cudaSetDevice(previous_device));
-    copy_ = plan;
-}
-
-std::tuple<std::string, int, int> Buffer::get_intranode_copy() const {
-    return {kIntranodeCopyNames[static_cast<int>(copy_.variant)], copy_.bulk_stages, copy_.bulk_lookahead};
 }
 
 std::optional<ErrorRecordTuple> Buffer::get_error() const {
@@ -475,11 +435,6 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
     m.attr("INTRANODE_WARPS") = deep_ep::kIntranodeWarps;
     m.attr("CHECK_BAD_TOPK") = deep_ep::kCheckBadTopk;
     m.attr("CHECK_BAD_COUNTS") = deep_ep::kCheckBadCounts;
-    py::tuple copy_variants(deep_ep::kNumIntranodeCopies);
-    for (int i = 0; i < deep_ep::kNumIntranodeCopies; ++i)
-        copy_variants[i] = deep_ep::kIntranodeCopyNames[i];
-    m.attr("INTRANODE_COPY_VARIANTS") = copy_variants;
-    m.attr("INTRANODE_MAX_BULK_STAGES") = deep_ep::kMaxBulkStages;
 
     py::class_<deep_ep::Config>(m, "Config")
         .def(py::init<int, int, int, int, int>(), py::arg("num_sms") = 20,
@@ -513,10 +468,6 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         .def("dispatch", &deep_ep::Buffer::dispatch)
         .def("combine", &deep_ep::Buffer::combine)
         .def("barrier", &deep_ep::Buffer::barrier)
-        .def("set_intranode_copy", &deep_ep::Buffer::set_intranode_copy, py::arg("variant"),
-             py::arg("bulk_stages") = deep_ep::IntranodeCopyPlan{}.bulk_stages,
-             py::arg("bulk_lookahead") = deep_ep::IntranodeCopyPlan{}.bulk_lookahead)
-        .def("get_intranode_copy", &deep_ep::Buffer::get_intranode_copy)
         .def("get_error", &deep_ep::Buffer::get_error)
         .def("destroy", &deep_ep::Buffer::destroy);
 

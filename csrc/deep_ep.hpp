@@ -73,12 +73,6 @@ public:
     // A cross-rank barrier on the current stream.
     void barrier();
 
-    // How later dispatch/combine calls move rows: "simt" (default), "bulk" or "bulk_send", and the
-    // bulk pipeline's shape (IntranodeCopyPlan). Ranks may differ; no choice changes a result.
-    void set_intranode_copy(const std::string& variant, int bulk_stages, int bulk_lookahead);
-    // (variant, bulk_stages, bulk_lookahead) in force.
-    std::tuple<std::string, int, int> get_intranode_copy() const;
-
     // The first failure recorded by any kernel of this rank, or None:
     // (code, kernel, rank, peer, target, channel, value_seen, expected).
     std::optional<ErrorRecordTuple> get_error() const;
@@ -105,7 +99,6 @@ private:
     ErrorRecord* error_device_ = nullptr; // device view of it
     int* counters_host_ = nullptr;        // host-mapped notify results
     int* counters_device_ = nullptr;
-    IntranodeCopyPlan copy_;
 };
 
 }  // namespace deep_ep

@@ -16,18 +16,10 @@ Environment: ``DEEP_EP_TIMEOUT_S`` (default 100) bounds every wait inside the ke
 that times out records what it waited for in host-mapped memory and exits; the next call (or
 :meth:`CudaBackend.check_errors`) raises :class:`deep_ep.DeepEPTimeoutError` and the buffer
 stays failed.
-
-``DEEP_EP_INTRANODE_COPY`` (read when the buffer is built) picks how the intranode kernels move
-token rows: ``simt`` (default: 16-byte loads and stores by every lane), ``bulk`` (Hopper bulk
-copies through shared memory in dispatch's sender and receiver and in combine's sender) or
-``bulk_send`` (bulk copies in the senders only). Every variant gives the same bytes; ``bulk`` is
-an experiment (docs/benchmarks.md, "Next measurement"). ``DEEP_EP_BULK_STAGES`` (1-8, default 4)
-and ``DEEP_EP_BULK_LOOKAHEAD`` (1..stages, default 2) shape the bulk pipeline of each warp.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 
@@ -59,47 +51,12 @@ _TARGET_NAMES = {
     4: "the sender's token count of a ring",
     5: "the receiver's end-of-call acknowledgement",
     6: "room in the output (num_worst_tokens too small)",
-    7: "a local bulk copy (copy engine) to land",
 }
 
 
 def intranode_kernels_available() -> bool:
     """Whether the extension with the intranode runtime is importable."""
     return _ext is not None and hasattr(_ext, "Buffer")
-
-
-INTRANODE_COPY_VARIANTS = ("simt", "bulk", "bulk_send")
-_COPY_ENV, _STAGES_ENV, _LOOKAHEAD_ENV = "DEEP_EP_INTRANODE_COPY", "DEEP_EP_BULK_STAGES", "DEEP_EP_BULK_LOOKAHEAD"
-
-
-def intranode_copy_variants() -> Tuple[str, ...]:
-    """The row-copy variants the built extension offers (``()`` without it, ``("simt",)`` for a
-    build that predates the bulk variants)."""
-    if not intranode_kernels_available():
-        return ()
-    return tuple(getattr(_ext, "INTRANODE_COPY_VARIANTS", ("simt",)))
-
-
-def _optional_int_env(name: str) -> Optional[int]:
-    value = os.environ.get(name, "").strip()
-    if value == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-
-
-def intranode_copy_from_env() -> Tuple[str, Optional[int], Optional[int]]:
-    """``(variant, bulk_stages, bulk_lookahead)`` from the environment; ``None`` = the default.
-
-    Raises:
-        ValueError: an unknown variant or a non-integer pipeline knob.
-    """
-    variant = os.environ.get(_COPY_ENV, "").strip() or "simt"
-    if variant not in INTRANODE_COPY_VARIANTS:
-        raise ValueError(f"{_COPY_ENV} must be one of {', '.join(INTRANODE_COPY_VARIANTS)}, got {variant!r}")
-    return variant, _optional_int_env(_STAGES_ENV), _optional_int_env(_LOOKAHEAD_ENV)
 
 
 @dataclass
@@ -147,7 +104,6 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
         super().__init__(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, nvl_domain_size, num_qps_per_rank,
                          allow_nvlink_for_low_latency_mode, allow_mnnvl, explicitly_destroy, enable_shrink)
         self.timeout_s = timeout_from_env()
-        copy_plan = intranode_copy_from_env()
         self._runtime: Optional[Any] = None
         self._failure: Optional[str] = None
         if (self.num_nodes == 1 and self.num_ranks <= _MAX_INTRANODE_RANKS and self.device.type == "cuda"
@@ -157,52 +113,12 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
             dist.all_gather_object(handles, bytes(runtime.get_local_ipc_handle()), group=self.group)
             runtime.sync([bytes(h) for h in handles])
             self._runtime = runtime
-            self.set_intranode_copy(*copy_plan)
 
     # ------------------------------------------------------------------ plumbing
     @property
     def uses_intranode_kernels(self) -> bool:
         """True when layout, dispatch and combine run on the intranode kernels."""
         return self._runtime is not None
-
-    def set_intranode_copy(self, variant: str, bulk_stages: Optional[int] = None,
-                           bulk_lookahead: Optional[int] = None) -> None:
-        """Choose how later intranode dispatch/combine calls move token rows.
-
-        Args:
-            variant: ``"simt"``, ``"bulk"`` or ``"bulk_send"`` (see the module docstring).
-            bulk_stages: shared-memory stages per warp of the bulk pipeline (``None``: 4).
-            bulk_lookahead: chunks loaded ahead of the stores (``None``: 2).
-
-        Raises:
-            ValueError: an unknown variant or pipeline shape.
-            RuntimeError: the built extension lacks the variant (rebuild it).
-        """
-        if variant not in INTRANODE_COPY_VARIANTS:
-            raise ValueError(f"unknown intranode copy variant {variant!r}; expected one of "
-                             f"{', '.join(INTRANODE_COPY_VARIANTS)}")
-        if self._runtime is None:
-            return  # the torch backend serves these calls; it has one way to move rows
-        if not hasattr(self._runtime, "set_intranode_copy"):
-            if variant != "simt" or bulk_stages is not None or bulk_lookahead is not None:
-                raise RuntimeError(f"the built deep_ep_cpp has no intranode copy variant {variant!r}; rebuild it")
-            return
-        if variant not in intranode_copy_variants():
-            raise RuntimeError(f"the built deep_ep_cpp has no intranode copy variant {variant!r}; rebuild it")
-        kwargs = {}
-        if bulk_stages is not None:
-            kwargs["bulk_stages"] = bulk_stages
-        if bulk_lookahead is not None:
-            kwargs["bulk_lookahead"] = bulk_lookahead
-        self._runtime.set_intranode_copy(variant, **kwargs)
-
-    @property
-    def intranode_copy(self) -> Tuple[str, Optional[int], Optional[int]]:
-        """``(variant, bulk_stages, bulk_lookahead)`` the intranode kernels use now."""
-        if self._runtime is None or not hasattr(self._runtime, "get_intranode_copy"):
-            return ("simt", None, None)
-        variant, stages, lookahead = self._runtime.get_intranode_copy()
-        return (variant, int(stages), int(lookahead))
 
     def check_errors(self) -> None:
         """Raise :class:`DeepEPTimeoutError` if a kernel of this rank reported a failure.

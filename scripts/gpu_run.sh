@@ -7,13 +7,9 @@
 #   (inter22 / inter41: internode kernels, opt-in DEEP_EP_INTERNODE_KERNELS=1, on 4 GPUs as 2 nodes x 2 and
 #   4 nodes x 1; interbench: their benchmark as 2 x 2, not in the default list)
 #   (foundation = foundation_torch + foundation_cuda; each can be named alone)
-#   test4 / test2 / bench check and measure every row-copy variant the build offers (simt and bulk,
-#   tests/test_intranode.py --copy-variants). Not in the default list:
+#   Not in the default list:
 #   bench2: the intranode benchmark on 2 GPUs;
-#   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once);
-#   testbulk: the bulk variants alone, quick, with a short kernel timeout (first run of new code);
-#   benchvariants: simt, bulk and bulk_send side by side plus bulk pipeline shapes (docs/benchmarks.md,
-#   "Next measurement"); BULK_SHAPES overrides the shapes.
+#   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once).
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
 # is ended, so no rank of a hung test outlives its step.
@@ -74,8 +70,6 @@ if want build; then
 fi
 want probe && run_step probe "${PROBE_LIMIT:-90}" \
     "nvcc -O3 -arch=sm_90 -o /tmp/nvlink_probe scripts/nvlink_probe.cu && /tmp/nvlink_probe ${PROBE_MIB:-64}"
-want testbulk && run_step testbulk "${TESTBULK_LIMIT:-240}" \
-    "DEEP_EP_TIMEOUT_S=${BULK_TIMEOUT_S:-20} $PYTHON tests/test_intranode.py --num-processes 4 --quick --skip-timeout --copy-variants bulk,bulk_send ${TEST_ARGS:-}"
 want test4 && run_step test4 "${TEST4_LIMIT:-420}" "$PYTHON tests/test_intranode.py --num-processes 4 ${TEST_ARGS:-}"
 want test2 && run_step test2 "${TEST2_LIMIT:-240}" "$PYTHON tests/test_intranode.py --num-processes 2 --quick ${TEST_ARGS:-}"
 want ll4 && run_step ll4 "${LL4_LIMIT:-240}" "$PYTHON tests/test_low_latency.py --num-processes 4 ${LL_ARGS:-}"
@@ -89,8 +83,6 @@ want bench && run_step bench "${BENCH_LIMIT:-300}" \
     "$PYTHON tests/test_intranode.py --num-processes 4 --bench --json $LOGS/bench.json ${BENCH_ARGS:-}"
 want bench2 && run_step bench2 "${BENCH_LIMIT:-300}" \
     "$PYTHON tests/test_intranode.py --num-processes 2 --bench --json $LOGS/bench2.json ${BENCH_ARGS:-}"
-want benchvariants && run_step benchvariants "${BENCHVARIANTS_LIMIT:-360}" \
-    "DEEP_EP_TIMEOUT_S=${BULK_TIMEOUT_S:-20} $PYTHON tests/test_intranode.py --num-processes 4 --bench --copy-variants simt,bulk,bulk_send --bulk-shapes ${BULK_SHAPES:-2x1,4x1,4x2,4x3,8x2,8x4,8x6} --json $LOGS/bench_variants.json ${BENCH_ARGS:-}"
 want llbench && run_step llbench "${LLBENCH_LIMIT:-180}" \
     "$PYTHON tests/test_low_latency.py --num-processes 4 --bench-only ${LL_ARGS:-}"
 want interbench && run_step interbench "${INTERBENCH_LIMIT:-240}" \
@@ -103,8 +95,7 @@ if want foundation || want foundation_cuda; then
 fi
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
-[ -f "$LOGS/bench.log" ] && grep -E "GB/s|bench:" "$LOGS/bench.log" | tail -n 40
-for log in "$LOGS/bench.log" "$LOGS/benchvariants.log"; do
-    [ -f "$log" ] && sed -n '/^side by side/,$p' "$log"
+for log in "$LOGS/bench.log" "$LOGS/bench2.log"; do
+    [ -f "$log" ] && sed -n '/^summary/,$p' "$log"
 done
 exit 0

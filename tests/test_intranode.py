@@ -5,16 +5,10 @@ feeds both the same inputs. Dispatch must match bit for bit (row order included)
 lie within one bf16 rounding of a float64 reference. Outputs are poisoned first, seeds are
 fresh (``--seed`` / ``DEEP_EP_TEST_SEED`` to repeat), loads uneven, one rank may send nothing.
 
-Every check runs once per row-copy variant of the kernels (``DEEP_EP_INTRANODE_COPY``: ``simt``,
-``bulk``, ``bulk_send``); by default ``simt`` and ``bulk`` where the extension has them, or the
-list given with ``--copy-variants``. The benchmark measures each variant over the same sweep and
-prints them side by side.
-
 Run as a script::
 
     python tests/test_intranode.py --num-processes 4            # correctness
     python tests/test_intranode.py --num-processes 4 --bench    # benchmark (DESIGN.md §6 workload)
-    python tests/test_intranode.py --num-processes 4 --copy-variants bulk --quick
 
 or through pytest (skipped without enough Hopper GPUs or without the extension).
 """
@@ -53,57 +47,10 @@ def _nvl_bytes(num_ranks: int) -> int:
     return deep_ep.Config(MAX_SMS, 8, 512).get_nvl_buffer_size_hint(MAX_HIDDEN * 2, num_ranks)
 
 
-# ------------------------------------------------------------------------------------------------
-# row-copy variants
-# ------------------------------------------------------------------------------------------------
-COPY_ENV = "DEEP_EP_INTRANODE_COPY"
-
-
-def default_copy_variants() -> List[str]:
-    """``simt`` and ``bulk``, as far as the built extension has them."""
-    from deep_ep.cuda_backend import intranode_copy_variants
-    offered = intranode_copy_variants()
-    return [v for v in ("simt", "bulk") if v in offered] or ["simt"]
-
-
-def parse_copy_variants(text: Optional[str]) -> List[str]:
-    """``"simt,bulk"`` -> ``["simt", "bulk"]``; ``None`` or empty -> :func:`default_copy_variants`."""
-    from deep_ep.cuda_backend import INTRANODE_COPY_VARIANTS
-    if not text:
-        return default_copy_variants()
-    variants = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in INTRANODE_COPY_VARIANTS]
-    if unknown or not variants:
-        raise ValueError(f"--copy-variants: unknown {unknown}; choose from {', '.join(INTRANODE_COPY_VARIANTS)}")
-    return variants
-
-
-def parse_bulk_shapes(text: Optional[str]) -> List[Tuple[int, int]]:
-    """``"4x2,8x3"`` -> ``[(4, 2), (8, 3)]`` (bulk stages x lookahead)."""
-    shapes = []
-    for item in (text or "").split(","):
-        if item.strip():
-            stages, lookahead = item.lower().split("x")
-            shapes.append((int(stages), int(lookahead)))
-    return shapes
-
-
-def make_cuda_buffer(group: Any, nvl_bytes: int, variant: str, **kwargs: Any) -> Any:
-    """A cuda-backend Buffer whose intranode kernels use row-copy ``variant`` (chosen through the
-    environment, as a user would)."""
+def make_cuda_buffer(group: Any, nvl_bytes: int, **kwargs: Any) -> Any:
+    """A cuda-backend Buffer (the intranode kernels)."""
     import deep_ep
-    previous = os.environ.get(COPY_ENV)
-    os.environ[COPY_ENV] = variant
-    try:
-        buf = deep_ep.Buffer(group, nvl_bytes, backend="cuda", **kwargs)
-    finally:
-        if previous is None:
-            del os.environ[COPY_ENV]
-        else:
-            os.environ[COPY_ENV] = previous
-    got = buf._backend.intranode_copy[0]
-    assert got == variant, f"asked for copy variant {variant}, the buffer uses {got}"
-    return buf
+    return deep_ep.Buffer(group, nvl_bytes, backend="cuda", **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,13 +285,13 @@ def check_repeatable(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config
         assert_bitwise_equal(f"repeat {i} combine", combined, first_combined)
 
 
-def check_timeout(rank: int, num_ranks: int, group: Any, seed: int, variant: str = "simt") -> None:
+def check_timeout(rank: int, num_ranks: int, group: Any, seed: int) -> None:
     """Rank 0 never calls combine: every other rank gets DeepEPTimeoutError within the timeout."""
     import deep_ep
     timeout_s = 3.0
     os.environ["DEEP_EP_TIMEOUT_S"] = str(timeout_s)
     try:
-        buf = make_cuda_buffer(group, _nvl_bytes(num_ranks), variant, explicitly_destroy=True)
+        buf = make_cuda_buffer(group, _nvl_bytes(num_ranks), explicitly_destroy=True)
     finally:
         del os.environ["DEEP_EP_TIMEOUT_S"]
     config = deep_ep.Config(8, 4, 64)
@@ -381,24 +328,14 @@ def check_timeout(rank: int, num_ranks: int, group: Any, seed: int, variant: str
     buf.destroy()
 
 
-def correctness_worker(rank: int, num_ranks: int, group: Any, seed: int, quick: bool, skip_timeout: bool,
-                       copy_variants: Optional[List[str]] = None) -> None:
-    """Every check of this module, once per row-copy variant (the same seeds for each)."""
+def correctness_worker(rank: int, num_ranks: int, group: Any, seed: int, quick: bool, skip_timeout: bool) -> None:
+    """Every check of this module: the cases, graph, repeatability, tuned-config, bad-value and
+    timeout checks."""
     import deep_ep
     torch_buf = deep_ep.Buffer(group, _nvl_bytes(num_ranks), backend="torch")
-    for variant in copy_variants or ["simt"]:
-        _log(rank, f"--- copy variant {variant}")
-        check_variant(rank, num_ranks, group, torch_buf, seed, quick, skip_timeout, variant)
-    torch_buf.destroy()
-
-
-def check_variant(rank: int, num_ranks: int, group: Any, torch_buf: Any, seed: int, quick: bool,
-                  skip_timeout: bool, variant: str) -> None:
-    """The cases, graph, repeatability, tuned-config and timeout checks on a buffer of ``variant``."""
-    import deep_ep
     torch.manual_seed(seed + rank)
     nvl_bytes = _nvl_bytes(num_ranks)
-    cuda_buf = make_cuda_buffer(group, nvl_bytes, variant, explicitly_destroy=True)
+    cuda_buf = make_cuda_buffer(group, nvl_bytes, explicitly_destroy=True)
     assert type(cuda_buf._backend).__name__ == "CudaBackend" and cuda_buf._backend.uses_intranode_kernels
     gen = torch.Generator().manual_seed(seed)
     base_cases = [
@@ -422,24 +359,25 @@ def check_variant(rank: int, num_ranks: int, group: Any, torch_buf: Any, seed: i
             t_rank = 0
         check_case(rank, num_ranks, group, torch_buf, cuda_buf, case_seed, t_rank, h, k, e, rank_mode, config,
                    align, use_async)
-        _log(rank, f"[{variant}] case {i}: T~{t} H={h} K={k} E={e} {mode} sms={config.num_sms}: ok")
+        _log(rank, f"case {i}: T~{t} H={h} K={k} E={e} {mode} sms={config.num_sms}: ok")
     check_cuda_graph(rank, num_ranks, cuda_buf, seed + 7, deep_ep.Config(16, 4, 128))
-    _log(rank, f"[{variant}] cuda graph capture + replay: ok")
+    _log(rank, "cuda graph capture + replay: ok")
     check_repeatable(rank, num_ranks, cuda_buf, seed + 11, deep_ep.Config(24, 4, 256),
                      repeats=10 if quick else 50)
-    _log(rank, f"[{variant}] repeated runs identical: ok")
+    _log(rank, "repeated runs identical: ok")
     # set_num_sms + default configs
     deep_ep.Buffer.set_num_sms(12)
     check_case(rank, num_ranks, group, torch_buf, cuda_buf, seed + 99, 600, 1024, 8, 16 * num_ranks, "uniform",
                deep_ep.Buffer.get_dispatch_config(num_ranks), 1, False)
     deep_ep.Buffer.set_num_sms(20)
-    _log(rank, f"[{variant}] set_num_sms + tuned configs: ok")
+    _log(rank, "set_num_sms + tuned configs: ok")
     check_bad_values(rank, num_ranks, group, torch_buf, cuda_buf, seed + 13)
-    _log(rank, f"[{variant}] bad layout values -> ValueError, buffer still usable: ok")
+    _log(rank, "bad layout values -> ValueError, buffer still usable: ok")
     cuda_buf.destroy()
     if not skip_timeout:
-        check_timeout(rank, num_ranks, group, seed + 5, variant)
-        _log(rank, f"[{variant}] timeout -> DeepEPTimeoutError: ok")
+        check_timeout(rank, num_ranks, group, seed + 5)
+        _log(rank, "timeout -> DeepEPTimeoutError: ok")
+    torch_buf.destroy()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -472,13 +410,9 @@ def _lowest(value: float) -> float:
     return float(t.item())
 
 
-def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, json_path: Optional[str],
-                 copy_variants: Optional[List[str]] = None,
-                 bulk_shapes: Optional[List[Tuple[int, int]]] = None) -> None:
-    """The SM and chunk sweeps once per row-copy variant, then (``bulk_shapes``) the bulk pipeline's
-    shapes at 16 and 24 SMs; every row tagged with its variant, and a side-by-side table at the end."""
+def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, json_path: Optional[str]) -> None:
+    """The SM and chunk sweeps, each row beside all_to_all_single of the same bytes, and a summary table."""
     import deep_ep
-    copy_variants = copy_variants or ["simt"]
     num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
     gen = torch.Generator().manual_seed(seed + rank)
     scores = torch.rand(num_tokens, num_experts, generator=gen)
@@ -488,24 +422,15 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, j
     x8s = [deep_ep.per_token_cast_to_fp8(x) for x in xs]
     nvl_bytes = _nvl_bytes(num_ranks)
 
-    def open_buffer(variant: str) -> Tuple[Any, Dict[str, Any], Any, torch.Tensor]:
-        """A buffer of `variant`, its layout, and a handle from one non-cached dispatch."""
-        buf = make_cuda_buffer(group, nvl_bytes, variant, explicitly_destroy=True)
-        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
-        layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
-        recv_x, _, _, _, handle, _ = buf.dispatch(xs[0], **layout, topk_idx=topk_idx, topk_weights=topk_weights,
-                                                  config=deep_ep.Config(24, 4, 256))
-        return buf, layout, handle, recv_x
-
-    # Rows and the baselines come from a first (SIMT-or-first-variant) buffer; every variant's
-    # dispatch is checked against its output before it is timed, so no fast-but-wrong number is shown.
-    buf, layout, handle, reference_recv_x = open_buffer(copy_variants[0])
-    rows = reference_recv_x.shape[0]
-    per_rank = layout["num_tokens_per_rank"]
-    comb_ins = [combine_input(reference_recv_x, rank), combine_input(reference_recv_x, rank + 1)]
+    buf = make_cuda_buffer(group, nvl_bytes, explicitly_destroy=True)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    recv_x, _, _, _, handle, _ = buf.dispatch(xs[0], **layout, topk_idx=topk_idx, topk_weights=topk_weights,
+                                              config=deep_ep.Config(24, 4, 256))
+    rows = recv_x.shape[0]
+    comb_ins = [combine_input(recv_x, rank), combine_input(recv_x, rank + 1)]
     bf16_bytes = rows * hidden * 2
     fp8_bytes = rows * (hidden + hidden // 128 * 4)
-    buf.destroy()
 
     # all_to_all_single baselines of the same bytes (send splits per destination, receive per source)
     send_counts = per_rank.tolist()
@@ -527,89 +452,57 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, j
     byte_counts = {"dispatch_bf16": bf16_bytes, "dispatch_fp8": fp8_bytes, "combine_bf16": bf16_bytes}
     results: List[Dict[str, Any]] = []
 
-    def record(tag: str, op: str, sms: int, chunk: int, cap: int, t_us: float) -> None:
+    def record(op: str, sms: int, chunk: int, cap: int, t_us: float) -> None:
         gbps = byte_counts[op] / t_us / 1e3
         base_gbps = byte_counts[op] / baseline[op] / 1e3
-        row = dict(copy=tag, op=op, num_sms=sms, chunk=chunk, capacity=cap, time_us=_slowest(t_us),
+        row = dict(op=op, num_sms=sms, chunk=chunk, capacity=cap, time_us=_slowest(t_us),
                    gbps_min=_lowest(gbps), baseline_us=_slowest(baseline[op]), baseline_gbps_min=_lowest(base_gbps))
         row["speedup"] = row["gbps_min"] / row["baseline_gbps_min"]
         results.append(row)
-        _log(rank, f"[{tag:9s}] {op:14s} sms={sms:2d} chunk={chunk:2d} cap={cap:3d}: {row['time_us']:8.1f} us "
+        _log(rank, f"{op:14s} sms={sms:2d} chunk={chunk:2d} cap={cap:3d}: {row['time_us']:8.1f} us "
                    f"{row['gbps_min']:6.1f} GB/s | all_to_all_single {row['baseline_us']:8.1f} us "
                    f"{row['baseline_gbps_min']:6.1f} GB/s | x{row['speedup']:.2f}")
 
-    def measure(tag: str, buf: Any, handle: Any, sms: int, chunk: int, cap: int) -> None:
+    def measure(sms: int, chunk: int, cap: int) -> None:
         config = deep_ep.Config(sms, chunk, cap)
-        record(tag, "dispatch_bf16", sms, chunk, cap,
+        record("dispatch_bf16", sms, chunk, cap,
                _time_us(lambda i: buf.dispatch(xs[i % 3], handle=handle, config=config), iters))
-        record(tag, "dispatch_fp8", sms, chunk, cap,
+        record("dispatch_fp8", sms, chunk, cap,
                _time_us(lambda i: buf.dispatch(x8s[i % 3], handle=handle, config=config), iters))
-        record(tag, "combine_bf16", sms, chunk, cap,
+        record("combine_bf16", sms, chunk, cap,
                _time_us(lambda i: buf.combine(comb_ins[i % 2], handle, config=config), iters))
 
     _log(rank, f"bench: {num_ranks} ranks, {torch.cuda.get_device_name()}, {num_tokens} tokens x {hidden} "
-               f"top-{num_topk} of {num_experts}; rank 0 receives {rows} rows; median of {iters}, slowest rank; "
-               f"copy variants {', '.join(copy_variants)}")
-    for variant in copy_variants:
-        buf, layout, handle, recv_x = open_buffer(variant)
-        assert_bitwise_equal(f"bench [{variant}] recv_x", recv_x, reference_recv_x)
-        for sms in (8, 12, 16, 20, 24, 28, 32):
-            measure(variant, buf, handle, sms, 2, 256)
-        for chunk, cap in ((1, 256), (4, 256), (8, 256), (2, 128), (2, 512)):
-            measure(variant, buf, handle, 24, chunk, cap)
-        # DEEP_EP_WARPS_PER_PEER (fewer concurrent flows per channel and peer) was swept on
-        # 2026-11-28: 2 or 3 warps lose 10-40 %, 4 is within noise of the default 6 (docs/benchmarks.md).
-        # the full (non-cached) dispatch: notify + host wait for the counts + data
-        config = deep_ep.Config(24, 2, 256)
-        t_full = _time_us(lambda i: buf.dispatch(xs[i % 3], **layout, topk_idx=topk_idx, topk_weights=topk_weights,
-                                                 config=config), iters)
-        record(variant, "dispatch_bf16", 24, -1, 256, t_full)
-        _log(rank, "(chunk=-1: non-cached dispatch incl. count exchange and host sync)")
-        buf.destroy()
-    if bulk_shapes:
-        buf, layout, handle, recv_x = open_buffer("bulk")
-        for stages, lookahead in bulk_shapes:
-            buf._backend.set_intranode_copy("bulk", stages, lookahead)
-            tag = f"bulk:{stages}x{lookahead}"
-            check = buf.dispatch(xs[0], handle=handle, config=deep_ep.Config(24, 2, 256))[0]
-            assert_bitwise_equal(f"bench [{tag}] recv_x", check, reference_recv_x)
-            for sms in (16, 24):
-                measure(tag, buf, handle, sms, 2, 256)
-        buf.destroy()
+               f"top-{num_topk} of {num_experts}; rank 0 receives {rows} rows; median of {iters}, slowest rank")
+    for sms in (8, 12, 16, 20, 24, 28, 32):
+        measure(sms, 2, 256)
+    for chunk, cap in ((1, 256), (4, 256), (8, 256), (2, 128), (2, 512)):
+        measure(24, chunk, cap)
+    # DEEP_EP_WARPS_PER_PEER (fewer concurrent flows per channel and peer) was swept on
+    # 2026-11-28: 2 or 3 warps lose 10-40 %, 4 is within noise of the default 6 (docs/benchmarks.md).
+    # the full (non-cached) dispatch: notify + host wait for the counts + data
+    config = deep_ep.Config(24, 2, 256)
+    t_full = _time_us(lambda i: buf.dispatch(xs[i % 3], **layout, topk_idx=topk_idx, topk_weights=topk_weights,
+                                             config=config), iters)
+    record("dispatch_bf16", 24, -1, 256, t_full)
+    _log(rank, "(chunk=-1: non-cached dispatch incl. count exchange, host wait and value checks)")
+    buf.destroy()
     if rank == 0:
-        print_side_by_side(results)
+        print_summary(results)
     if rank == 0 and json_path:
         with open(json_path, "w") as f:
             json.dump(dict(gpu=torch.cuda.get_device_name(), num_ranks=num_ranks,
                            sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
-                           copy_variants=copy_variants, bulk_shapes=bulk_shapes or [], results=results), f, indent=1)
+                           results=results), f, indent=1)
 
 
-def print_side_by_side(results: List[Dict[str, Any]]) -> None:
-    """One line per (op, SMs, chunk, capacity): GB/s of every copy variant, its ratio to the first
-    variant, and the all_to_all_single baseline."""
-    tags: List[str] = []
-    cells: Dict[Tuple[str, int, int, int], Dict[str, Dict[str, Any]]] = {}
+def print_summary(results: List[Dict[str, Any]]) -> None:
+    """One line per (op, SMs, chunk, capacity): the kernels' GB/s, all_to_all_single's, and the ratio."""
+    print("\nsummary: GB/s of the slowest rank; chunk -1 = non-cached dispatch")
+    print(f"{'op':14s} {'sms':>3s} {'chunk':>5s} {'cap':>4s} | {'GB/s':>7s} | {'a2a GB/s':>8s} | ratio")
     for row in results:
-        if row["copy"] not in tags:
-            tags.append(row["copy"])
-        cells.setdefault((row["op"], row["num_sms"], row["chunk"], row["capacity"]), {})[row["copy"]] = row
-    first = tags[0]
-    header = f"{'op':14s} {'sms':>3s} {'chunk':>5s} {'cap':>4s} | " + " | ".join(f"{t:>17s}" for t in tags)
-    print("\nside by side: GB/s (slowest rank) and ratio to " + first + "; chunk -1 = non-cached dispatch")
-    print(header + " | a2a GB/s")
-    for (op, sms, chunk, cap), by_tag in cells.items():
-        parts = []
-        for t in tags:
-            row = by_tag.get(t)
-            if row is None:
-                parts.append(f"{'-':>17s}")
-                continue
-            ref = by_tag.get(first)
-            ratio = f"x{row['gbps_min'] / ref['gbps_min']:.2f}" if ref is not None else ""
-            parts.append(f"{row['gbps_min']:7.1f} {ratio:>9s}")
-        base = next(iter(by_tag.values()))["baseline_gbps_min"]
-        print(f"{op:14s} {sms:3d} {chunk:5d} {cap:4d} | " + " | ".join(parts) + f" | {base:7.1f}")
+        print(f"{row['op']:14s} {row['num_sms']:3d} {row['chunk']:5d} {row['capacity']:4d} | {row['gbps_min']:7.1f} | "
+              f"{row['baseline_gbps_min']:8.1f} | x{row['speedup']:.2f}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -625,28 +518,7 @@ def test_intranode(num_processes: int) -> None:
     reason = gpu_utils.skip_reason(num_processes)
     if reason is not None:
         pytest.skip(reason)
-    gpu_utils.spawn(correctness_worker, num_processes, _seed(), False, False, default_copy_variants())
-
-
-def test_copy_variant_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The variant list of the command line and the environment knobs parse (no GPU needed)."""
-    from deep_ep.cuda_backend import intranode_copy_from_env
-    assert parse_copy_variants("simt, bulk") == ["simt", "bulk"]
-    assert parse_copy_variants("bulk_send") == ["bulk_send"]
-    assert parse_copy_variants(None) == default_copy_variants() and "simt" in default_copy_variants()
-    with pytest.raises(ValueError):
-        parse_copy_variants("simt,tma")
-    assert parse_bulk_shapes("4x2, 8X3") == [(4, 2), (8, 3)] and parse_bulk_shapes("") == []
-    for name in ("DEEP_EP_INTRANODE_COPY", "DEEP_EP_BULK_STAGES", "DEEP_EP_BULK_LOOKAHEAD"):
-        monkeypatch.delenv(name, raising=False)
-    assert intranode_copy_from_env() == ("simt", None, None)
-    monkeypatch.setenv("DEEP_EP_INTRANODE_COPY", "bulk")
-    monkeypatch.setenv("DEEP_EP_BULK_STAGES", "8")
-    monkeypatch.setenv("DEEP_EP_BULK_LOOKAHEAD", "3")
-    assert intranode_copy_from_env() == ("bulk", 8, 3)
-    monkeypatch.setenv("DEEP_EP_INTRANODE_COPY", "fast")
-    with pytest.raises(ValueError):
-        intranode_copy_from_env()
+    gpu_utils.spawn(correctness_worker, num_processes, _seed(), False, False)
 
 
 def main() -> None:
@@ -658,27 +530,19 @@ def main() -> None:
     parser.add_argument("--bench", action="store_true", help="run the benchmark instead of the checks")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--json", default=None, help="benchmark results to this file")
-    parser.add_argument("--copy-variants", default=None,
-                        help="comma-separated row-copy variants to check/bench (simt, bulk, bulk_send); "
-                             "default: simt,bulk where the extension has them")
-    parser.add_argument("--bulk-shapes", default=None,
-                        help="bench only: bulk pipeline shapes STAGESxLOOKAHEAD to add, e.g. 2x1,4x2,8x2,8x4")
     args = parser.parse_args()
     reason = gpu_utils.skip_reason(args.num_processes)
     if reason is not None:
         print(f"skipped: {reason}")
         return
     seed = args.seed if args.seed is not None else _seed()
-    variants = parse_copy_variants(args.copy_variants)
-    print(f"seed {seed}, copy variants {','.join(variants)}", flush=True)
+    print(f"seed {seed}", flush=True)
     start = time.time()
     if args.bench:
-        gpu_utils.spawn(bench_worker, args.num_processes, seed, args.iters, args.json, variants,
-                        parse_bulk_shapes(args.bulk_shapes))
+        gpu_utils.spawn(bench_worker, args.num_processes, seed, args.iters, args.json)
     else:
-        gpu_utils.spawn(correctness_worker, args.num_processes, seed, args.quick, args.skip_timeout, variants)
-        print(f"test_intranode: all checks passed on {args.num_processes} GPUs for copy variants "
-              f"{','.join(variants)} ({time.time() - start:.0f} s)")
+        gpu_utils.spawn(correctness_worker, args.num_processes, seed, args.quick, args.skip_timeout)
+        print(f"test_intranode: all checks passed on {args.num_processes} GPUs ({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":

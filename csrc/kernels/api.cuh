@@ -68,31 +68,6 @@ constexpr int kHostCounterReady = 0, kHostCounterRows = 1, kHostCounterChecks = 
 constexpr int kHostCounterInts = kHostCounterExperts + kMaxLocalExperts;
 void launch_notify_dispatch(const NotifyArgs& args, cudaStream_t stream);
 
-// How dispatch and combine move token rows (runtime choice: env DEEP_EP_INTRANODE_COPY). The ring
-// format, the flow control and the row order are the same for every variant; only the
-// instructions that move the bytes differ.
-enum class IntranodeCopy : int {
-    kSimt = 0,      // 16-byte loads and stores by every lane (the default)
-    kBulk = 1,      // bulk copies (sm_90 copy engine) in both dispatch roles and in combine's sender
-    kBulkSend = 2,  // bulk copies in the senders of dispatch and combine only
-};
-
-// The bulk variants give every warp a fixed 8 KB of shared memory, cut into `bulk_stages` equal
-// stages; loads run `bulk_lookahead` chunks ahead of the stores, so up to bulk_stages -
-// bulk_lookahead stores are in flight per warp. Tuning knobs (env DEEP_EP_BULK_STAGES /
-// DEEP_EP_BULK_LOOKAHEAD); the SIMT variant ignores them.
-constexpr int kMaxBulkStages = 8;
-struct IntranodeCopyPlan {
-    IntranodeCopy variant = IntranodeCopy::kSimt;
-    int bulk_stages = 4;     // 1..kMaxBulkStages
-    int bulk_lookahead = 2;  // 1..bulk_stages
-};
-
-// Raises the shared-memory limit of the kernels of `copy` (the bulk ones need more than the 48 KB
-// default). Call it on the buffer's device before the first launch with that variant, outside any
-// stream capture. Throws if the GPU cannot give that much.
-void prepare_intranode_copy(IntranodeCopy copy);
-
 // Byte offsets inside one dispatch ring slot; hidden data comes first.
 struct DispatchSlot {
     int scales_offset, topk_idx_offset, topk_weights_offset, src_idx_offset, bytes;
@@ -122,7 +97,6 @@ struct DispatchArgs {
     RingGeometry ring;
     PeerBuffers buffers;
     FailureContext fail;
-    IntranodeCopyPlan copy;  // last, so the other fields keep their offsets
 };
 void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream);
 
@@ -144,7 +118,6 @@ struct CombineArgs {
     RingGeometry ring;
     PeerBuffers buffers;
     FailureContext fail;
-    IntranodeCopyPlan copy;  // last; kBulk and kBulkSend both mean a bulk sender here
 };
 void launch_intranode_combine(const CombineArgs& args, cudaStream_t stream);
 

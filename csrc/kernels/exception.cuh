@@ -47,7 +47,6 @@ enum WaitTarget : int32_t {
     kWaitRingMeta = 4,      // a peer sender's token count for a ring
     kWaitRingAck = 5,       // a peer receiver's end-of-call acknowledgement
     kWaitRowCapacity = 6,   // (overflow) more received rows than the output holds
-    kWaitBulkCopy = 7,      // a local bulk (TMA) copy into shared memory to land
 };
 
 // Lives in host-mapped (pinned) memory; written once, by the first failing thread.

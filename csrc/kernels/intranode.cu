@@ -15,14 +15,6 @@
 // acknowledges with head = count + 1; the sender waits for that acknowledgement and zeroes its
 // head. Hence no barrier is needed between calls, and a cached dispatch or a combine is one
 // kernel launch.
-//
-// Rows move in one of two ways, chosen per call (IntranodeCopy, env DEEP_EP_INTRANODE_COPY):
-// 16-byte loads and stores by every lane (SIMT, the default), or bulk copies issued by lane 0
-// through a warp-private shared-memory pipeline (BulkRowCopier): global -> shared on an mbarrier,
-// shared -> global (the peer's ring, or the output) as bulk groups. The bulk path keeps the ring
-// format and every counter protocol; it adds only what the async proxy needs: a proxy fence after
-// acquiring a counter and before copying the slots it guards, and a wait for the bulk stores to
-// complete before the release that publishes them.
 #include <cstdint>
 #include <string>
 
@@ -124,102 +116,64 @@ __device__ __forceinline__ bool warp_wait(const FailureContext& fail, const int*
     return __shfl_sync(0xffffffffu, ok ? 1 : 0, 0) != 0;
 }
 
-// ================================================================ row movers (SIMT or bulk)
-// Bulk variant: every warp owns kBulkWarpBytes of the block's dynamic shared memory (192 KB for
-// 24 warps, one block per SM), cut into plan.bulk_stages stages, plus kMaxBulkStages mbarriers.
-// Several small stages rather than two large ones by default (4 x 2 KB, 2 loads ahead): on sm_90
-// cp.async.bulk.wait_group.read assembles to the same scoreboard wait as the full wait, so a
-// stage may be reloaded only once its store has completed, and the stages bound the stores in
-// flight per warp.
-constexpr int kBulkWarpBytes = 8192;
-using RowCopier = BulkRowCopier<kMaxBulkStages>;
-constexpr int kBulkBarrierBytes = align_up(kIntranodeWarps * kMaxBulkStages * 8, 128);
-constexpr int kBulkSharedBytes = kBulkBarrierBytes + kIntranodeWarps * kBulkWarpBytes;
-
-// This warp's copier over its slice of the block's dynamic shared memory (set up in lane 0, the
-// only lane that uses it). The SIMT variant never calls this and launches without that memory.
-__device__ __forceinline__ RowCopier make_warp_copier(const IntranodeCopyPlan& plan) {
-    extern __shared__ __align__(128) uint8_t bulk_shared[];
-    const int warp = threadIdx.x / kWarpSize;
-    const int stage_bytes = kBulkWarpBytes / plan.bulk_stages / 16 * 16;
-    RowCopier copier;
-    if (lane_id() == 0)
-        copier.init(bulk_shared + kBulkBarrierBytes + warp * kBulkWarpBytes,
-                    reinterpret_cast<uint64_t*>(bulk_shared) + warp * kMaxBulkStages,
-                    BulkPipelineShape{plan.bulk_stages, plan.bulk_lookahead, stage_bytes});
-    return copier;
+// ================================================================ row movers
+// Moves one row with the whole warp: 16-byte loads and stores by every lane, kCopyUnroll loads in
+// flight before their stores. Ring slots (written by another GPU) are read past L1: kSrcIsRing.
+template <bool kSrcIsRing>
+__device__ __forceinline__ void copy_row(uint8_t* dst, const uint8_t* src, int bytes) {
+    warp_copy_int4<kCopyUnroll, kSrcIsRing>(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(src), bytes / 16,
+                                            lane_id());
 }
 
-// The shape the kernels derive from `plan` must be one the copier accepts, and bulk copies need
-// 16-byte aligned rows (the SIMT path's int4 accesses assume it too, but fault instead of saying so).
-void check_copy_plan(const IntranodeCopyPlan& plan, const void* src_rows, const void* dst_rows) {
-    DEEP_EP_HOST_ASSERT(plan.bulk_stages >= 1 && plan.bulk_stages <= kMaxBulkStages,
-                        "bulk_stages must be in 1.." + std::to_string(kMaxBulkStages));
-    DEEP_EP_HOST_ASSERT(plan.bulk_lookahead >= 1 && plan.bulk_lookahead <= plan.bulk_stages,
-                        "bulk_lookahead must be in 1..bulk_stages");
-    if (plan.variant != IntranodeCopy::kSimt)
-        DEEP_EP_HOST_ASSERT(reinterpret_cast<uintptr_t>(src_rows) % 16 == 0 &&
-                                reinterpret_cast<uintptr_t>(dst_rows) % 16 == 0,
-                            "the bulk copy variants need 16-byte aligned row tensors");
-}
-
-// Moves one row of `bytes` with the whole warp; src has been read when it returns. SIMT: every
-// lane loads and stores 16-byte words. Bulk: lane 0 issues the copies (its stores may still be in
-// flight on return) and every lane learns whether they landed. Returns false after a recorded
-// failure.
-template <bool kBulk, bool kSrcIsRing>
-__device__ __forceinline__ bool copy_row(RowCopier& copier, uint8_t* dst, const uint8_t* src, int bytes,
-                                         const FailureContext& fail, int kernel, int peer, int channel) {
-    if constexpr (kBulk) {
-        bool ok = true;
-        if (lane_id() == 0)
-            ok = copier.copy(dst, src, bytes, fail, kernel, peer, channel);
-        return __shfl_sync(0xffffffffu, ok ? 1 : 0, 0) != 0;
-    } else {
-        warp_copy_int4<kCopyUnroll, kSrcIsRing>(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(src),
-                                                bytes / 16, lane_id());
-        return true;
-    }
-}
-
-// Bulk variant: waits (lane 0) until this warp's bulk stores have completed. Needed before a
-// release that publishes them, and before the warp exits (the stages must outlive the stores).
-template <bool kBulk>
-__device__ __forceinline__ void complete_bulk_stores(const RowCopier& copier) {
-    if constexpr (kBulk) {
-        if (lane_id() == 0) {
-            copier.complete();
-            // Completion already implies a generic-async proxy fence (PTX ISA, "Async Proxy"); the
-            // explicit one costs an instruction per publish and keeps the order plain for a reader
-            // on another GPU.
-            fence_proxy_async_global();
-        }
-    }
-}
-
-// Publishes `value` to a ring counter in a peer's memory: the warp's rows first, then a release at
-// system scope from lane 0.
-template <bool kBulk>
-__device__ __forceinline__ void publish_tail(const RowCopier& copier, int* tail, int value) {
-    complete_bulk_stores<kBulk>(copier);
+// Publishes `value` to a ring counter in a peer's memory: every lane's stores of the slots first,
+// then a release at system scope from lane 0.
+__device__ __forceinline__ void publish_tail(int* tail, int value) {
     __syncwarp();
     if (lane_id() == 0)
         st_release_sys(tail, value);
 }
 
-// Bulk variant: lane 0 acquired a ring counter through an ordinary load; its next bulk copies of
-// the slots that counter guards (reads of new data, or writes over consumed slots) run in the async
-// proxy and must come after it.
-template <bool kBulk>
-__device__ __forceinline__ void order_bulk_after_acquire() {
-    if constexpr (kBulk) {
-        if (lane_id() == 0)
-            fence_proxy_async_global();
+// ================================================================ dispatch
+// A slot's metadata (FP8 scales, top-k ids and weights, source index) in one warp-wide store of
+// 16-byte words: every field starts 16-byte aligned (make_dispatch_slot), so the word at metadata
+// offset 16 L holds one field only, and lane L fills it. One NVLink write of whole words per token
+// instead of one small write per field (five for an FP8 token with top-k: two of scales, ids,
+// weights, source index).
+__device__ __forceinline__ void write_slot_meta(const DispatchArgs& args, uint8_t* slot, int token, int lane) {
+    const DispatchSlot& layout = args.slot;
+    const int end = layout.src_idx_offset + 16;
+    for (int offset = layout.scales_offset + lane * 16; offset < end; offset += kWarpSize * 16) {
+        int words[4] = {0, 0, 0, 0};
+        if (offset < layout.topk_idx_offset) {
+            const int first = (offset - layout.scales_offset) / 4;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (first + j < args.num_scales)
+                    words[j] = __float_as_int(__ldg(args.x_scales + token * args.scale_token_stride +
+                                                    (first + j) * args.scale_hidden_stride));
+        } else if (offset < layout.topk_weights_offset) {
+            const int first = (offset - layout.topk_idx_offset) / 4;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if (first + j < args.num_topk) {
+                    const int64_t expert = __ldg(args.topk_idx + static_cast<int64_t>(token) * args.num_topk + first + j);
+                    words[j] = (expert < 0 || expert >= args.num_experts) ? -1 : static_cast<int>(expert);
+                }
+            }
+        } else if (offset < layout.src_idx_offset) {
+            const int first = (offset - layout.topk_weights_offset) / 4;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (first + j < args.num_topk)
+                    words[j] = __float_as_int(
+                        __ldg(args.topk_weights + static_cast<int64_t>(token) * args.num_topk + first + j));
+        } else {
+            words[0] = token;
+        }
+        st_int4(reinterpret_cast<int4*>(slot + offset), make_int4(words[0], words[1], words[2], words[3]));
     }
 }
 
-// ================================================================ dispatch
-template <bool kBulk>
 __device__ void dispatch_send(const DispatchArgs& args, int channel) {
     const RingGeometry& ring = args.ring;
     const int num_ranks = args.num_ranks, W = ring.warps_per_peer;
@@ -249,9 +203,6 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
     const int dest = warp / W, w = warp % W;
     if (dest >= num_ranks)
         return;
-    RowCopier copier;
-    if constexpr (kBulk)
-        copier = make_warp_copier(args.copy);
     const int n = s_inside[dest];
     const int my_count = sub_ring_count(n, w, W);
     uint8_t* peer = args.buffers.ptrs[dest];
@@ -295,12 +246,8 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
                     ok = false;
                     break;
                 }
-                if (!copy_row<kBulk, false>(copier, args.recv_x + row * args.hidden_bytes,
-                                            args.x + static_cast<int64_t>(token) * args.hidden_bytes,
-                                            args.hidden_bytes, args.fail, kKernelDispatch, dest, channel)) {
-                    ok = false;
-                    break;
-                }
+                copy_row<false>(args.recv_x + row * args.hidden_bytes,
+                                args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
                 if (args.x_scales != nullptr)
                     for (int g = lane; g < args.num_scales; g += kWarpSize)
                         args.recv_x_scales[row * args.num_scales + g] =
@@ -320,7 +267,7 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
                 // Publish what is written before waiting for room: the receiver can only free
                 // slots it has been told about.
                 if (sent != published) {
-                    publish_tail<kBulk>(copier, peer_tail, sent);
+                    publish_tail(peer_tail, sent);
                     published = sent;
                 }
                 if (!warp_wait(args.fail, own_head, [&](int v) { return sent - v < sub_capacity; }, head,
@@ -328,38 +275,18 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
                     ok = false;
                     break;
                 }
-                order_bulk_after_acquire<kBulk>();
             }
             uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
-            if (!copy_row<kBulk, false>(copier, slot, args.x + static_cast<int64_t>(token) * args.hidden_bytes,
-                                        args.hidden_bytes, args.fail, kKernelDispatch, dest, channel)) {
-                ok = false;
-                break;
-            }
-            if (args.x_scales != nullptr) {
-                float* slot_scales = reinterpret_cast<float*>(slot + args.slot.scales_offset);
-                for (int g = lane; g < args.num_scales; g += kWarpSize)
-                    slot_scales[g] = __ldg(args.x_scales + token * args.scale_token_stride +
-                                           g * args.scale_hidden_stride);
-            }
-            if (args.topk_idx != nullptr && lane < args.num_topk) {
-                const int64_t index = static_cast<int64_t>(token) * args.num_topk + lane;
-                const int64_t expert = __ldg(args.topk_idx + index);
-                reinterpret_cast<int*>(slot + args.slot.topk_idx_offset)[lane] =
-                    (expert < 0 || expert >= args.num_experts) ? -1 : static_cast<int>(expert);
-                reinterpret_cast<float*>(slot + args.slot.topk_weights_offset)[lane] = __ldg(args.topk_weights + index);
-            }
-            if (lane == 0)
-                *reinterpret_cast<int*>(slot + args.slot.src_idx_offset) = token;
+            copy_row<false>(slot, args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
+            write_slot_meta(args, slot, token, lane);
             ++sent;
             if (sent - published >= ring.publish_every) {
-                publish_tail<kBulk>(copier, peer_tail, sent);
+                publish_tail(peer_tail, sent);
                 published = sent;
             }
         }
         seq += count;
     }
-    complete_bulk_stores<kBulk>(copier);
     if (!ok || local)
         return;
     __syncwarp();
@@ -375,7 +302,6 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
         *own_head = 0;
 }
 
-template <bool kBulk>
 __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
     const RingGeometry& ring = args.ring;
     const int W = ring.warps_per_peer;
@@ -388,9 +314,6 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
         int* own_meta_start = counter_ptr(own, kCounterMetaStart, channel, source, w);
         int* peer_head = counter_ptr(args.buffers.ptrs[source], kCounterHead, channel, args.rank, w);
         const uint8_t* ring_base = ring_ptr(own, ring, source, channel);
-        RowCopier copier;
-        if constexpr (kBulk)
-            copier = make_warp_copier(args.copy);
 
         int meta;
         bool ok = warp_wait(args.fail, own_meta_count, [](int v) { return v != 0; }, meta, kKernelDispatch, source,
@@ -407,7 +330,6 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
                     ok = false;
                     break;
                 }
-                order_bulk_after_acquire<kBulk>();
             }
             const int k = w + i * W;
             const uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
@@ -419,11 +341,7 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
                 ok = false;
                 break;
             }
-            if (!copy_row<kBulk, true>(copier, args.recv_x + row * args.hidden_bytes, slot, args.hidden_bytes,
-                                       args.fail, kKernelDispatch, source, channel)) {
-                ok = false;
-                break;
-            }
+            copy_row<true>(args.recv_x + row * args.hidden_bytes, slot, args.hidden_bytes);
             if (args.recv_x_scales != nullptr) {
                 const float* slot_scales = reinterpret_cast<const float*>(slot + args.slot.scales_offset);
                 for (int g = lane; g < args.num_scales; g += kWarpSize)
@@ -441,15 +359,13 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
                 args.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + args.slot.src_idx_offset));
             // Release the slots once consumption has caught up with what was published, or
             // every publish_every tokens. The slot loads have completed: their values were
-            // stored above, before this store is issued (bulk: copy_row waited for its loads to
-            // land, and their completion orders them before this ordinary store).
+            // stored above, before this store is issued.
             if (i + 1 == tail || (i + 1) % ring.publish_every == 0) {
                 __syncwarp();
                 if (lane == 0)
                     st_relaxed_sys(peer_head, i + 1);
             }
         }
-        complete_bulk_stores<kBulk>(copier);
         __syncwarp();
         if (ok && lane == 0) {
             *own_tail = 0;
@@ -481,13 +397,12 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
     }
 }
 
-template <bool kBulkSend, bool kBulkReceive>
 __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(DispatchArgs args) {
     const int channel = blockIdx.x / 2;
     if (blockIdx.x % 2 == 0)
-        dispatch_send<kBulkSend>(args, channel);
+        dispatch_send(args, channel);
     else
-        dispatch_receive<kBulkReceive>(args, channel);
+        dispatch_receive(args, channel);
 }
 
 // ================================================================ combine
@@ -517,7 +432,6 @@ __device__ __forceinline__ int warp_lower_bound(const int* values, int lo, int h
     return ge == 0 ? hi : lo + __ffs(ge) - 1;
 }
 
-template <bool kBulk>
 __device__ void combine_send(const CombineArgs& args, int channel) {
     const RingGeometry& ring = args.ring;
     const int W = ring.warps_per_peer;
@@ -538,42 +452,31 @@ __device__ void combine_send(const CombineArgs& args, int channel) {
     int* peer_tail = counter_ptr(peer, kCounterTail, channel, args.rank, w);
     int* own_head = counter_ptr(args.buffers.ptrs[args.rank], kCounterHead, channel, home, w);
     uint8_t* ring_base = ring_ptr(peer, ring, args.rank, channel);
-    RowCopier copier;
-    if constexpr (kBulk)
-        copier = make_warp_copier(args.copy);
     const int sub_capacity = ring.capacity / W;
     const int row_bytes = args.hidden * 2;
     int head = 0, published = 0;
     for (int i = 0; i < my_count; ++i) {
         if (i - head >= sub_capacity) {
             if (i != published) {  // publish before waiting for room (see dispatch_send)
-                publish_tail<kBulk>(copier, peer_tail, i);
+                publish_tail(peer_tail, i);
                 published = i;
             }
             if (!warp_wait(args.fail, own_head, [&](int v) { return i - v < sub_capacity; }, head, kKernelCombine,
-                           home, kWaitRingHead, channel, i - sub_capacity + 1)) {
-                complete_bulk_stores<kBulk>(copier);
+                           home, kWaitRingHead, channel, i - sub_capacity + 1))
                 return;
-            }
-            order_bulk_after_acquire<kBulk>();
         }
         const int k = w + i * W;
         const int64_t row = first + k;
         uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
-        if (!copy_row<kBulk, false>(copier, slot, args.x + row * row_bytes, row_bytes, args.fail, kKernelCombine,
-                                    home, channel)) {
-            complete_bulk_stores<kBulk>(copier);
-            return;
-        }
+        copy_row<false>(slot, args.x + row * row_bytes, row_bytes);
         if (args.topk_weights != nullptr && lane < args.num_topk)
             reinterpret_cast<float*>(slot + args.weights_offset)[lane] =
                 __ldg(args.topk_weights + row * args.num_topk + lane);
         if (i + 1 - published >= ring.publish_every) {
-            publish_tail<kBulk>(copier, peer_tail, i + 1);
+            publish_tail(peer_tail, i + 1);
             published = i + 1;
         }
     }
-    complete_bulk_stores<kBulk>(copier);
     __syncwarp();
     if (lane == 0 && published != my_count)
         st_release_sys(peer_tail, my_count);
@@ -748,45 +651,13 @@ __device__ void combine_receive(const CombineArgs& args, int channel) {
     }
 }
 
-template <int kRanks, bool kBulkSend>
+template <int kRanks>
 __global__ void __launch_bounds__(kThreads, 1) intranode_combine_kernel(CombineArgs args) {
     const int channel = blockIdx.x / 2;
     if (blockIdx.x % 2 == 0)
-        combine_send<kBulkSend>(args, channel);
+        combine_send(args, channel);
     else
         combine_receive<kRanks>(args, channel);
-}
-
-// Every (rank count) instance of the combine kernel with a SIMT or a bulk sender.
-template <bool kBulkSend>
-void launch_combine_kernel(const CombineArgs& args, cudaStream_t stream) {
-    const dim3 grid(args.ring.num_channels * 2);
-    const size_t shared_bytes = kBulkSend ? kBulkSharedBytes : 0;
-    switch (args.num_ranks) {
-    case 1: intranode_combine_kernel<1, kBulkSend><<<grid, kThreads, shared_bytes, stream>>>(args); break;
-    case 2: intranode_combine_kernel<2, kBulkSend><<<grid, kThreads, shared_bytes, stream>>>(args); break;
-    case 3: intranode_combine_kernel<3, kBulkSend><<<grid, kThreads, shared_bytes, stream>>>(args); break;
-    case 4: intranode_combine_kernel<4, kBulkSend><<<grid, kThreads, shared_bytes, stream>>>(args); break;
-    case 5: intranode_combine_kernel<5, kBulkSend><<<grid, kThreads, shared_bytes, stream>>>(args); break;
-    case 6: intranode_combine_kernel<6, kBulkSend><<<grid, kThreads, shared_bytes, stream>>>(args); break;
-    case 7: intranode_combine_kernel<7, kBulkSend><<<grid, kThreads, shared_bytes, stream>>>(args); break;
-    case 8: intranode_combine_kernel<8, kBulkSend><<<grid, kThreads, shared_bytes, stream>>>(args); break;
-    default: DEEP_EP_HOST_ASSERT(false, "intranode supports 1..8 ranks");
-    }
-}
-
-// Lets a bulk kernel take kBulkSharedBytes of dynamic shared memory (above the 48 KB default).
-template <typename Kernel>
-void allow_bulk_shared_memory(Kernel kernel, int device) {
-    cudaFuncAttributes attributes;
-    DEEP_EP_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-    int limit = 0;
-    DEEP_EP_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    const size_t need = attributes.sharedSizeBytes + kBulkSharedBytes;
-    DEEP_EP_HOST_ASSERT(need <= static_cast<size_t>(limit),
-                        "the bulk copy variant needs " + std::to_string(need) +
-                            " bytes of shared memory per block; this GPU allows " + std::to_string(limit));
-    DEEP_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBulkSharedBytes));
 }
 
 }  // namespace
@@ -811,39 +682,11 @@ DispatchSlot make_dispatch_slot(int hidden_bytes, int num_scales, int num_topk) 
     return slot;
 }
 
-void prepare_intranode_copy(IntranodeCopy copy) {
-    if (copy == IntranodeCopy::kSimt)
-        return;
-    int device = 0;
-    DEEP_EP_CUDA_CHECK(cudaGetDevice(&device));
-    allow_bulk_shared_memory(intranode_dispatch_kernel<true, true>, device);
-    allow_bulk_shared_memory(intranode_dispatch_kernel<true, false>, device);
-    allow_bulk_shared_memory(intranode_combine_kernel<1, true>, device);
-    allow_bulk_shared_memory(intranode_combine_kernel<2, true>, device);
-    allow_bulk_shared_memory(intranode_combine_kernel<3, true>, device);
-    allow_bulk_shared_memory(intranode_combine_kernel<4, true>, device);
-    allow_bulk_shared_memory(intranode_combine_kernel<5, true>, device);
-    allow_bulk_shared_memory(intranode_combine_kernel<6, true>, device);
-    allow_bulk_shared_memory(intranode_combine_kernel<7, true>, device);
-    allow_bulk_shared_memory(intranode_combine_kernel<8, true>, device);
-}
-
 void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream) {
     DEEP_EP_HOST_ASSERT(args.hidden_bytes % 16 == 0, "hidden bytes must be a multiple of 16");
     DEEP_EP_HOST_ASSERT(args.num_topk <= kWarpSize, "num_topk must be at most 32");
     DEEP_EP_HOST_ASSERT(args.ring.warps_per_peer * args.num_ranks <= kIntranodeWarps, "too many warps per peer");
-    check_copy_plan(args.copy, args.x, args.recv_x);
-    const int blocks = args.ring.num_channels * 2;
-    switch (args.copy.variant) {
-    case IntranodeCopy::kSimt: intranode_dispatch_kernel<false, false><<<blocks, kThreads, 0, stream>>>(args); break;
-    case IntranodeCopy::kBulk:
-        intranode_dispatch_kernel<true, true><<<blocks, kThreads, kBulkSharedBytes, stream>>>(args);
-        break;
-    case IntranodeCopy::kBulkSend:
-        intranode_dispatch_kernel<true, false><<<blocks, kThreads, kBulkSharedBytes, stream>>>(args);
-        break;
-    default: DEEP_EP_HOST_ASSERT(false, "unknown intranode copy variant");
-    }
+    intranode_dispatch_kernel<<<args.ring.num_channels * 2, kThreads, 0, stream>>>(args);
     DEEP_EP_LAUNCH_CHECK();
 }
 
@@ -851,12 +694,17 @@ void launch_intranode_combine(const CombineArgs& args, cudaStream_t stream) {
     DEEP_EP_HOST_ASSERT(args.hidden % 8 == 0, "hidden must be a multiple of 8");
     DEEP_EP_HOST_ASSERT(args.num_topk <= kWarpSize, "num_topk must be at most 32");
     DEEP_EP_HOST_ASSERT(args.ring.warps_per_peer * args.num_ranks <= kWarpSize, "too many sub-rings per channel");
-    check_copy_plan(args.copy, args.x, args.combined_x);
-    switch (args.copy.variant) {
-    case IntranodeCopy::kSimt: launch_combine_kernel<false>(args, stream); break;
-    case IntranodeCopy::kBulk:
-    case IntranodeCopy::kBulkSend: launch_combine_kernel<true>(args, stream); break;
-    default: DEEP_EP_HOST_ASSERT(false, "unknown intranode copy variant");
+    const dim3 grid(args.ring.num_channels * 2);
+    switch (args.num_ranks) {
+    case 1: intranode_combine_kernel<1><<<grid, kThreads, 0, stream>>>(args); break;
+    case 2: intranode_combine_kernel<2><<<grid, kThreads, 0, stream>>>(args); break;
+    case 3: intranode_combine_kernel<3><<<grid, kThreads, 0, stream>>>(args); break;
+    case 4: intranode_combine_kernel<4><<<grid, kThreads, 0, stream>>>(args); break;
+    case 5: intranode_combine_kernel<5><<<grid, kThreads, 0, stream>>>(args); break;
+    case 6: intranode_combine_kernel<6><<<grid, kThreads, 0, stream>>>(args); break;
+    case 7: intranode_combine_kernel<7><<<grid, kThreads, 0, stream>>>(args); break;
+    case 8: intranode_combine_kernel<8><<<grid, kThreads, 0, stream>>>(args); break;
+    default: DEEP_EP_HOST_ASSERT(false, "intranode supports 1..8 ranks");
     }
     DEEP_EP_LAUNCH_CHECK();
 }
