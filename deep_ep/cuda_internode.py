@@ -13,14 +13,16 @@ consecutive ranks; ranks of the same local index form a "rail". Dispatch is a co
 
 1. ``notify`` (NVSHMEM): every rank learns what every rank sends it, the tokens its rail peers
    send to its node, and what it must forward to each rank of its node.
-2. rail leg (NVSHMEM puts with signal): each token crosses to a node at most once, to the rank of
-   the same local index there, with its FP8 scales, node-relative top-k ids, weights, source
-   index and the set of ranks of that node that want it, into a staging area ordered by source
-   node, then token.
+2. rail leg: each token crosses to a node at most once, to the rank of the same local index
+   there, with its FP8 scales, node-relative top-k ids, weights, source index and the set of
+   ranks of that node that want it, into a staging area ordered by source node, then token.
+   Every warp of the rail kernel's blocks carries one sub-stream (its own ring); a rail peer
+   that ``nvshmem_ptr`` reaches (P2P) gets the slots by direct stores, any other by NVSHMEM puts
+   with signal.
 3. NVLink leg: the verified intranode kernels (``deep_ep_cpp.Buffer`` over the ranks of the node)
    forward the staged tokens, remapping the top-k ids to local experts.
-4. a row permutation (torch ops on the device, no host sync) puts the rows in the order of the
-   contract: by global source rank, then token index.
+4. a row permutation (torch ops on the device, no host sync, moving 8-byte words) puts the rows
+   in the order of the contract: by global source rank, then token index.
 
 Combine reverses it: the permutation's inverse, the intranode combine (the rows of a token from
 the ranks of one node are summed in fp32 at the forwarding rank, rounded to bf16 once), the rail
@@ -142,12 +144,49 @@ class InternodeDispatchHandle:
     padded: bool
 
 
+def _word_size(*tensors: torch.Tensor) -> int:
+    """The widest integer word (8, 4, 2 or 1 bytes) that tiles the rows of every contiguous 2-D tensor."""
+    if any(t.numel() == 0 for t in tensors):
+        return 1
+    for size in (8, 4, 2):
+        if all(t.shape[1] * t.element_size() % size == 0 and t.stride(0) * t.element_size() % size == 0 and
+               t.data_ptr() % size == 0 for t in tensors):
+            return size
+    return 1
+
+
+_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def _row_words(t: torch.Tensor, size: int) -> torch.Tensor:
+    """A contiguous 2-D tensor's rows as `size`-byte integer words.
+
+    The row permutations below are elementwise torch kernels: on 8-byte words they move a row
+    with 8x fewer elements than on raw bytes (a 14 KB row is 1792 elements instead of 14336),
+    and the bytes, FP8 included, are copied exactly.
+    """
+    return t.view(torch.uint8).view(_WORD_DTYPES[size])
+
+
 def _scatter_rows(src: Optional[torch.Tensor], order: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``out[order[i]] = src[i]`` for a 2-D tensor, on raw bytes (any dtype, FP8 included)."""
+    """``out[order[i]] = src[i]`` for a contiguous 2-D tensor, on raw bytes (any dtype, FP8 included)."""
     if src is None or order is None:
         return src
     out = torch.empty_like(src)
-    out.view(torch.uint8).index_copy_(0, order, src.view(torch.uint8))
+    size = _word_size(src, out)
+    _row_words(out, size).index_copy_(0, order, _row_words(src, size))
+    return out
+
+
+def _gather_rows(src: Optional[torch.Tensor], order: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``src[order]`` for a 2-D tensor, moved as words when it is contiguous (see _row_words)."""
+    if src is None or order is None:
+        return src
+    if src.dim() != 2 or not src.is_contiguous():
+        return src.index_select(0, order)
+    out = torch.empty(order.numel(), src.shape[1], dtype=src.dtype, device=src.device)
+    size = _word_size(src, out)
+    torch.index_select(_row_words(src, size), 0, order, out=_row_words(out, size))
     return out
 
 
@@ -424,9 +463,8 @@ class InternodeKernelsMixin:
         hidden = x.shape[1]
         with self._on_comm_stream(previous_event):  # type: ignore[attr-defined]
             order = handle.row_order
-            leg_x = x if order is None else x.index_select(0, order)
-            leg_weights = topk_weights if (order is None or topk_weights is None) else topk_weights.index_select(0,
-                                                                                                              order)
+            leg_x = _gather_rows(x, order)
+            leg_weights = _gather_rows(topk_weights, order)
             # NVLink leg: each staged token's rows from the ranks of this node, summed (fp32, one rounding).
             partial = torch.empty(handle.staging_rows, hidden, dtype=torch.bfloat16, device=device)
             partial_weights = None

@@ -263,6 +263,37 @@ def correctness_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_dom
 # ------------------------------------------------------------------------------------------------
 # benchmark
 # ------------------------------------------------------------------------------------------------
+# Kernel-name substrings of one internode call, first match wins: the rail legs, the NVLink leg,
+# the row reorder (dispatch: index_copy_, combine: index_select); "" takes every other device
+# event (fills, copies, small torch ops).
+_BREAKDOWN_KEYS = ["rail_dispatch_kernel", "rail_combine_kernel", "notify_kernel", "notify_dispatch_kernel",
+                   "intranode_dispatch_kernel", "intranode_combine_kernel", "index_copy", "indexSelect", "nccl",
+                   "spin_kernel", ""]
+
+
+def kernel_breakdown(rank: int, op: str, fn: Any, iters: int) -> None:
+    """Per-call device time of each kernel of ``fn`` (torch.profiler), slowest rank, on rank 0's log."""
+    from test_low_latency import _kernel_durations
+    calls = [0]
+
+    def call() -> None:
+        fn(calls[0])
+        calls[0] += 1
+
+    durations = _kernel_durations(call, iters, _BREAKDOWN_KEYS)
+    parts = []
+    total = 0.0
+    for key in _BREAKDOWN_KEYS:
+        if key in ("nccl", "spin_kernel"):
+            continue  # the profiler's own rank alignment
+        per_call = _slowest(sum(durations[key]) / iters)
+        if per_call > 0.0:
+            total += per_call
+            parts.append(f"{key or 'other'} {per_call:.1f}")
+    _log(rank, f"    {op} device time per call (us, slowest rank each): " + ", ".join(parts) +
+               f"; sum {total:.1f}")
+
+
 def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_size: int, iters: int) -> None:
     import deep_ep
     num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
@@ -332,6 +363,8 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
             _log(rank, f"{name:13s} {op:13s}: {_slowest(t):8.1f} us  logical {logical:6.1f} GB/s  rail {rail:6.1f} "
                        f"GB/s  NVLink {nvlink:6.1f} GB/s | intranode kernels {intra:6.1f} GB/s "
                        f"(ratio {logical / intra:.2f}) | all_to_all_single {base:6.1f} GB/s")
+            if name == "uniform" and op in ("dispatch_bf16", "combine_bf16"):
+                kernel_breakdown(rank, op, fn, iters)
     intra_buf.destroy()
     cuda_buf.destroy()
 

@@ -534,8 +534,12 @@ def _time_calls(fn, iterations: int, warmup: int = 10) -> float:
 _ALIGN_SLEEP_CYCLES = 1_000_000  # about 0.5 ms at Hopper clocks
 
 
-def _kernel_durations(fn, iterations: int) -> Dict[str, List[float]]:
-    """Device durations (us) of our kernels over ``iterations`` calls of ``fn``, in launch order."""
+def _kernel_durations(fn, iterations: int, keys: Optional[List[str]] = None) -> Dict[str, List[float]]:
+    """Device durations (us) of our kernels over ``iterations`` calls of ``fn``, in launch order.
+
+    ``keys`` (default: the low-latency dispatch and combine kernels) are substrings of kernel
+    names; each kernel counts under the first key its name contains (``""`` catches the rest).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(5):
@@ -553,14 +557,18 @@ def _kernel_durations(fn, iterations: int) -> Dict[str, List[float]]:
             torch.cuda._sleep(_ALIGN_SLEEP_CYCLES)
             fn()
         torch.cuda.synchronize()
-    found: Dict[str, List[Tuple[float, float]]] = {"dispatch_kernel": [], "combine_kernel": []}
+    found: Dict[str, List[Tuple[float, float]]] = {k: [] for k in (keys or ["dispatch_kernel", "combine_kernel"])}
     for ev in prof.events():
         for key in found:
+            # The catch-all takes device events only (not the host's launch calls).
+            if key == "" and "CUDA" not in str(getattr(ev, "device_type", "CUDA")):
+                continue
             if key in ev.name:
                 try:
                     found[key].append((ev.time_range.start, ev.time_range.elapsed_us()))
                 except AttributeError:
                     found[key].append((0.0, float(getattr(ev, "device_time_total", 0.0))))
+                break
     return {k: [d for _, d in sorted(v)] for k, v in found.items()}
 
 

@@ -2,20 +2,27 @@
 // legs. A "rail" links the ranks of one local index across nodes; every token crosses it at most
 // once per destination node, and the NVLink leg inside the node (intranode.cu) fans it out.
 //
-// Rail dispatch: one block pair per channel (a contiguous range of the sender's tokens). Sender
-// warp m serves destination node m: it copies each token for that node (data, FP8 scales, top-k
-// ids made node-relative, weights, source index, which ranks of the node want it) into its send
-// staging ring and puts chunks to the receiver's ring with put-with-signal (the signal is the
-// running tail). Receiver warp n' drains the ring of source node n' into the staging rows
-// [rail_prefix[n'] + stream index], then returns the running head with a signal. A marker slot
-// ends each (channel, node) stream, so the receiver needs no per-channel count. Tokens for the
-// sender's own node go straight into its staging rows.
+// Rail dispatch: one block pair per channel (a contiguous range of the sender's tokens). Each
+// (channel, peer node) stream is split into sub-streams, one per sender warp and receiver warp
+// (RailGeometry::subs; 24 with two nodes), each with its own ring, tail and head, so every warp
+// of both blocks moves data. A sender warp writes each token of its sub-stream (data, FP8 scales,
+// top-k ids made node-relative, weights, source index, which ranks of the node want it, and its
+// index k in the node's stream) into the peer's ring: with plain 16-byte stores through
+// nvshmem_ptr when the peer is P2P-reachable (one copy, tail published by a system-scope
+// release), else into a local send staging ring and put-with-signal (the signal is the running
+// tail; the path between real nodes). The receiver warp drains its ring into the staging rows
+// [rail_prefix[source node] + k] (k makes the order of arrival irrelevant), then returns the
+// running head with a signal. A marker slot ends each sub-stream, so the receiver needs no
+// count. Tokens for the sender's own node go straight into its staging rows, spread over all
+// sender warps.
 //
 // Rail combine runs backwards: the forwarder sends the node-reduced row of each staged token home
-// (the home's channel split of its tokens selects the rows); the home sums, per token, the rows of
-// every node it went to (its own node's from its own staging, in place), in fp32, plus the biases.
+// (the home's channel split of its tokens selects the rows; row j of a node's part goes down
+// sub-stream j % subs); the home sums, per token, the rows of every node it went to (its own
+// node's from its own staging, in place), in fp32, plus the biases.
 //
-// Only NVSHMEM's public device API crosses nodes (puts with signal, signal ops, fence, quiet).
+// Only NVSHMEM's public device API crosses nodes (puts with signal, signal ops, fence, quiet,
+// nvshmem_ptr for P2P peers).
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
@@ -37,6 +44,7 @@ namespace {
 constexpr int kNotifyThreads = 512;
 constexpr int kRailThreads = kRailWarps * kWarpSize;
 constexpr int kCopyUnroll = 4;
+constexpr int kSumUnroll = 4;  // columns per lane in flight in the combine sum
 constexpr size_t kPage = 4096;
 
 size_t align_bytes(size_t n, size_t a) { return (n + a - 1) / a * a; }
@@ -81,19 +89,47 @@ __device__ __forceinline__ bool warp_wait_at_least(const FailureContext& fail, c
 }
 
 __device__ __forceinline__ unsigned long long* rail_signal(const Context& ctx, int kind, int signal, int channel,
-                                                           int node) {
+                                                           int ring) {
     return reinterpret_cast<unsigned long long*>(ctx.heap + ctx.layout.rail_signal_offset) +
-           ((static_cast<size_t>(kind) * 2 + signal) * kMaxChannels + channel) * kMaxNodes + node;
+           ((static_cast<size_t>(kind) * 2 + signal) * kMaxChannels + channel) * kMaxNodes + ring;
 }
 
-__device__ __forceinline__ uint8_t* recv_ring(const Context& ctx, const RailGeometry& g, int channel, int node) {
+__device__ __forceinline__ void st_release_sys_u64(unsigned long long* ptr, unsigned long long value) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+// Index of `node` among the nodes other than `self`, and back.
+__device__ __forceinline__ int other_index(int node, int self) { return node < self ? node : node - 1; }
+__device__ __forceinline__ int other_node(int index, int self) { return index < self ? index : index + 1; }
+
+__device__ __forceinline__ uint8_t* recv_ring(const Context& ctx, const RailGeometry& g, int channel, int ring) {
     return ctx.heap + g.recv_offset +
-           (static_cast<size_t>(channel) * ctx.num_nodes + node) * g.capacity * static_cast<size_t>(g.slot_bytes);
+           (static_cast<size_t>(channel) * g.rings + ring) * g.capacity * static_cast<size_t>(g.slot_bytes);
 }
 
-__device__ __forceinline__ uint8_t* send_ring(const Context& ctx, const RailGeometry& g, int channel, int node) {
+__device__ __forceinline__ uint8_t* send_ring(const Context& ctx, const RailGeometry& g, int channel, int ring) {
     return ctx.heap + g.send_offset +
-           (static_cast<size_t>(channel) * ctx.num_nodes + node) * g.capacity * static_cast<size_t>(g.slot_bytes);
+           (static_cast<size_t>(channel) * g.rings + ring) * g.capacity * static_cast<size_t>(g.slot_bytes);
+}
+
+// One sub-stream between this rank and its rail peer on `node`. Ring (and warp) q of a channel is
+// sub-stream q / peers to the peer of index q % peers among the other nodes, so a (peer, sub)
+// pair keeps its ring id, signals and running totals whatever the number of sub-streams of a
+// call (it may shrink with a small buffer). `mine` indexes this rank's rings, signals and State
+// for it; `theirs` the peer's (the same sub-stream seen from the other end).
+struct RailRing {
+    int node, sub, pe, mine, theirs;
+};
+
+__device__ __forceinline__ RailRing rail_ring(const Context& ctx, const RailGeometry& g, int ring) {
+    const int peers = ctx.num_nodes - 1;
+    RailRing r;
+    r.mine = ring;
+    r.sub = ring / peers;
+    r.node = other_node(ring % peers, ctx.node);
+    r.pe = r.node * ctx.nvl_size + ctx.local_rank;
+    r.theirs = other_index(ctx.node, r.node) + peers * r.sub;
+    return r;
 }
 
 __device__ __forceinline__ int channel_begin(int num_tokens, int channel, int num_channels) {
@@ -109,25 +145,101 @@ __device__ __forceinline__ int node_rank_bits(const bool* is_token_in_rank, int 
     return bits;
 }
 
-// Puts the slots [published, sent) of a ring to the rail peer, each contiguous part with its
-// running tail as the signal. A fence keeps the parts (and earlier puts) in order.
-__device__ void publish_slots(const RailGeometry& g, uint8_t* local_ring, uint8_t* remote_ring,
-                              unsigned long long* remote_tail, unsigned long long& published, unsigned long long sent,
-                              int pe) {
-    // The slot stores of every lane must be visible to the transport before it reads them.
-    __threadfence_system();
-    __syncwarp();
-    while (published < sent) {
-        const unsigned long long first = published % g.capacity;
-        const unsigned long long count = min(sent - published, g.capacity - first);
-        if (lane_id() == 0)
-            nvshmem_fence();
+// The sending end of one ring, driven by one warp (every lane holds the same copy). A peer that
+// nvshmem_ptr reaches (P2P over NVLink) gets its slots stored straight into its receive ring and
+// the tail as a system-scope release: one copy per token, no proxy. Any other peer gets the slots
+// written into this rank's send staging ring and put with the running tail as the signal (the
+// path that runs between real nodes over RDMA). The protocol is the same: write slot
+// `sent % capacity` only once `sent - head < capacity`; the tail says how many slots are complete.
+struct RingWriter {
+    uint8_t* slots;                     // where slot i lives for this warp's stores
+    uint8_t* remote_ring;               // the peer's receive ring (symmetric address; put path)
+    unsigned long long* remote_tail;    // the peer's tail: mapped pointer (direct) or symmetric address
+    const unsigned long long* own_head;  // released by the peer's receiver
+    unsigned long long sent, published, head;
+    int capacity, slot_bytes, publish_every, pe;
+    bool direct;
+
+    __device__ __forceinline__ uint8_t* slot() const {
+        return slots + (sent % static_cast<unsigned long long>(capacity)) * static_cast<size_t>(slot_bytes);
+    }
+
+    // Makes slots [published, sent) visible to the peer with the tail `sent`. Whole warp.
+    __device__ void publish() {
+        if (direct) {
+            // Every lane's slot stores happen before lane 0's release (the warp barrier orders
+            // them, as in the intranode kernels' publish_tail); the receiver acquires the tail.
+            __syncwarp();
+            if (lane_id() == 0)
+                st_release_sys_u64(remote_tail, sent);
+            published = sent;
+            return;
+        }
+        // The slot stores of every lane must be visible to the transport before it reads them.
+        __threadfence_system();
         __syncwarp();
-        const size_t offset = first * static_cast<size_t>(g.slot_bytes);
-        nvshmemx_putmem_signal_nbi_warp(remote_ring + offset, local_ring + offset, count * g.slot_bytes,
-                                        reinterpret_cast<uint64_t*>(remote_tail), published + count,
-                                        NVSHMEM_SIGNAL_SET, pe);
-        published += count;
+        while (published < sent) {
+            const unsigned long long first = published % capacity;
+            const unsigned long long count = min(sent - published, capacity - first);
+            if (lane_id() == 0)
+                nvshmem_fence();  // keeps the parts (and earlier puts) in order
+            __syncwarp();
+            const size_t offset = first * static_cast<size_t>(slot_bytes);
+            nvshmemx_putmem_signal_nbi_warp(remote_ring + offset, slots + offset, count * slot_bytes,
+                                            reinterpret_cast<uint64_t*>(remote_tail), published + count,
+                                            NVSHMEM_SIGNAL_SET, pe);
+            published += count;
+        }
+    }
+
+    // Counts the slot just written; publishes every `publish_every` slots.
+    __device__ __forceinline__ void commit() {
+        ++sent;
+        if (sent - published >= static_cast<unsigned long long>(publish_every))
+            publish();
+    }
+};
+
+// Opens this warp's end of ring `r` of `channel` (kind g.kind): waits until the peer has consumed
+// everything of earlier calls in it. False (after a recorded failure) if the wait failed.
+__device__ bool open_ring_writer(const Context& ctx, const RailGeometry& g, int channel, const RailRing& r,
+                                 int kernel, RingWriter& w) {
+    uint8_t* remote_ring = recv_ring(ctx, g, channel, r.theirs);
+    unsigned long long* remote_tail = rail_signal(ctx, g.kind, kRailTail, channel, r.theirs);
+    auto* mapped_ring = static_cast<uint8_t*>(nvshmem_ptr(remote_ring, r.pe));
+    auto* mapped_tail = static_cast<unsigned long long*>(nvshmem_ptr(remote_tail, r.pe));
+    w.direct = mapped_ring != nullptr && mapped_tail != nullptr;
+    w.slots = w.direct ? mapped_ring : send_ring(ctx, g, channel, r.mine);
+    w.remote_ring = remote_ring;
+    w.remote_tail = w.direct ? mapped_tail : remote_tail;
+    w.own_head = rail_signal(ctx, g.kind, kRailHead, channel, r.mine);
+    w.capacity = g.capacity;
+    w.slot_bytes = g.slot_bytes;
+    w.publish_every = g.publish_every;
+    w.pe = r.pe;
+    const unsigned long long base = ctx.state->sent[g.kind][channel][r.mine];
+    w.sent = w.published = w.head = base;
+    return warp_wait_at_least(ctx.fail, w.own_head, base, w.head, kernel, r.pe, kWaitRailHead, channel);
+}
+
+// Waits for a free slot (publishing first: the receiver only frees what it was told about).
+__device__ __forceinline__ bool make_room(const Context& ctx, RingWriter& w, int kernel, int channel) {
+    if (w.sent - w.head < static_cast<unsigned long long>(w.capacity))
+        return true;
+    w.publish();
+    return warp_wait_at_least(ctx.fail, w.own_head, w.sent - w.capacity + 1, w.head, kernel, w.pe, kWaitRailHead,
+                              channel);
+}
+
+// Publishes the rest and records the running total for the next call (slot `r.mine`).
+__device__ void close_ring_writer(const Context& ctx, const RailGeometry& g, int channel, const RailRing& r,
+                                  RingWriter& w) {
+    w.publish();
+    __syncwarp();
+    if (lane_id() == 0) {
+        if (!w.direct)
+            nvshmem_quiet();  // the staging ring may be rewritten by the next call
+        ctx.state->sent[g.kind][channel][r.mine] = w.sent;
     }
 }
 
@@ -285,122 +397,128 @@ __device__ bool check_staging_row(const Context& ctx, const RailDispatchArgs& a,
     return false;
 }
 
+// Stream numbering: the tokens of the channel that go to node m, in token order, continue the
+// count of the tokens before the channel (s_before[m]); stream index k fixes the staging row at
+// the receiver (rail_prefix[source node] + k), so sub-streams may arrive in any order. Local
+// token k (own node) is copied by warp k % kRailWarps; remote token k to node m goes down
+// sub-stream k % subs of m, which one warp owns.
 __device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a, int channel) {
     const RailGeometry& g = a.rail;
     const int R = ctx.num_ranks, L = ctx.nvl_size, N = ctx.num_nodes;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
     const int begin = channel_begin(a.num_tokens, channel, g.num_channels);
     const int end = channel_begin(a.num_tokens, channel + 1, g.num_channels);
+    const unsigned lanes_below = (1u << lane) - 1u;
 
     // Tokens each node gets before this channel: the stream index of the channel's first one.
+    // Per-lane counts and one shared atomic per warp and node (not one per token).
     __shared__ int s_before[kMaxNodes];
     if (threadIdx.x < kMaxNodes)
         s_before[threadIdx.x] = 0;
     __syncthreads();
-    for (int t = threadIdx.x; t < begin; t += blockDim.x)
-        for (int m = 0; m < N; ++m)
-            if (node_rank_bits(a.is_token_in_rank, t, R, m, L) != 0)
-                atomicAdd(&s_before[m], 1);
+    for (int m = 0; m < N; ++m) {
+        int count = 0;
+        for (int t = threadIdx.x; t < begin; t += blockDim.x)
+            count += node_rank_bits(a.is_token_in_rank, t, R, m, L) != 0 ? 1 : 0;
+        count = warp_sum(count);
+        if (lane == 0 && count != 0)
+            atomicAdd(&s_before[m], count);
+    }
     __syncthreads();
 
-    const int m = warp;
-    if (m >= N)
-        return;
-    const bool local = m == ctx.node;
-    const int pe = m * L + ctx.local_rank;
     const int experts_per_node = a.num_experts / N;
-    const int expert_lo = m * experts_per_node, expert_hi = expert_lo + experts_per_node;
-    uint8_t* ring = send_ring(ctx, g, channel, m);
-    uint8_t* remote_ring = recv_ring(ctx, g, channel, ctx.node);
-    unsigned long long* remote_tail = rail_signal(ctx, g.kind, kRailTail, channel, ctx.node);
-    const unsigned long long* own_head = rail_signal(ctx, g.kind, kRailHead, channel, m);
-    const unsigned long long base = ctx.state->sent[g.kind][channel][m];
-    unsigned long long sent = base, published = base, head = base;
-    if (!local && !warp_wait_at_least(ctx.fail, own_head, base, head, kKernelRailDispatch, pe, kWaitRailHead, channel))
-        return;
-
-    // Waits for a free slot (publishing first: the receiver only frees what it was told about).
-    auto make_room = [&]() -> bool {
-        if (sent - head < static_cast<unsigned long long>(g.capacity))
-            return true;
-        publish_slots(g, ring, remote_ring, remote_tail, published, sent, pe);
-        return warp_wait_at_least(ctx.fail, own_head, sent - g.capacity + 1, head, kKernelRailDispatch, pe,
-                                  kWaitRailHead, channel);
-    };
-
-    int k = s_before[m];
+    // This warp's sub-stream to a remote node, if it has one (warp-uniform).
+    const bool has_ring = warp < g.rings;
+    RailRing r{};
+    RingWriter w{};
+    if (has_ring) {
+        r = rail_ring(ctx, g, warp);
+        if (!open_ring_writer(ctx, g, channel, r, kKernelRailDispatch, w))
+            return;
+    }
+    const int local_lo = ctx.node * experts_per_node;
+    const int remote_lo = has_ring ? r.node * experts_per_node : 0;
+    int k_local = s_before[ctx.node];
+    int k_remote = has_ring ? s_before[r.node] : 0;
     for (int window = begin; window < end; window += kWarpSize) {
         const int t = window + lane;
-        const int bits = t < end ? node_rank_bits(a.is_token_in_rank, t, R, m, L) : 0;
-        unsigned mask = __ballot_sync(0xffffffffu, bits != 0);
-        while (mask != 0) {
-            const int source_lane = __ffs(mask) - 1;
-            mask &= mask - 1;
+        // Own node: straight into the staging rows.
+        const int local_bits = t < end ? node_rank_bits(a.is_token_in_rank, t, R, ctx.node, L) : 0;
+        const unsigned local_mask = __ballot_sync(0xffffffffu, local_bits != 0);
+        const int lane_k_local = k_local + __popc(local_mask & lanes_below);
+        unsigned todo = __ballot_sync(0xffffffffu, local_bits != 0 && lane_k_local % kRailWarps == warp);
+        k_local += __popc(local_mask);
+        while (todo != 0) {
+            const int source_lane = __ffs(todo) - 1;
+            todo &= todo - 1;
             const int token = window + source_lane;
-            const int token_bits = __shfl_sync(0xffffffffu, bits, source_lane);
-            if (local) {
-                const int64_t row = static_cast<int64_t>(a.rail_prefix[ctx.node]) + k;
-                if (!check_staging_row(ctx, a, row, ctx.rank, channel))
-                    return;
-                TokenTarget target{a.staging_x + row * a.hidden_bytes,
-                                   a.staging_scales != nullptr ? a.staging_scales + row * a.num_scales : nullptr,
-                                   nullptr,
-                                   a.staging_topk_idx != nullptr ? a.staging_topk_idx + row * a.num_topk : nullptr,
-                                   a.staging_topk_weights != nullptr ? a.staging_topk_weights + row * a.num_topk
-                                                                     : nullptr};
-                write_token(a, token, expert_lo, expert_hi, target, lane);
-                if (lane == 0)
-                    a.staging_src_token[row] = token;
-                if (lane < L)
-                    a.forward_in_rank[row * L + lane] = ((token_bits >> lane) & 1) != 0;
-            } else {
-                if (!make_room())
-                    return;
-                uint8_t* slot = ring + (sent % g.capacity) * static_cast<size_t>(g.slot_bytes);
-                TokenTarget target{slot, reinterpret_cast<float*>(slot + a.slot.scales_offset),
-                                   reinterpret_cast<int*>(slot + a.slot.topk_idx_offset), nullptr,
-                                   reinterpret_cast<float*>(slot + a.slot.topk_weights_offset)};
-                write_token(a, token, expert_lo, expert_hi, target, lane);
-                if (lane == 0)
-                    *reinterpret_cast<int4*>(slot + a.slot.meta_offset) = make_int4(token, k, token_bits, 0);
-                ++sent;
-                if (sent - published >= static_cast<unsigned long long>(g.publish_every))
-                    publish_slots(g, ring, remote_ring, remote_tail, published, sent, pe);
-            }
-            ++k;
+            const int token_bits = __shfl_sync(0xffffffffu, local_bits, source_lane);
+            const int64_t row =
+                static_cast<int64_t>(a.rail_prefix[ctx.node]) + __shfl_sync(0xffffffffu, lane_k_local, source_lane);
+            if (!check_staging_row(ctx, a, row, ctx.rank, channel))
+                return;
+            TokenTarget target{a.staging_x + row * a.hidden_bytes,
+                               a.staging_scales != nullptr ? a.staging_scales + row * a.num_scales : nullptr, nullptr,
+                               a.staging_topk_idx != nullptr ? a.staging_topk_idx + row * a.num_topk : nullptr,
+                               a.staging_topk_weights != nullptr ? a.staging_topk_weights + row * a.num_topk : nullptr};
+            write_token(a, token, local_lo, local_lo + experts_per_node, target, lane);
+            if (lane == 0)
+                a.staging_src_token[row] = token;
+            if (lane < L)
+                a.forward_in_rank[row * L + lane] = ((token_bits >> lane) & 1) != 0;
+        }
+        if (!has_ring)
+            continue;
+        // This warp's sub-stream to node r.node: into the peer's ring.
+        const int remote_bits = t < end ? node_rank_bits(a.is_token_in_rank, t, R, r.node, L) : 0;
+        const unsigned remote_mask = __ballot_sync(0xffffffffu, remote_bits != 0);
+        const int lane_k_remote = k_remote + __popc(remote_mask & lanes_below);
+        todo = __ballot_sync(0xffffffffu, remote_bits != 0 && lane_k_remote % g.subs == r.sub);
+        k_remote += __popc(remote_mask);
+        while (todo != 0) {
+            const int source_lane = __ffs(todo) - 1;
+            todo &= todo - 1;
+            const int token = window + source_lane;
+            const int token_bits = __shfl_sync(0xffffffffu, remote_bits, source_lane);
+            const int k = __shfl_sync(0xffffffffu, lane_k_remote, source_lane);
+            if (!make_room(ctx, w, kKernelRailDispatch, channel))
+                return;
+            uint8_t* slot = w.slot();
+            TokenTarget target{slot, reinterpret_cast<float*>(slot + a.slot.scales_offset),
+                               reinterpret_cast<int*>(slot + a.slot.topk_idx_offset), nullptr,
+                               reinterpret_cast<float*>(slot + a.slot.topk_weights_offset)};
+            write_token(a, token, remote_lo, remote_lo + experts_per_node, target, lane);
+            if (lane == 0)
+                *reinterpret_cast<int4*>(slot + a.slot.meta_offset) = make_int4(token, k, token_bits, 0);
+            w.commit();
         }
     }
-    if (local)
+    if (!has_ring)
         return;
-    // End of this (channel, node) stream.
-    if (!make_room())
+    // End of this sub-stream.
+    if (!make_room(ctx, w, kKernelRailDispatch, channel))
         return;
-    uint8_t* slot = ring + (sent % g.capacity) * static_cast<size_t>(g.slot_bytes);
     if (lane == 0)
-        *reinterpret_cast<int4*>(slot + a.slot.meta_offset) = make_int4(-1, -1, 0, 0);
-    ++sent;
-    publish_slots(g, ring, remote_ring, remote_tail, published, sent, pe);
-    __syncwarp();
-    if (lane == 0) {
-        nvshmem_quiet();
-        ctx.state->sent[g.kind][channel][m] = sent;
-    }
+        *reinterpret_cast<int4*>(w.slot() + a.slot.meta_offset) = make_int4(-1, -1, 0, 0);
+    ++w.sent;
+    close_ring_writer(ctx, g, channel, r, w);
 }
 
+// Receiver warp w drains ring w (one sub-stream of one source node) into the staging rows.
 __device__ void rail_dispatch_receive(const Context& ctx, const RailDispatchArgs& a, int channel) {
     const RailGeometry& g = a.rail;
     const int L = ctx.nvl_size;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
-    const int n = warp;
-    if (n >= ctx.num_nodes || n == ctx.node)
+    if (warp >= g.rings)
         return;
-    const int pe = n * L + ctx.local_rank;
-    const uint8_t* ring = recv_ring(ctx, g, channel, n);
-    const unsigned long long* own_tail = rail_signal(ctx, g.kind, kRailTail, channel, n);
-    unsigned long long* remote_head = rail_signal(ctx, g.kind, kRailHead, channel, ctx.node);
-    const unsigned long long base = ctx.state->received[g.kind][channel][n];
+    const RailRing r = rail_ring(ctx, g, warp);
+    const int pe = r.pe;
+    const uint8_t* ring = recv_ring(ctx, g, channel, r.mine);
+    const unsigned long long* own_tail = rail_signal(ctx, g.kind, kRailTail, channel, r.mine);
+    unsigned long long* remote_head = rail_signal(ctx, g.kind, kRailHead, channel, r.theirs);
+    const unsigned long long base = ctx.state->received[g.kind][channel][r.mine];
     unsigned long long consumed = base, tail = base, released = base;
-    const int first_row = a.rail_prefix[n];
+    const int first_row = a.rail_prefix[r.node];
     while (true) {
         if (consumed >= tail &&
             !warp_wait_at_least(ctx.fail, own_tail, consumed + 1, tail, kKernelRailDispatch, pe, kWaitRailTail,
@@ -444,7 +562,7 @@ __device__ void rail_dispatch_receive(const Context& ctx, const RailDispatchArgs
         if (released != consumed)
             nvshmemx_signal_op(reinterpret_cast<uint64_t*>(remote_head), consumed, NVSHMEM_SIGNAL_SET, pe);
         nvshmem_quiet();
-        ctx.state->received[g.kind][channel][n] = consumed;
+        ctx.state->received[g.kind][channel][r.mine] = consumed;
     }
 }
 
@@ -480,59 +598,46 @@ __device__ int warp_lower_bound(const int* values, int lo, int hi, int target) {
     return ge == 0 ? hi : lo + __ffs(ge) - 1;
 }
 
+// Sender warp w returns, through ring w, sub-stream r.sub of the rows staged for home node
+// r.node in this channel: the home's channel split of its tokens selects rows [first, last) of
+// that node's staging block, and row first + j goes down sub-stream j % subs.
 __device__ void rail_combine_send(const Context& ctx, const RailCombineArgs& a, int channel) {
     const RailGeometry& g = a.rail;
-    const int L = ctx.nvl_size;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
-    const int n = warp;  // the home node of the rows this warp returns
-    if (n >= ctx.num_nodes || n == ctx.node)
+    if (warp >= g.rings)
         return;
-    const int pe = n * L + ctx.local_rank;
+    const RailRing r = rail_ring(ctx, g, warp);
+    const int n = r.node;  // the home node of the rows this warp returns
     const int home_tokens = a.rail_src_num_tokens[n];
     const int begin = channel_begin(home_tokens, channel, g.num_channels);
     const int end = channel_begin(home_tokens, channel + 1, g.num_channels);
     const int first = warp_lower_bound(a.staging_src_token, a.rail_prefix[n], a.rail_prefix[n + 1], begin);
     const int last = warp_lower_bound(a.staging_src_token, first, a.rail_prefix[n + 1], end);
 
-    uint8_t* ring = send_ring(ctx, g, channel, n);
-    uint8_t* remote_ring = recv_ring(ctx, g, channel, ctx.node);
-    unsigned long long* remote_tail = rail_signal(ctx, g.kind, kRailTail, channel, ctx.node);
-    const unsigned long long* own_head = rail_signal(ctx, g.kind, kRailHead, channel, n);
-    const unsigned long long base = ctx.state->sent[g.kind][channel][n];
-    unsigned long long sent = base, published = base, head = base;
-    if (!warp_wait_at_least(ctx.fail, own_head, base, head, kKernelRailCombine, pe, kWaitRailHead, channel))
+    RingWriter w{};
+    if (!open_ring_writer(ctx, g, channel, r, kKernelRailCombine, w))
         return;
     const int row_bytes = a.hidden * 2;
     const int weights_offset = combine_weights_offset(a.hidden);
-    for (int row = first; row < last; ++row) {
-        if (sent - head >= static_cast<unsigned long long>(g.capacity)) {
-            publish_slots(g, ring, remote_ring, remote_tail, published, sent, pe);
-            if (!warp_wait_at_least(ctx.fail, own_head, sent - g.capacity + 1, head, kKernelRailCombine, pe,
-                                    kWaitRailHead, channel))
-                return;
-        }
-        uint8_t* slot = ring + (sent % g.capacity) * static_cast<size_t>(g.slot_bytes);
+    for (int row = first + r.sub; row < last; row += g.subs) {
+        if (!make_room(ctx, w, kKernelRailCombine, channel))
+            return;
+        uint8_t* slot = w.slot();
         warp_copy_int4<kCopyUnroll, false>(reinterpret_cast<int4*>(slot),
                                            reinterpret_cast<const int4*>(a.partial + static_cast<int64_t>(row) * row_bytes),
                                            row_bytes / 16, lane);
         if (a.partial_weights != nullptr && lane < a.num_topk)
             reinterpret_cast<float*>(slot + weights_offset)[lane] =
                 __ldg(a.partial_weights + static_cast<int64_t>(row) * a.num_topk + lane);
-        ++sent;
-        if (sent - published >= static_cast<unsigned long long>(g.publish_every))
-            publish_slots(g, ring, remote_ring, remote_tail, published, sent, pe);
+        w.commit();
     }
-    publish_slots(g, ring, remote_ring, remote_tail, published, sent, pe);
-    __syncwarp();
-    if (lane == 0) {
-        nvshmem_quiet();
-        ctx.state->sent[g.kind][channel][n] = sent;
-    }
+    close_ring_writer(ctx, g, channel, r, w);
 }
 
 // The home walks its channel's tokens in batches of one token per warp: warp 0 numbers each
-// (token, node) pair inside its node's stream, every warp sums its token's rows, then warp 0
-// releases the consumed slots.
+// (token, node) pair inside its node's stream (index i of node m's stream is slot i / subs of
+// sub-stream i % subs), every warp sums its token's rows, then warp 0 releases the consumed
+// slots of every ring.
 __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& a, int channel) {
     const RailGeometry& g = a.rail;
     const int R = ctx.num_ranks, L = ctx.nvl_size, N = ctx.num_nodes;
@@ -542,12 +647,12 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
 
     __shared__ int s_index[kRailWarps][kMaxNodes];
     __shared__ int s_count[kMaxNodes];
-    __shared__ unsigned long long s_base[kMaxNodes];
+    __shared__ unsigned long long s_base[kMaxNodes];  // per ring
     __shared__ int s_own_before;
     __shared__ int s_failed;
     if (threadIdx.x < kMaxNodes) {
         s_count[threadIdx.x] = 0;
-        s_base[threadIdx.x] = threadIdx.x < N ? ctx.state->received[g.kind][channel][threadIdx.x] : 0ull;
+        s_base[threadIdx.x] = threadIdx.x < g.rings ? ctx.state->received[g.kind][channel][threadIdx.x] : 0ull;
     }
     if (threadIdx.x == 0) {
         s_own_before = 0;
@@ -565,11 +670,24 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
     const int row_bytes = a.hidden * 2;
     const int hidden_int4 = a.hidden / 8;
     const int weights_offset = combine_weights_offset(a.hidden);
+    const int subs = g.subs;
     const int64_t own_first_row = static_cast<int64_t>(a.rail_prefix[ctx.node]) + s_own_before;
-    const bool head_lane = warp == 0 && lane < N && lane != ctx.node;
+    // Thread q < rings (all in warp 0) releases ring q; `released` is its slots consumed so far.
+    const bool release_thread = static_cast<int>(threadIdx.x) < g.rings;
+    RailRing released_ring{};
+    if (release_thread)
+        released_ring = rail_ring(ctx, g, threadIdx.x);
     int released = 0;
+    // Ring and slot of entry `index` of node m's stream (m != own node).
+    auto ring_of = [&](int m, int index) { return other_index(m, ctx.node) + (N - 1) * (index % subs); };
+    auto slot_of = [&](int m, int index) -> const uint8_t* {
+        const int ring = ring_of(m, index);
+        return recv_ring(ctx, g, channel, ring) +
+               ((s_base[ring] + index / subs) % g.capacity) * static_cast<size_t>(g.slot_bytes);
+    };
     for (int batch = begin; batch < end; batch += kRailWarps) {
         if (warp == 0) {
+            __syncwarp();  // the release lanes' reads of s_count (last batch) come before these writes
             const int t = batch + lane;
             const bool valid = lane < kRailWarps && t < end;
             for (int m = 0; m < N; ++m) {
@@ -589,9 +707,11 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
         if (token < end) {
             bool ok = true;
             if (lane < N && lane != ctx.node && s_index[warp][lane] >= 0) {
+                const int index = s_index[warp][lane];
+                const int ring = ring_of(lane, index);
                 unsigned long long seen;
-                ok = wait_at_least(ctx.fail, rail_signal(ctx, g.kind, kRailTail, channel, lane),
-                                   s_base[lane] + s_index[warp][lane] + 1, seen, kKernelRailCombine,
+                ok = wait_at_least(ctx.fail, rail_signal(ctx, g.kind, kRailTail, channel, ring),
+                                   s_base[ring] + index / subs + 1, seen, kKernelRailCombine,
                                    lane * L + ctx.local_rank, kWaitRailTail, channel);
             }
             if (__ballot_sync(0xffffffffu, !ok) != 0) {
@@ -599,23 +719,40 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
                     s_failed = 1;
             } else {
                 const int64_t out_offset = static_cast<int64_t>(token) * row_bytes;
-                for (int column = lane; column < hidden_int4; column += kWarpSize) {
-                    float acc[8];
+                // kSumUnroll columns per lane and pass: their loads from one row are in flight
+                // together (one memory latency per row and pass, not per column). Each element
+                // is summed in the same order as before: nodes ascending, then the biases.
+                for (int column0 = lane; column0 < hidden_int4; column0 += kWarpSize * kSumUnroll) {
+                    float acc[kSumUnroll][8];
 #pragma unroll
-                    for (int j = 0; j < 8; ++j)
-                        acc[j] = 0.0f;
+                    for (int u = 0; u < kSumUnroll; ++u)
+#pragma unroll
+                        for (int j = 0; j < 8; ++j)
+                            acc[u][j] = 0.0f;
                     for (int m = 0; m < N; ++m) {
                         const int index = s_index[warp][m];
                         if (index < 0)
                             continue;
-                        const uint8_t* row =
-                            m == ctx.node ? a.partial + (own_first_row + index) * row_bytes
-                                          : recv_ring(ctx, g, channel, m) +
-                                                ((s_base[m] + index) % g.capacity) * static_cast<size_t>(g.slot_bytes);
-                        accumulate_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(row) + column));
+                        const int4* row = reinterpret_cast<const int4*>(
+                            m == ctx.node ? a.partial + (own_first_row + index) * row_bytes : slot_of(m, index));
+                        int4 values[kSumUnroll];
+#pragma unroll
+                        for (int u = 0; u < kSumUnroll; ++u) {
+                            const int column = column0 + u * kWarpSize;
+                            values[u] = column < hidden_int4 ? __ldcg(row + column) : make_int4(0, 0, 0, 0);
+                        }
+#pragma unroll
+                        for (int u = 0; u < kSumUnroll; ++u)
+                            accumulate_bf16x8(acc[u], values[u]);
                     }
-                    accumulate_biases(acc, a.bias0, a.bias1, out_offset, column);
-                    store_bf16x8(a.combined_x + out_offset, column, acc);
+#pragma unroll
+                    for (int u = 0; u < kSumUnroll; ++u) {
+                        const int column = column0 + u * kWarpSize;
+                        if (column < hidden_int4) {
+                            accumulate_biases(acc[u], a.bias0, a.bias1, out_offset, column);
+                            store_bf16x8(a.combined_x + out_offset, column, acc[u]);
+                        }
+                    }
                 }
                 if (a.combined_topk_weights != nullptr && lane < a.num_topk) {
                     float sum = 0.0f;
@@ -624,12 +761,8 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
                         if (index < 0)
                             continue;
                         const float* weights =
-                            m == ctx.node
-                                ? a.partial_weights + (own_first_row + index) * a.num_topk
-                                : reinterpret_cast<const float*>(
-                                      recv_ring(ctx, g, channel, m) +
-                                      ((s_base[m] + index) % g.capacity) * static_cast<size_t>(g.slot_bytes) +
-                                      weights_offset);
+                            m == ctx.node ? a.partial_weights + (own_first_row + index) * a.num_topk
+                                          : reinterpret_cast<const float*>(slot_of(m, index) + weights_offset);
                         sum += __ldcg(weights + lane);
                     }
                     a.combined_topk_weights[static_cast<int64_t>(token) * a.num_topk + lane] = sum;
@@ -639,16 +772,23 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
         __syncthreads();
         if (s_failed)
             return;
-        // Release what this batch consumed (its loads have completed: the sums are stored).
-        if (head_lane && s_count[lane] != released) {
-            released = s_count[lane];
-            nvshmemx_signal_op(reinterpret_cast<uint64_t*>(rail_signal(ctx, g.kind, kRailHead, channel, ctx.node)),
-                               s_base[lane] + released, NVSHMEM_SIGNAL_SET, lane * L + ctx.local_rank);
+        // Release what this batch consumed (its loads have completed: the sums are stored). The
+        // first s_count[m] entries of node m's stream are consumed; sub-stream s holds those
+        // with index % subs == s.
+        if (release_thread) {
+            const int count = s_count[released_ring.node];
+            const int consumed = count > released_ring.sub ? (count - released_ring.sub + subs - 1) / subs : 0;
+            if (consumed != released) {
+                released = consumed;
+                nvshmemx_signal_op(
+                    reinterpret_cast<uint64_t*>(rail_signal(ctx, g.kind, kRailHead, channel, released_ring.theirs)),
+                    s_base[threadIdx.x] + released, NVSHMEM_SIGNAL_SET, released_ring.pe);
+            }
         }
     }
-    if (head_lane) {
+    if (release_thread) {
         nvshmem_quiet();
-        ctx.state->received[g.kind][channel][lane] = s_base[lane] + s_count[lane];
+        ctx.state->received[g.kind][channel][threadIdx.x] = s_base[threadIdx.x] + released;
     }
 }
 
@@ -691,28 +831,46 @@ Layout make_layout(int num_ranks, size_t total_bytes) {
 
 RailGeometry make_rail_geometry(const Layout& layout, int kind, int num_nodes, int num_sms, int send_chunk,
                                 int ring_capacity, int slot_bytes) {
-    // The combine receiver takes up to one token per warp from a ring before it releases slots.
-    const int min_capacity = kind == kRailCombine ? kRailWarps + 1 : 2;
     DEEP_EP_HOST_ASSERT(num_sms >= 2 && num_sms % 2 == 0, "num_sms must be even and >= 2");
     DEEP_EP_HOST_ASSERT(num_sms / 2 <= kMaxChannels, "num_sms must be at most " + std::to_string(2 * kMaxChannels));
+    DEEP_EP_HOST_ASSERT(num_nodes >= 2 && num_nodes <= kMaxNodes, "the rail legs need 2.." +
+                                                                      std::to_string(kMaxNodes) + " nodes");
     RailGeometry g;
     g.kind = kind;
     g.num_channels = num_sms / 2;
     g.slot_bytes = slot_bytes;
-    // One receive ring and one send staging ring per (channel, peer node).
-    const size_t per_slot = 2 * static_cast<size_t>(g.num_channels) * num_nodes * slot_bytes;
-    const size_t fit = layout.kind_bytes / per_slot;
-    g.capacity = static_cast<int>(
-        std::min<size_t>(static_cast<size_t>(std::max(ring_capacity, min_capacity)), fit));
+    const int peers = num_nodes - 1;
+    // The combine receiver takes up to one token per warp from a peer's stream before it releases
+    // slots, i.e. up to ceil(kRailWarps / subs) from one ring.
+    auto min_capacity_of = [&](int subs) { return kind == kRailCombine ? (kRailWarps + subs - 1) / subs + 1 : 2; };
+    // One receive ring and one send staging ring per (channel, ring); slots that fit per ring.
+    auto per_slot_of = [&](int subs) {
+        return 2 * static_cast<size_t>(g.num_channels) * static_cast<size_t>(peers * subs) * slot_bytes;
+    };
+    auto fit_of = [&](int subs) { return layout.kind_bytes / per_slot_of(subs); };
+    // Every warp of the block pair owns one sub-stream; fewer when the buffer cannot give each ring
+    // a few slots (the result depends only on arguments every rank of the rail shares).
+    int subs = std::max(1, kRailWarps / peers);
+    while (subs > 1 && fit_of(subs) < static_cast<size_t>(std::max(min_capacity_of(subs), 4)))
+        subs /= 2;
+    g.subs = subs;
+    g.rings = peers * subs;
+    DEEP_EP_HOST_ASSERT(g.rings <= kMaxNodes && g.rings <= kRailWarps, "too many rail rings per channel");
+    const int min_capacity = min_capacity_of(subs);
+    // The config's slots per (channel, peer) are shared by the sub-streams, with a few each at least.
+    const int wanted = std::max({min_capacity, (ring_capacity + subs - 1) / subs, 8});
+    g.capacity = static_cast<int>(std::min<size_t>(static_cast<size_t>(wanted), fit_of(subs)));
     if (g.capacity < min_capacity)
         throw std::invalid_argument("deep_ep: num_rdma_bytes (" + std::to_string(layout.total_bytes) +
                                     ") is too small for " + std::to_string(g.num_channels) + " channels of " +
                                     std::to_string(slot_bytes) + "-byte slots over " + std::to_string(num_nodes) +
                                     " nodes; need at least " +
-                                    std::to_string(layout.data_offset + 2 * min_capacity * per_slot + 2 * kPage) + " bytes");
+                                    std::to_string(layout.data_offset + 2 * min_capacity * per_slot_of(subs) +
+                                                   2 * kPage) +
+                                    " bytes");
     g.publish_every = std::max(1, std::min(send_chunk, g.capacity / 2));
     g.recv_offset = layout.data_offset + static_cast<size_t>(kind) * layout.kind_bytes;
-    g.send_offset = g.recv_offset + static_cast<size_t>(g.capacity) * (per_slot / 2);
+    g.send_offset = g.recv_offset + static_cast<size_t>(g.capacity) * (per_slot_of(subs) / 2);
     return g;
 }
 

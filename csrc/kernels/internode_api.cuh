@@ -5,10 +5,13 @@
 //
 // Symmetric memory (one NVSHMEM allocation of num_rdma_bytes per rank, same layout everywhere):
 //
-//   [signals]  notify arrival counters [2 parities] (uint64), rail tails and heads [kind][channel][node] (uint64)
+//   [signals]  notify arrival counters [2 parities] (uint64), rail tails and heads [kind][channel][ring] (uint64)
 //   [notify]   receive slots [2 parities][num_ranks][kNotifyInts], send slots [num_ranks][kNotifyInts]
 //   [rings]    per kind (dispatch, combine) one half of the rest: receive rings
-//              [channel][source node][capacity][slot], then send staging [channel][dest node][capacity][slot]
+//              [channel][ring][capacity][slot], then send staging [channel][ring][capacity][slot]
+//              (ring = sub-stream * (nodes - 1) + peer node among the others, see RailGeometry; the send
+//              staging is used only for peers that nvshmem_ptr cannot reach: P2P peers get
+//              their slots stored straight into their receive ring)
 //
 // Ring positions are running totals kept in device memory (State), so nothing is reset between
 // calls and a replayed CUDA graph continues them. Before writing into a ring a sender waits until
@@ -25,7 +28,7 @@
 namespace deep_ep {
 namespace internode {
 
-constexpr int kMaxNodes = 24;          // one warp per node in the rail kernels
+constexpr int kMaxNodes = 24;          // rail rings per channel, and nodes (one warp each at least)
 constexpr int kMaxNodeRanks = 8;       // ranks of one NVLink domain (intranode kMaxRanks)
 constexpr int kMaxChannels = 64;
 constexpr int kMaxLocalExperts = 1024;
@@ -52,8 +55,8 @@ enum RailSignal : int { kRailTail = 0, kRailHead = 1 };
 // Running ring totals and the notify call number, in ordinary device memory of this rank.
 struct State {
     unsigned long long notify_seq;
-    unsigned long long sent[2][kMaxChannels][kMaxNodes];
-    unsigned long long received[2][kMaxChannels][kMaxNodes];
+    unsigned long long sent[2][kMaxChannels][kMaxNodes];      // [kind][channel][ring], sender side
+    unsigned long long received[2][kMaxChannels][kMaxNodes];  // [kind][channel][ring], receiver side
 };
 
 struct Layout {
@@ -68,17 +71,25 @@ struct Layout {
 // Throws std::invalid_argument if `total_bytes` cannot hold the control area.
 Layout make_layout(int num_ranks, size_t total_bytes);
 
+// Each (channel, peer node) stream is split into `subs` sub-streams, one per warp pair (sender
+// warp, receiver warp), each with its own ring, tail, head and running totals: a rank's rail
+// traffic then moves with every warp of the channel's blocks instead of one warp per peer. Ring
+// ids inside a channel: the sub-stream times (num_nodes - 1), plus the peer's index among the
+// other nodes (node ids skipping one's own). Both ranks of a rail compute the same geometry.
 struct RailGeometry {
     int kind;
     int num_channels;
-    int capacity;       // slots per (channel, peer node) ring
+    int subs;           // sub-streams per (channel, peer node)
+    int rings;          // rings per channel: (num_nodes - 1) * subs, at most kRailWarps
+    int capacity;       // slots per ring (one sub-stream)
     int slot_bytes;     // multiple of 128
     int publish_every;  // tokens between two tail (or head) updates
     size_t recv_offset;  // heap offsets of this kind's receive rings and send staging
     size_t send_offset;
 };
-// The rings of one call; throws std::invalid_argument (with the bytes needed) if not even one
-// slot per ring fits.
+// The rings of one call; throws std::invalid_argument (with the bytes needed) if not even the
+// minimum of slots per ring fits with one sub-stream per peer. `ring_capacity` is the config's
+// slots per (channel, peer node), shared by its sub-streams.
 RailGeometry make_rail_geometry(const Layout& layout, int kind, int num_nodes, int num_sms, int send_chunk,
                                 int ring_capacity, int slot_bytes);
 
