@@ -10,8 +10,9 @@ MAX_TOPK = 16
 _TOKEN_META_BYTES = MAX_TOPK * (8 + 4) + 16
 # Room for counters, prefix sums and the error record beside the rings.
 _CONTROL_BYTES = 1 << 20
-# Header of one low-latency dispatch message (source token, top-k ids, call tag).
-_LL_HEADER_BYTES = 80
+# Header of one low-latency dispatch message (source token, top-k ids, call tag; 80 bytes used),
+# padded to a 128-byte line (kHeaderBytes in csrc/kernels/internode_ll_api.cuh).
+_LL_HEADER_BYTES = 128
 _ALIGN = 128
 
 
@@ -138,7 +139,7 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
 
     Mirrors ``ll::make_layout`` in ``csrc/kernels/internode_ll.cu`` (tests/test_low_latency.py checks
     that the two agree): a signal area, then two buffers, each holding the dispatch receive slots
-    (one message per source rank and token: an 80-byte header plus the token at its widest, bf16),
+    (one message per source rank and token: a 128-byte header plus the token at its widest, bf16),
     the dispatch send staging, the combine receive slots (max(16, ranks) per token), the combine
     send rows, the top-k weights and a staging area.
     """

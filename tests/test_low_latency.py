@@ -586,6 +586,24 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
     torch.cuda.synchronize()
     recv_x, count, handle = state["d"][:3]
     y = simulate_experts(recv_x, count, rank, num_experts)
+    # The benchmark's buffer has no shrink mode, where the kernels may split one expert's receive
+    # over several blocks (the checks above run with shrink mode): check what is timed, once.
+    all_x = [make_inputs(r, num_max, hidden, num_experts, num_topk, seed + 11, drop_fraction=0.0)[0]
+             for r in range(num_ranks)]
+    want = ref.low_latency_dispatch(x, topk_idx, num_max, num_experts)
+    torch.cuda.synchronize()
+    _check_errors(buffer)
+    check_dispatch("bench", recv_x, count, handle, want[0], want[1], want[2], SourceRows(all_x, True, False, False),
+                   rank)
+    expected = combine_reference(x, topk_idx, weights, num_experts, True, False, num_ranks=num_ranks)
+    for combine_mode in COMBINE_MODES:
+        _set_combine_mode(buffer, combine_mode)
+        out = buffer.low_latency_combine(y, topk_idx, weights, handle)[0]
+        _sync()
+        _check_errors(buffer)
+        check_close(f"bench {combine_mode} combine", out, expected)
+        dist.barrier()  # the next combine with the same handle writes into the slots this one read
+    log(rank, "  ok  benchmark configuration checked (no shrink mode)")
     recv_rows = int(count.sum())
     fp8_row = hidden + hidden // 128 * 4
 

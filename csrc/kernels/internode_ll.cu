@@ -10,7 +10,14 @@
 // [token][top-k index]; the home rank waits for one count per sending block of every rank and
 // reduces with the weights. "Reduced" mode crosses once per (token, rank) instead: the home rank
 // broadcasts its top-k weights, each rank sums its experts' weighted rows per received token (fp32,
-// rounded once to bf16) into the home rank's slot [token][rank], and the home rank adds those.
+// rounded once to bf16) into the home rank's slot [token][rank], and the home rank adds those;
+// a rank holding just one of the token's experts sends that row unweighted without waiting for
+// the weights, and the home rank weights it. The "weights arrived" counters grow by
+// kWeightWarps per call (one per writing warp).
+//
+// Latency: every phase is a few dependent memory rounds, so each warp issues all the loads of a
+// round (a whole FP8 row, or several rows x chunks of a reduction) before using any; the grid
+// covers (nearly) every SM; blocks that would idle in a receive share an expert instead.
 //
 // Peers reachable through nvshmem_ptr are written with plain stores (with
 // allow_nvlink_for_low_latency_mode); the others with NVSHMEM puts from the local staging area.
@@ -18,6 +25,7 @@
 #include <nvshmemx.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "internode_ll_api.cuh"
 #include "nvshmem_utils.cuh"
@@ -28,14 +36,22 @@ namespace ll {
 namespace {
 
 constexpr int kNumWarps = kNumThreads / 32;
-// Warps that share one token's hidden data in the dispatch send (more bytes in flight).
-constexpr int kWarpsPerToken = 8;
+// Warps that share one token's hidden data in the dispatch send: at 7168 channels (14 chunks of
+// 32 FP8 units) every warp casts and stores one chunk, and the grid is sized so that every task
+// has its own warp (one load round, then the stores).
+constexpr int kWarpsPerToken = 16;
 // Chunks (32 units) whose loads a dispatch-send warp issues before converting any.
 constexpr int kPrefetch = 2;
-// Warps that share one token in the combine reduction.
-constexpr int kCombineWarpsPerToken = 8;
-// Loads in flight per lane when copying a received row.
-constexpr int kCopyUnroll = 4;
+// Warps that share one token in the combine reduction on the home rank.
+constexpr int kCombineWarpsPerToken = 16;
+// Warps that share one (source rank, token) partial row in the reduced combine's send.
+constexpr int kReducedWarpsPerSlot = 4;
+// Loads in flight per lane when copying a received dispatch row: a whole FP8 row of 7168
+// channels (14 units per lane) in one round.
+constexpr int kCopyUnroll = 16;
+// Warps per destination that write the combine's top-k weights (each one 32 x 16 bytes), and
+// so the count each of them adds to that destination's "weights arrived" counter per call.
+constexpr int kWeightWarps = 16;
 constexpr int kTagInt = 17;
 constexpr int kTopkCountInt = 18;
 constexpr int kTokenInt = 16;
@@ -65,8 +81,9 @@ __device__ __forceinline__ char* peer_address(const Context& ctx, const void* lo
 // Adds one to counter `slot` of `signals` on every unmasked rank: this block has delivered
 // everything it had for that rank in this call. Called by the whole block after its stores.
 __device__ void signal_all_ranks(const Context& ctx, unsigned long long* signals) {
-    // Each thread publishes its own direct stores system-wide before the block signals.
-    __threadfence_system();
+    // Each thread orders its own direct stores before the block's signals (release fence; the
+    // barrier then makes them precede the signalling thread's release add).
+    fence_acq_rel_sys();
     __syncthreads();
     for (int pe = threadIdx.x; pe < ctx.num_ranks; pe += blockDim.x) {
         if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + pe) != 0) continue;
@@ -136,37 +153,136 @@ __device__ __forceinline__ int header_match(const char* msg, unsigned long long 
     return kmask;
 }
 
-// acc[0..8) += sum over the set bits k of `mask` of weight_k * row_k[unit], where lane k holds
-// row k's index (rows are `row_bytes` apart from `base`) and its weight. Loads go four at a
-// time. Every lane of the warp must call this (the shuffles); only `active` lanes load.
-__device__ __forceinline__ void weighted_row_sum(const char* base, size_t row_bytes, int unit, bool active,
-                                                 unsigned int mask, int lane_row, float lane_weight, float* acc) {
+// For c < kChunks: acc[c][0..8) += sum over the set bits k of `mask`, in increasing k, of
+// weight_k * row_k[units[c]], where lane k holds row k's index (rows are `row_bytes` apart from
+// `base`) and its weight. Per round the loads of kRows rows x kChunks units are all issued
+// before any is used (latency, not bandwidth, bounds these small reductions); the sum order is
+// the plain increasing-k order whatever kRows is. Every lane of the warp must call this (the
+// shuffles); only lanes with active[c] load unit c.
+template <int kRows, int kChunks>
+__device__ __forceinline__ void weighted_rows_sum(const char* base, size_t row_bytes, const int* units,
+                                                  const bool* active, unsigned int mask, int lane_row,
+                                                  float lane_weight, float (*acc)[8]) {
+    for (unsigned int rest = mask; rest != 0u;) {  // warp-uniform
+        int rows[kRows];
+        float w[kRows];
+        bool has[kRows];
 #pragma unroll
-    for (int k0 = 0; k0 < kMaxTopk; k0 += 4) {
-        if (((mask >> k0) & 0xFu) == 0u) continue;  // warp-uniform
-        int4 v[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int row = __shfl_sync(0xffffffffu, lane_row, k0 + j);
-            if (active && ((mask >> (k0 + j)) & 1u))
-                v[j] = ld_cg_int4(base + static_cast<size_t>(row) * row_bytes + static_cast<size_t>(unit) * 16);
+        for (int j = 0; j < kRows; ++j) {
+            has[j] = rest != 0u;
+            const int k = has[j] ? __ffs(static_cast<int>(rest)) - 1 : 0;
+            rest &= rest - 1u;  // stays 0 once empty
+            rows[j] = __shfl_sync(0xffffffffu, lane_row, k);
+            w[j] = __shfl_sync(0xffffffffu, lane_weight, k);
         }
+        int4 v[kRows][kChunks];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const float w = __shfl_sync(0xffffffffu, lane_weight, k0 + j);
-            if (active && ((mask >> (k0 + j)) & 1u)) {
-                float f[8];
-                bf16x8_to_floats(v[j], f);
+        for (int j = 0; j < kRows; ++j) {
 #pragma unroll
-                for (int i = 0; i < 8; ++i) acc[i] = fmaf(w, f[i], acc[i]);
+            for (int c = 0; c < kChunks; ++c) {
+                v[j][c] = make_int4(0, 0, 0, 0);
+                if (has[j] && active[c])
+                    v[j][c] = ld_cg_int4(base + static_cast<size_t>(rows[j]) * row_bytes + static_cast<size_t>(units[c]) * 16);
             }
         }
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) {
+            if (!has[j]) continue;  // warp-uniform; no "+ 0 * 0" that could turn a -0 sum into +0
+#pragma unroll
+            for (int c = 0; c < kChunks; ++c) {
+                float f[8];
+                bf16x8_to_floats(v[j][c], f);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[c][i] = fmaf(w[j], f[i], acc[c][i]);
+            }
+        }
+    }
+}
+
+// The reductions below give one warp the chunks part, part + parts, ... of a row (a chunk is 32
+// units of 8 bf16 channels) and handle kChunks of them per weighted_rows_sum round; this is
+// one round's unit per lane and whether the lane has one.
+template <int kChunks>
+__device__ __forceinline__ void round_units(int first_chunk, int parts, int num_units, int* units, bool* active) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+        units[c] = (first_chunk + c * parts) * 32 + lane;
+        active[c] = units[c] < num_units;
+    }
+}
+
+// Splits the grid over `num_items` work items (experts): with at least two blocks per item (and
+// `allow`), block b works on item b % num_items as share b / num_items of `shares` (the blocks
+// past the last whole multiple sit out); otherwise block b works alone on items b,
+// b + gridDim.x, ...
+struct BlockShare {
+    int first, step, share, shares;
+};
+__device__ __forceinline__ BlockShare share_blocks(int num_items, bool allow) {
+    BlockShare s;
+    const int per_item = allow && num_items > 0 ? static_cast<int>(gridDim.x) / num_items : 1;
+    if (per_item >= 2) {
+        s.shares = per_item;
+        s.share = static_cast<int>(blockIdx.x) / num_items;
+        s.first = s.share < per_item ? static_cast<int>(blockIdx.x) % num_items : num_items;
+        s.step = num_items;  // one item per block
+    } else {
+        s.shares = 1;
+        s.share = 0;
+        s.first = blockIdx.x;
+        s.step = gridDim.x;
+    }
+    return s;
+}
+
+// out[unit] = bf16(sum over the set bits k of `mask` of weight_k * row_k[unit]) for this warp's
+// chunks part, part + parts, ... of a row of `num_units` units (see weighted_rows_sum).
+template <int kRows, int kChunks>
+__device__ __forceinline__ void reduce_rows(const char* base, size_t row_bytes, int part, int parts, int num_units,
+                                            unsigned int mask, int lane_row, float lane_weight, char* out) {
+    const int num_chunks = (num_units + 31) / 32;
+    for (int chunk = part; chunk < num_chunks; chunk += parts * kChunks) {
+        int units[kChunks];
+        bool active[kChunks];
+        round_units<kChunks>(chunk, parts, num_units, units, active);
+        float acc[kChunks][8];
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[c][i] = 0.f;
+        weighted_rows_sum<kRows, kChunks>(base, row_bytes, units, active, mask, lane_row, lane_weight, acc);
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c)
+            if (active[c]) st_int4(out + static_cast<size_t>(units[c]) * 16, floats_to_bf16x8(acc[c]));
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Dispatch
 // ---------------------------------------------------------------------------------------------
+// Loads the bf16 input of kPrefetch chunks (first, first + parts, ...) of a token: 32 channels
+// per lane for FP8 (two 16-byte loads), 8 for bf16; zeros past the row.
+template <bool kUseFP8>
+__device__ __forceinline__ void load_send_chunks(int4 (*raw)[kUseFP8 ? 2 : 1], const char* token_x, int first, int parts,
+                                                 int num_units) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i) {
+        const int unit = (first + i * parts) * 32 + lane;
+#pragma unroll
+        for (int j = 0; j < (kUseFP8 ? 2 : 1); ++j) raw[i][j] = make_int4(0, 0, 0, 0);
+        if (unit < num_units) {
+            if constexpr (kUseFP8) {
+                raw[i][0] = ld_nc_int4(token_x + static_cast<size_t>(unit) * 32);
+                raw[i][1] = ld_nc_int4(token_x + static_cast<size_t>(unit) * 32 + 16);
+            } else {
+                raw[i][0] = ld_nc_int4(token_x + static_cast<size_t>(unit) * 16);
+            }
+        }
+    }
+}
+
 template <bool kUseFP8>
 __device__ void dispatch_send(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -184,6 +300,11 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
 
     for (int task = blockIdx.x * kNumWarps + warp; task < num_tasks; task += gridDim.x * kNumWarps) {
         const int token = task / parts, part = task % parts;
+        const char* token_x = reinterpret_cast<const char*>(x + static_cast<size_t>(token) * hidden);
+        // The first chunks' input loads go out with the top-k loads (they do not depend on the
+        // routing): one load round before the first stores instead of two.
+        int4 raw[kPrefetch][kUseFP8 ? 2 : 1];
+        load_send_chunks<kUseFP8>(raw, token_x, part, parts, num_units);
         int expert = -1, dst = -1;
         if (lane < a.num_topk) {
             const int64_t id = __ldg(a.topk_idx + static_cast<size_t>(token) * a.num_topk + lane);
@@ -227,24 +348,10 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
         }
         __syncwarp();
 
-        const char* token_x = reinterpret_cast<const char*>(x + static_cast<size_t>(token) * hidden);
-        // Loads of kPrefetch chunks are issued before any of them is converted and stored.
+        // Loads of kPrefetch chunks are issued before any of them is converted and stored (the
+        // first group's loads were issued above).
         for (int first = part; first < num_chunks; first += kPrefetch * parts) {
-            int4 raw[kPrefetch][kUseFP8 ? 2 : 1];
-#pragma unroll
-            for (int i = 0; i < kPrefetch; ++i) {
-                const int unit = (first + i * parts) * 32 + lane;
-#pragma unroll
-                for (int j = 0; j < (kUseFP8 ? 2 : 1); ++j) raw[i][j] = make_int4(0, 0, 0, 0);
-                if (unit < num_units) {
-                    if constexpr (kUseFP8) {
-                        raw[i][0] = ld_nc_int4(token_x + static_cast<size_t>(unit) * 32);
-                        raw[i][1] = ld_nc_int4(token_x + static_cast<size_t>(unit) * 32 + 16);
-                    } else {
-                        raw[i][0] = ld_nc_int4(token_x + static_cast<size_t>(unit) * 16);
-                    }
-                }
-            }
+            if (first != part) load_send_chunks<kUseFP8>(raw, token_x, first, parts, num_units);
 #pragma unroll
             for (int i = 0; i < kPrefetch; ++i) {
                 const int chunk = first + i * parts;
@@ -305,10 +412,11 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     signal_all_ranks(ctx, g.signals);
 }
 
-// Receive: one block per local expert (looping when there are more experts than blocks). Wait
-// for every source rank (one thread each), then scan all [source rank][token] slots as one
-// sequence for tokens that chose this expert and copy them to the packed output; rows keep
-// (source rank, token, top-k slot) order, so results are deterministic.
+// Receive: one block per local expert (looping when there are more experts than blocks), or
+// several when the grid has at least two blocks per expert: those make the same scan and split
+// the copies. Wait for every source rank (one thread each), then scan all [source rank][token]
+// slots as one sequence for tokens that chose this expert and copy them to the packed output;
+// rows keep (source rank, token, top-k slot) order, so results are deterministic.
 template <bool kUseFP8>
 __device__ void dispatch_recv(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long seq) {
     __shared__ int s_abort;
@@ -332,7 +440,10 @@ __device__ void dispatch_recv(const Context& ctx, const Geometry& g, const Dispa
     const int num_groups = hidden / 128;
     const char* regions = g.buf + g.dispatch_recv_offset;
 
-    for (int e = blockIdx.x; e < num_local; e += gridDim.x) {
+    // In shrink mode each block decides on its own which sources timed out: blocks that share
+    // an expert could then disagree on its rows, so there every expert keeps one block.
+    const BlockShare share = share_blocks(num_local, !ctx.enable_shrink);
+    for (int e = share.first; e < num_local; e += share.step) {
         const int global_expert = ctx.rank * num_local + e;
         if (threadIdx.x == 0) s_abort = 0;
         for (int i = threadIdx.x; i < kMaxRanks / 32; i += blockDim.x) s_skip_bits[i] = 0u;
@@ -340,7 +451,7 @@ __device__ void dispatch_recv(const Context& ctx, const Geometry& g, const Dispa
         __syncthreads();
         for (int src = threadIdx.x; src < num_ranks; src += blockDim.x) {
             const int status = wait_peer(ctx, g.signals + src, expected, src, kKernelDispatch, a.wait_recv_cost_stats,
-                                         blockIdx.x == 0 && e == 0);
+                                         blockIdx.x == 0 && e == share.first);
             if (status == 2) s_abort = 1;
             if (status == 1) atomicOr(&s_skip_bits[src / 32], 1u << (src % 32));
         }
@@ -381,12 +492,31 @@ __device__ void dispatch_recv(const Context& ctx, const Geometry& g, const Dispa
             }
             __syncthreads();
             const int num_listed = total >> 16;
-            for (int i = warp; i < num_listed; i += kNumWarps) {
+            // The blocks sharing this expert take every shares-th listed slot, warp by warp.
+            for (int i = share.share * kNumWarps + warp; i < num_listed; i += share.shares * kNumWarps) {
                 const int slot_i = s_list_slot[i];
                 const int src = slot_i / num_max, token = slot_i % num_max;
                 const int first_row = s_list_row[i];
                 const int kmask_i = s_list_kmask[i];
                 const char* msg = regions + static_cast<size_t>(slot_i) * g.msg_bytes;
+                // Scales first, then the data, all loads of the row before any store: one load
+                // round per row (FP8 up to 8192 channels, bf16 up to 4096; two rounds above).
+                float s_val[2] = {0.f, 0.f};  // fp32 scales: groups lane and lane + 32 (<= 64 groups)
+                int s_word = 0;               // ue8m0: packed word `lane` (<= 16 words)
+                const float* scales = reinterpret_cast<const float*>(msg + kHeaderBytes + hidden);
+                if constexpr (kUseFP8) {
+                    if (a.use_ue8m0) {
+                        if (lane < num_groups / 4) {
+                            const int4 s4 = ld_cg_int4(scales + 4 * lane);
+                            s_word = ((s4.x >> 23) & 0xFF) | (((s4.y >> 23) & 0xFF) << 8) | (((s4.z >> 23) & 0xFF) << 16) |
+                                     (((s4.w >> 23) & 0xFF) << 24);
+                        }
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < 2; ++j)
+                            if (lane + 32 * j < num_groups) s_val[j] = __ldcg(scales + lane + 32 * j);
+                    }
+                }
                 for (int u0 = lane; u0 < num_units; u0 += 32 * kCopyUnroll) {
                     int4 v[kCopyUnroll];
 #pragma unroll
@@ -405,23 +535,17 @@ __device__ void dispatch_recv(const Context& ctx, const Geometry& g, const Dispa
                     }
                 }
                 if constexpr (kUseFP8) {
-                    const float* scales = reinterpret_cast<const float*>(msg + kHeaderBytes + hidden);
-                    if (a.use_ue8m0) {
-                        const int num_packed = num_groups / 4;
-                        for (int p = lane; p < num_packed; p += 32) {
-                            const int4 s4 = ld_cg_int4(scales + 4 * p);
-                            const int word = ((s4.x >> 23) & 0xFF) | (((s4.y >> 23) & 0xFF) << 8) |
-                                             (((s4.z >> 23) & 0xFF) << 16) | (((s4.w >> 23) & 0xFF) << 24);
-                            int r = first_row;
-                            for (int bits = kmask_i; bits != 0 && r < static_cast<int>(num_slots); bits &= bits - 1, ++r)
-                                static_cast<int*>(a.recv_scales)[(static_cast<size_t>(e) * num_slots + r) * num_packed + p] = word;
-                        }
-                    } else {
-                        for (int gi = lane; gi < num_groups; gi += 32) {
-                            const float s = __ldcg(scales + gi);
-                            int r = first_row;
-                            for (int bits = kmask_i; bits != 0 && r < static_cast<int>(num_slots); bits &= bits - 1, ++r)
-                                static_cast<float*>(a.recv_scales)[(static_cast<size_t>(e) * num_slots + r) * num_groups + gi] = s;
+                    int r = first_row;
+                    for (int bits = kmask_i; bits != 0 && r < static_cast<int>(num_slots); bits &= bits - 1, ++r) {
+                        const size_t out_row = static_cast<size_t>(e) * num_slots + r;
+                        if (a.use_ue8m0) {
+                            const int num_packed = num_groups / 4;
+                            if (lane < num_packed) static_cast<int*>(a.recv_scales)[out_row * num_packed + lane] = s_word;
+                        } else {
+#pragma unroll
+                            for (int j = 0; j < 2; ++j)
+                                if (lane + 32 * j < num_groups)
+                                    static_cast<float*>(a.recv_scales)[out_row * num_groups + lane + 32 * j] = s_val[j];
                         }
                     }
                 }
@@ -437,7 +561,7 @@ __device__ void dispatch_recv(const Context& ctx, const Geometry& g, const Dispa
             row += total & 0xFFFF;
             __syncthreads();
         }
-        if (threadIdx.x == 0) {
+        if (threadIdx.x == 0 && share.share == 0) {
             int begin = 0;
             for (int src = 0; src < num_ranks; ++src) {
                 a.layout_range[static_cast<size_t>(e) * num_ranks + src] =
@@ -470,11 +594,16 @@ __device__ void combine_send(const Context& ctx, const Geometry& g, const Combin
     const size_t num_slots = static_cast<size_t>(ctx.num_ranks) * a.num_max_tokens;
     const size_t row_bytes = static_cast<size_t>(a.hidden) * 2;
     const int num_units = a.hidden / 8;
-    constexpr int kUnroll = 4;
+    // A 7168-channel bf16 row is 28 units per lane: four load rounds of 8 (more would spill:
+    // the combine kernel is at its 128-register bound).
+    constexpr int kUnroll = 8;
 
-    for (int e = blockIdx.x; e < num_local; e += gridDim.x) {
+    // Blocks that share an expert take every shares-th of its rows, warp by warp.
+    // Rows are independent here (each checks its own destination's mask).
+    const BlockShare share = share_blocks(num_local, true);
+    for (int e = share.first; e < num_local; e += share.step) {
         const int count = a.recv_count[e];
-        for (int r = warp; r < count; r += kNumWarps) {
+        for (int r = share.share * kNumWarps + warp; r < count; r += share.shares * kNumWarps) {
             const size_t row_index = static_cast<size_t>(e) * num_slots + r;
             const int info = a.src_info[row_index];
             const int token = info & 0xFFFF, k = (info >> 16) & 0xF, src = static_cast<int>(static_cast<unsigned int>(info) >> 20);
@@ -548,14 +677,9 @@ __device__ void combine_recv(const Context& ctx, const Geometry& g, const Combin
         }
         const unsigned int valid_mask = __ballot_sync(0xffffffffu, valid);
         const char* slots = g.buf + g.combine_recv_offset + static_cast<size_t>(token) * g.combine_slots * row_bytes;
-        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(a.out) + static_cast<size_t>(token) * a.hidden;
-        for (int chunk = part; chunk < num_chunks; chunk += parts) {
-            const int u = chunk * 32 + lane;
-            const bool active = u < num_units;
-            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            weighted_row_sum(slots, row_bytes, u, active, valid_mask, lane, weight, acc);
-            if (active) st_int4(out + static_cast<size_t>(u) * 8, floats_to_bf16x8(acc));
-        }
+        char* out = static_cast<char*>(a.out) + static_cast<size_t>(token) * row_bytes;
+        // Up to 8 top-k rows x 2 chunks per load round: one round at top-8 and 7168 channels.
+        reduce_rows<8, 2>(slots, row_bytes, part, parts, num_units, valid_mask, lane, weight, out);
     }
 }
 
@@ -564,29 +688,44 @@ __device__ void combine_recv(const Context& ctx, const Geometry& g, const Combin
 // received token, the weighted rows of its local experts and sends that one partial row into
 // the home rank's slot [token][this rank]; the home rank adds the partial rows.
 // ---------------------------------------------------------------------------------------------
-// This rank's top-k weights [token][kMaxTopk] into every unmasked rank's inbox row [this rank],
-// then one count on that rank's "weights arrived" counter [this rank].
+// This rank's top-k weights [token][kMaxTopk] into every unmasked rank's inbox row [this rank].
+// kWeightWarps warps per destination each write a slice (16-byte stores, one round at 128
+// tokens), publish it and add one to that rank's "weights arrived" counter [this rank], so a
+// call adds kWeightWarps there. The peers' combine sends wait for these: the slices go out in
+// parallel from the first instructions of the kernel, to keep that round trip short.
 __device__ void broadcast_weights(const Context& ctx, const Geometry& g, const CombineArgs& a) {
     const int lane = threadIdx.x % 32;
     const int global_warp = blockIdx.x * kNumWarps + threadIdx.x / 32, num_warps = gridDim.x * kNumWarps;
     const int num_ranks = ctx.num_ranks, num_max = a.num_max_tokens;
     float* own_inbox = reinterpret_cast<float*>(g.buf + g.weights_offset) + static_cast<size_t>(ctx.rank) * num_max * kMaxTopk;
-    const int num_weights = a.num_tokens * kMaxTopk;
-    for (int dst = global_warp; dst < num_ranks; dst += num_warps) {
+    // kMaxTopk (16) weights per token: four 16-byte groups.
+    constexpr int kGroupsPerToken = kMaxTopk / 4;
+    const int num_groups = a.num_tokens * kGroupsPerToken;
+    // Each warp writes one contiguous slice (32 groups at 128 tokens: one store per lane).
+    const int per_warp = (num_groups + kWeightWarps - 1) / kWeightWarps;
+    for (int item = global_warp; item < num_ranks * kWeightWarps; item += num_warps) {
+        const int dst = item / kWeightWarps, sub = item % kWeightWarps;
         if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + dst) != 0) continue;
         char* peer = peer_address(ctx, own_inbox, dst);
         float* target = peer != nullptr ? reinterpret_cast<float*>(peer) : own_inbox;
-        for (int i = lane; i < num_weights; i += 32) {
-            const int t = i / kMaxTopk, k = i % kMaxTopk;
-            target[i] = k < a.num_topk ? __ldg(a.topk_weights + static_cast<size_t>(t) * a.num_topk + k) : 0.f;
+        const int begin = min(sub * per_warp, num_groups), end = min(begin + per_warp, num_groups);
+        for (int q = begin + lane; q < end; q += 32) {
+            const int t = q / kGroupsPerToken, k0 = (q % kGroupsPerToken) * 4;
+            float w[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                w[j] = k0 + j < a.num_topk ? __ldg(a.topk_weights + static_cast<size_t>(t) * a.num_topk + k0 + j) : 0.f;
+            *reinterpret_cast<float4*>(target + static_cast<size_t>(q) * 4) = make_float4(w[0], w[1], w[2], w[3]);
         }
-        __threadfence_system();
+        fence_acq_rel_sys();  // each lane's stores before lane 0's release add (or the put below)
         __syncwarp();
         unsigned long long* counter = g.weight_signals + ctx.rank;
         if (peer != nullptr) {
             if (lane == 0) red_add_release_sys(reinterpret_cast<unsigned long long*>(peer_address(ctx, counter, dst)), 1ull);
         } else {
-            nvshmemx_putmem_nbi_warp(own_inbox, own_inbox, static_cast<size_t>(num_weights) * sizeof(float), dst);
+            if (end > begin)
+                nvshmemx_putmem_nbi_warp(own_inbox + static_cast<size_t>(begin) * 4, own_inbox + static_cast<size_t>(begin) * 4,
+                                         static_cast<size_t>(end - begin) * 4 * sizeof(float), dst);
             if (lane == 0) {
                 nvshmem_fence();
                 nvshmemx_signal_op(reinterpret_cast<uint64_t*>(counter), 1ull, NVSHMEM_SIGNAL_ADD, dst);
@@ -607,28 +746,38 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
     const int num_chunks = (num_units + 31) / 32;
 
     // One partial row per received (source rank, token) with local experts.
-    const int parts = ctx.any_remote ? 1 : min(kCombineWarpsPerToken / 2, num_chunks);
+    const int parts = ctx.any_remote ? 1 : min(kReducedWarpsPerSlot, num_chunks);
     const int num_tasks = num_ranks * num_max * parts;
     const char* regions = g.buf + g.dispatch_recv_offset;
     const char* x = a.zero_copy ? g.buf + g.combine_send_offset : static_cast<const char*>(a.x);
     int ready_src = -1;  // the last source whose weights this warp has seen arrive
+    // Every weight warp of the source adds one per call (broadcast_weights).
+    const unsigned long long weights_expected = weights_call * kWeightWarps;
     for (int task = global_warp; task < num_tasks; task += num_warps) {
         const int slot = task / parts, part = task % parts;
         const int src = slot / num_max, token = slot % num_max;
         if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + src) != 0) continue;
+        // The rows of the slot's local top-k entries (written by this handle's dispatch receive)
+        // load in the same round as the header: only the entries of `kmask` are used.
+        const int row = lane < kMaxTopk ? __ldcg(a.slot_rows + static_cast<size_t>(slot) * kMaxTopk + lane) : 0;
         const int kmask = header_match(regions + static_cast<size_t>(slot) * g.msg_bytes, dispatch_call,
                                        ctx.rank * num_local, (ctx.rank + 1) * num_local);
         if (kmask == 0) continue;  // warp-uniform: every lane read the same header
-        if (src != ready_src) {
+        // With just one of the token's top-k experts here the row goes out unweighted and the
+        // home rank applies the weight (combine_recv_reduced): no wait for the home rank's
+        // weights, so these rows (about a third at top-8 of 256 on 4 ranks) start the NVLink
+        // traffic while the weights are still on their way.
+        const bool single = __popc(kmask) == 1;
+        if (!single && src != ready_src) {
             int status = 0;
             if (lane == 0) {
                 unsigned long long seen = 0, waited = 0;
-                if (wait_counter_at_least(g.weight_signals + src, weights_call, ctx.timeout_ns, &seen, &waited) != kWaitOk) {
+                if (wait_counter_at_least(g.weight_signals + src, weights_expected, ctx.timeout_ns, &seen, &waited) != kWaitOk) {
                     if (ctx.enable_shrink) {
                         atomicExch(ctx.mask + src, 1);
                         status = 1;
                     } else {
-                        report_timeout(ctx.error, ctx.rank, kKernelCombine, src, weights_call, seen, waited);
+                        report_timeout(ctx.error, ctx.rank, kKernelCombine, src, weights_expected, seen, waited);
                         status = 2;
                     }
                 }
@@ -641,22 +790,14 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
         const float* inbox = reinterpret_cast<const float*>(g.buf + g.weights_offset) +
                              (static_cast<size_t>(src) * num_max + token) * kMaxTopk;
         float weight = 0.f;
-        int row = 0;
-        if (lane < kMaxTopk && ((kmask >> lane) & 1)) {
-            weight = __ldcg(inbox + lane);
-            row = __ldcg(a.slot_rows + static_cast<size_t>(slot) * kMaxTopk + lane);
-        }
+        if (lane < kMaxTopk && ((kmask >> lane) & 1)) weight = single ? 1.f : __ldcg(inbox + lane);
         char* dst_local = g.buf + g.combine_recv_offset + (static_cast<size_t>(token) * g.combine_slots + ctx.rank) * row_bytes;
         char* peer = peer_address(ctx, dst_local, src);
         char* stage = g.buf + g.stage_offset + static_cast<size_t>(slot) * row_bytes;
         char* target = peer != nullptr ? peer : stage;
-        for (int chunk = part; chunk < num_chunks; chunk += parts) {
-            const int u = chunk * 32 + lane;
-            const bool active = u < num_units;
-            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            weighted_row_sum(x, row_bytes, u, active, static_cast<unsigned int>(kmask), row, weight, acc);
-            if (active) st_int4(target + static_cast<size_t>(u) * 16, floats_to_bf16x8(acc));
-        }
+        // This rank's experts of the token (about 2 at top-8 of 256 on 4 ranks) x 4 chunks per
+        // load round: two rounds for a warp's 7 chunks of a 7168-channel row.
+        reduce_rows<2, 4>(x, row_bytes, part, parts, num_units, static_cast<unsigned int>(kmask), row, weight, target);
         if (peer == nullptr) {
             __threadfence();
             __syncwarp();
@@ -693,8 +834,10 @@ __device__ void combine_recv_reduced(const Context& ctx, const Geometry& g, cons
     for (int task = blockIdx.x * kNumWarps + warp; task < num_tasks; task += gridDim.x * kNumWarps) {
         const int token = task / parts, part = task % parts;
         int rank_of = -1;
+        float weight = 0.f;
         if (lane < a.num_topk) {
             const int64_t expert = __ldg(a.topk_idx + static_cast<size_t>(token) * a.num_topk + lane);
+            weight = __ldg(a.topk_weights + static_cast<size_t>(token) * a.num_topk + lane);
             if (expert >= 0 && expert < a.num_experts) {
                 rank_of = static_cast<int>(expert / num_local);
                 if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + rank_of) != 0) rank_of = -1;
@@ -707,15 +850,15 @@ __device__ void combine_recv_reduced(const Context& ctx, const Geometry& g, cons
             if (k < lane && other == rank_of) leader = false;
         }
         const unsigned int leaders = __ballot_sync(0xffffffffu, leader);
+        // A rank that holds just one of the token's top-k entries sent that expert's row
+        // unweighted (combine_send_reduced: it did not wait for our weights), so the weight is
+        // applied here; a rank holding several sent their weighted sum (weight 1 here).
+        const unsigned int same_rank = __match_any_sync(0xffffffffu, rank_of);
+        const float row_weight = leader && __popc(same_rank) == 1 ? weight : 1.f;
         const char* slots = g.buf + g.combine_recv_offset + static_cast<size_t>(token) * g.combine_slots * row_bytes;
-        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(a.out) + static_cast<size_t>(token) * a.hidden;
-        for (int chunk = part; chunk < num_chunks; chunk += parts) {
-            const int u = chunk * 32 + lane;
-            const bool active = u < num_units;
-            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            weighted_row_sum(slots, row_bytes, u, active, leaders, rank_of, 1.f, acc);
-            if (active) st_int4(out + static_cast<size_t>(u) * 8, floats_to_bf16x8(acc));
-        }
+        char* out = static_cast<char*>(a.out) + static_cast<size_t>(token) * row_bytes;
+        // Up to 4 ranks' partial rows x 2 chunks per load round: one round at 4 ranks.
+        reduce_rows<4, 2>(slots, row_bytes, part, parts, num_units, leaders, rank_of, row_weight, out);
     }
 }
 
@@ -789,10 +932,27 @@ Layout make_layout(int num_max_tokens, int hidden, int num_ranks, int num_expert
 }
 
 int num_blocks(int num_max_tokens, int num_local_experts) {
-    // Enough warps for every token's share of the send, one block per local expert for the
-    // receive, never more blocks than can be resident at once (receivers spin).
+    // Enough warps for every token's share of the send (128 blocks at 128 tokens: every SM of
+    // an H100/H200 but four, so the latency-bound phases have the most loads and stores in
+    // flight), at least one block per local expert for the receive, never more blocks than can
+    // be resident at once (receivers spin; one 512-thread block per SM is assumed). The SM count
+    // is the same on every rank of a homogeneous job, which the signal counts rely on.
     const int for_send = (num_max_tokens * kWarpsPerToken + kNumWarps - 1) / kNumWarps;
-    return std::max(1, std::min(kMaxBlocks, std::max(for_send, num_local_experts)));
+    int device = 0, num_sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || num_sms <= 0) {
+        (void)cudaGetLastError();  // not this call's launch error
+        num_sms = kMaxBlocks;
+    }
+    const int limit = std::min(kMaxBlocks, num_sms);
+    // DEEP_EP_LL_NUM_BLOCKS (read once; the same on every rank) fixes the grid, for measuring
+    // other geometries: every loop of the kernels is grid-stride, any grid size is correct.
+    static const int forced = [] {
+        const char* value = std::getenv("DEEP_EP_LL_NUM_BLOCKS");
+        return value != nullptr ? std::atoi(value) : 0;
+    }();
+    if (forced > 0) return std::min(limit, forced);
+    return std::max(1, std::min(limit, std::max(for_send, num_local_experts)));
 }
 
 cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer_idx, const DispatchArgs& args,

@@ -10,13 +10,17 @@
 namespace deep_ep {
 namespace ll {
 
-// Bytes of the header in front of every dispatch message: up to kMaxTopk global expert ids
-// (int32), then the source token index, the call tag and the top-k count.
+// The header in front of every dispatch message: up to kMaxTopk global expert ids (int32), then
+// the source token index, the call tag and the top-k count (kHeaderInts ints), padded to 128
+// bytes so that the data and the scales start on a 128-byte line (hidden % 128 == 0 keeps every
+// message a whole number of lines): the senders' NVLink stores and the receivers' loads then
+// cover whole lines, none split between two warps.
 constexpr int kMaxTopk = 16;
 constexpr int kMaxHidden = 8192;
 constexpr int kMaxTokensPerRank = 1024;
 constexpr int kHeaderInts = 20;
-constexpr int kHeaderBytes = kHeaderInts * 4;
+constexpr int kHeaderBytes = 128;
+static_assert(kHeaderBytes >= kHeaderInts * 4 && kHeaderBytes % 128 == 0, "header must hold its ints, whole lines");
 constexpr int kNumThreads = 512;
 constexpr int kMaxBlocks = 128;
 

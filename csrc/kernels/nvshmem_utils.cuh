@@ -32,6 +32,11 @@ __device__ __forceinline__ void red_add_release_sys(unsigned long long* ptr, uns
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
 }
 
+// Orders this thread's earlier stores (to peers too) before its later ones, at system scope.
+// A release fence is all the "data, then counter" pattern needs; __threadfence_system() is
+// fence.sc.sys, a heavier sequentially consistent fence, on the critical path of every signal.
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
 // Received data is read once, from L2 (peers write into our L2 over NVLink).
 __device__ __forceinline__ int4 ld_cg_int4(const void* ptr) { return __ldcg(reinterpret_cast<const int4*>(ptr)); }
 
