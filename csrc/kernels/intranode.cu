@@ -302,6 +302,43 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
         *own_head = 0;
 }
 
+// Stores one lane's metadata word of a received slot (loaded whole, see write_slot_meta) into the
+// outputs of row `row`: FP8 scales, top-k ids remapped to this rank's experts (-1 elsewhere) with
+// their weights (0 elsewhere), the source index. Whole warp (a shuffle brings each id word its
+// weights word, which sits a fixed number of lanes higher: both fields have the same size).
+__device__ __forceinline__ void store_slot_meta(const DispatchArgs& args, const int4& word, int offset, int64_t row,
+                                                int expert_begin, int num_local_experts) {
+    const DispatchSlot& layout = args.slot;
+    const int lanes_to_weights = (layout.topk_weights_offset - layout.topk_idx_offset) / 16;
+    int4 weights;
+    weights.x = __shfl_down_sync(0xffffffffu, word.x, lanes_to_weights);
+    weights.y = __shfl_down_sync(0xffffffffu, word.y, lanes_to_weights);
+    weights.z = __shfl_down_sync(0xffffffffu, word.z, lanes_to_weights);
+    weights.w = __shfl_down_sync(0xffffffffu, word.w, lanes_to_weights);
+    const int words[4] = {word.x, word.y, word.z, word.w};
+    const int weight_words[4] = {weights.x, weights.y, weights.z, weights.w};
+    if (offset < layout.topk_idx_offset) {
+        const int first = (offset - layout.scales_offset) / 4;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (first + j < args.num_scales)
+                args.recv_x_scales[row * args.num_scales + first + j] = __int_as_float(words[j]);
+    } else if (offset < layout.topk_weights_offset) {
+        const int first = (offset - layout.topk_idx_offset) / 4;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (first + j < args.num_topk) {
+                const int expert = words[j];
+                const bool local = expert >= expert_begin && expert < expert_begin + num_local_experts;
+                args.recv_topk_idx[row * args.num_topk + first + j] = local ? expert - expert_begin : -1;
+                args.recv_topk_weights[row * args.num_topk + first + j] = local ? __int_as_float(weight_words[j]) : 0.0f;
+            }
+        }
+    } else if (offset == layout.src_idx_offset) {
+        args.recv_src_idx[row] = words[0];
+    }
+}
+
 __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
     const RingGeometry& ring = args.ring;
     const int W = ring.warps_per_peer;
@@ -322,6 +359,11 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
         const int first_row = args.recv_rank_prefix[source] + (ok ? ld_relaxed_sys(own_meta_start) : 0);
         const int num_local_experts = args.num_experts / args.num_ranks;
         const int expert_begin = args.rank * num_local_experts;
+        // Lane L owns the 16-byte metadata word at offset meta_offset (write_slot_meta's layout);
+        // metadata of more than one word per lane takes the per-field path.
+        const int meta_offset = args.slot.scales_offset + lane * 16;
+        const int meta_end = args.slot.src_idx_offset + 16;
+        const bool meta_in_one_word = meta_end - args.slot.scales_offset <= kWarpSize * 16;
         int tail = 0;
         for (int i = 0; ok && i < my_count; ++i) {
             if (i >= tail) {
@@ -341,22 +383,31 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
                 ok = false;
                 break;
             }
-            copy_row<true>(args.recv_x + row * args.hidden_bytes, slot, args.hidden_bytes);
-            if (args.recv_x_scales != nullptr) {
-                const float* slot_scales = reinterpret_cast<const float*>(slot + args.slot.scales_offset);
-                for (int g = lane; g < args.num_scales; g += kWarpSize)
-                    args.recv_x_scales[row * args.num_scales + g] = __ldcg(slot_scales + g);
+            if (meta_in_one_word) {
+                // The metadata load goes out before the row copy, so its latency hides behind the
+                // copy's instead of adding round trips per token.
+                const int4 word = meta_offset < meta_end ? ld_ring_int4(reinterpret_cast<const int4*>(slot + meta_offset))
+                                                         : make_int4(0, 0, 0, 0);
+                copy_row<true>(args.recv_x + row * args.hidden_bytes, slot, args.hidden_bytes);
+                store_slot_meta(args, word, meta_offset, row, expert_begin, num_local_experts);
+            } else {
+                copy_row<true>(args.recv_x + row * args.hidden_bytes, slot, args.hidden_bytes);
+                if (args.recv_x_scales != nullptr) {
+                    const float* slot_scales = reinterpret_cast<const float*>(slot + args.slot.scales_offset);
+                    for (int g = lane; g < args.num_scales; g += kWarpSize)
+                        args.recv_x_scales[row * args.num_scales + g] = __ldcg(slot_scales + g);
+                }
+                if (args.recv_topk_idx != nullptr && lane < args.num_topk) {
+                    const int expert = __ldcg(reinterpret_cast<const int*>(slot + args.slot.topk_idx_offset) + lane);
+                    const float weight =
+                        __ldcg(reinterpret_cast<const float*>(slot + args.slot.topk_weights_offset) + lane);
+                    const bool local = expert >= expert_begin && expert < expert_begin + num_local_experts;
+                    args.recv_topk_idx[row * args.num_topk + lane] = local ? expert - expert_begin : -1;
+                    args.recv_topk_weights[row * args.num_topk + lane] = local ? weight : 0.0f;
+                }
+                if (lane == 0)
+                    args.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + args.slot.src_idx_offset));
             }
-            if (args.recv_topk_idx != nullptr && lane < args.num_topk) {
-                const int expert = __ldcg(reinterpret_cast<const int*>(slot + args.slot.topk_idx_offset) + lane);
-                const float weight =
-                    __ldcg(reinterpret_cast<const float*>(slot + args.slot.topk_weights_offset) + lane);
-                const bool local = expert >= expert_begin && expert < expert_begin + num_local_experts;
-                args.recv_topk_idx[row * args.num_topk + lane] = local ? expert - expert_begin : -1;
-                args.recv_topk_weights[row * args.num_topk + lane] = local ? weight : 0.0f;
-            }
-            if (lane == 0)
-                args.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + args.slot.src_idx_offset));
             // Release the slots once consumption has caught up with what was published, or
             // every publish_every tokens. The slot loads have completed: their values were
             // stored above, before this store is issued.
