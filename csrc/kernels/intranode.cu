@@ -134,44 +134,85 @@ __device__ __forceinline__ void publish_tail(int* tail, int value) {
 }
 
 // ================================================================ dispatch
-// A slot's metadata (FP8 scales, top-k ids and weights, source index) in one warp-wide store of
-// 16-byte words: every field starts 16-byte aligned (make_dispatch_slot), so the word at metadata
-// offset 16 L holds one field only, and lane L fills it. One NVLink write of whole words per token
+// A slot's metadata (FP8 scales, top-k ids and weights, source index) travels as 16-byte words:
+// every field starts 16-byte aligned (make_dispatch_slot), so the word at metadata offset 16 L
+// holds one field only, and lane L builds it. One warp-wide NVLink write of whole words per token
 // instead of one small write per field (five for an FP8 token with top-k: two of scales, ids,
-// weights, source index).
-__device__ __forceinline__ void write_slot_meta(const DispatchArgs& args, uint8_t* slot, int token, int lane) {
+// weights, source index). Top-k ids outside [0, num_experts) travel as -1.
+__device__ __forceinline__ int4 load_slot_meta_word(const DispatchArgs& args, int token, int offset) {
     const DispatchSlot& layout = args.slot;
-    const int end = layout.src_idx_offset + 16;
-    for (int offset = layout.scales_offset + lane * 16; offset < end; offset += kWarpSize * 16) {
-        int words[4] = {0, 0, 0, 0};
-        if (offset < layout.topk_idx_offset) {
-            const int first = (offset - layout.scales_offset) / 4;
+    int words[4] = {0, 0, 0, 0};
+    if (offset < layout.topk_idx_offset) {
+        const int first = (offset - layout.scales_offset) / 4;
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-                if (first + j < args.num_scales)
-                    words[j] = __float_as_int(__ldg(args.x_scales + token * args.scale_token_stride +
-                                                    (first + j) * args.scale_hidden_stride));
-        } else if (offset < layout.topk_weights_offset) {
-            const int first = (offset - layout.topk_idx_offset) / 4;
+        for (int j = 0; j < 4; ++j)
+            if (first + j < args.num_scales)
+                words[j] = __float_as_int(__ldg(args.x_scales + token * args.scale_token_stride +
+                                                (first + j) * args.scale_hidden_stride));
+    } else if (offset < layout.topk_weights_offset) {
+        const int first = (offset - layout.topk_idx_offset) / 4;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                if (first + j < args.num_topk) {
-                    const int64_t expert = __ldg(args.topk_idx + static_cast<int64_t>(token) * args.num_topk + first + j);
-                    words[j] = (expert < 0 || expert >= args.num_experts) ? -1 : static_cast<int>(expert);
-                }
+        for (int j = 0; j < 4; ++j) {
+            if (first + j < args.num_topk) {
+                const int64_t expert = __ldg(args.topk_idx + static_cast<int64_t>(token) * args.num_topk + first + j);
+                words[j] = (expert < 0 || expert >= args.num_experts) ? -1 : static_cast<int>(expert);
             }
-        } else if (offset < layout.src_idx_offset) {
-            const int first = (offset - layout.topk_weights_offset) / 4;
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                if (first + j < args.num_topk)
-                    words[j] = __float_as_int(
-                        __ldg(args.topk_weights + static_cast<int64_t>(token) * args.num_topk + first + j));
-        } else {
-            words[0] = token;
         }
-        st_int4(reinterpret_cast<int4*>(slot + offset), make_int4(words[0], words[1], words[2], words[3]));
+    } else if (offset < layout.src_idx_offset) {
+        const int first = (offset - layout.topk_weights_offset) / 4;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (first + j < args.num_topk)
+                words[j] = __float_as_int(
+                    __ldg(args.topk_weights + static_cast<int64_t>(token) * args.num_topk + first + j));
+    } else {
+        words[0] = token;
     }
+    return make_int4(words[0], words[1], words[2], words[3]);
+}
+
+// Stores one lane's metadata word of a slot (see load_slot_meta_word) into the
+// outputs of row `row`: FP8 scales, top-k ids remapped to this rank's experts (-1 elsewhere) with
+// their weights (0 elsewhere), the source index. Whole warp (a shuffle brings each id word its
+// weights word, which sits a fixed number of lanes higher: both fields have the same size).
+__device__ __forceinline__ void store_slot_meta(const DispatchArgs& args, const int4& word, int offset, int64_t row,
+                                                int expert_begin, int num_local_experts) {
+    const DispatchSlot& layout = args.slot;
+    const int lanes_to_weights = (layout.topk_weights_offset - layout.topk_idx_offset) / 16;
+    int4 weights;
+    weights.x = __shfl_down_sync(0xffffffffu, word.x, lanes_to_weights);
+    weights.y = __shfl_down_sync(0xffffffffu, word.y, lanes_to_weights);
+    weights.z = __shfl_down_sync(0xffffffffu, word.z, lanes_to_weights);
+    weights.w = __shfl_down_sync(0xffffffffu, word.w, lanes_to_weights);
+    const int words[4] = {word.x, word.y, word.z, word.w};
+    const int weight_words[4] = {weights.x, weights.y, weights.z, weights.w};
+    if (offset < layout.topk_idx_offset) {
+        const int first = (offset - layout.scales_offset) / 4;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (first + j < args.num_scales)
+                args.recv_x_scales[row * args.num_scales + first + j] = __int_as_float(words[j]);
+    } else if (offset < layout.topk_weights_offset) {
+        const int first = (offset - layout.topk_idx_offset) / 4;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (first + j < args.num_topk) {
+                const int expert = words[j];
+                const bool local = expert >= expert_begin && expert < expert_begin + num_local_experts;
+                args.recv_topk_idx[row * args.num_topk + first + j] = local ? expert - expert_begin : -1;
+                args.recv_topk_weights[row * args.num_topk + first + j] = local ? __int_as_float(weight_words[j]) : 0.0f;
+            }
+        }
+    } else if (offset == layout.src_idx_offset) {
+        args.recv_src_idx[row] = words[0];
+    }
+}
+
+// The whole metadata of a slot, word by word (the path for metadata longer than a word per lane).
+__device__ __forceinline__ void write_slot_meta(const DispatchArgs& args, uint8_t* slot, int token, int lane) {
+    const int end = args.slot.src_idx_offset + 16;
+    for (int offset = args.slot.scales_offset + lane * 16; offset < end; offset += kWarpSize * 16)
+        st_int4(reinterpret_cast<int4*>(slot + offset), load_slot_meta_word(args, token, offset));
 }
 
 __device__ void dispatch_send(const DispatchArgs& args, int channel) {
@@ -215,6 +256,11 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
     const int64_t local_first_row = local ? static_cast<int64_t>(args.recv_rank_prefix[args.rank]) + s_before[dest] : 0;
     const int num_local_experts = args.num_experts / num_ranks;
     const int expert_begin = args.rank * num_local_experts;
+    // Lane L owns the 16-byte metadata word at meta_offset (load_slot_meta_word); metadata of more
+    // than one word per lane takes the word-by-word path.
+    const int meta_offset = args.slot.scales_offset + lane * 16;
+    const int meta_end = args.slot.src_idx_offset + 16;
+    const bool meta_in_one_word = meta_end - args.slot.scales_offset <= kWarpSize * 16;
     if (!local && lane == 0) {
         st_relaxed_sys(counter_ptr(peer, kCounterMetaStart, channel, args.rank, w), s_before[dest]);
         st_release_sys(counter_ptr(peer, kCounterMetaCount, channel, args.rank, w), -my_count - 1);
@@ -245,6 +291,15 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
                                        channel, row + 1, args.num_recv_rows);
                     ok = false;
                     break;
+                }
+                if (meta_in_one_word) {
+                    // Metadata loads first, so their latency hides behind the row copy's.
+                    const int4 word = meta_offset < meta_end ? load_slot_meta_word(args, token, meta_offset)
+                                                             : make_int4(0, 0, 0, 0);
+                    copy_row<false>(args.recv_x + row * args.hidden_bytes,
+                                    args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
+                    store_slot_meta(args, word, meta_offset, row, expert_begin, num_local_experts);
+                    continue;
                 }
                 copy_row<false>(args.recv_x + row * args.hidden_bytes,
                                 args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
@@ -277,8 +332,16 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
                 }
             }
             uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
-            copy_row<false>(slot, args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
-            write_slot_meta(args, slot, token, lane);
+            if (meta_in_one_word) {
+                const int4 word = meta_offset < meta_end ? load_slot_meta_word(args, token, meta_offset)
+                                                         : make_int4(0, 0, 0, 0);
+                copy_row<false>(slot, args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
+                if (meta_offset < meta_end)
+                    st_int4(reinterpret_cast<int4*>(slot + meta_offset), word);
+            } else {
+                copy_row<false>(slot, args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
+                write_slot_meta(args, slot, token, lane);
+            }
             ++sent;
             if (sent - published >= ring.publish_every) {
                 publish_tail(peer_tail, sent);
@@ -302,43 +365,6 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
         *own_head = 0;
 }
 
-// Stores one lane's metadata word of a received slot (loaded whole, see write_slot_meta) into the
-// outputs of row `row`: FP8 scales, top-k ids remapped to this rank's experts (-1 elsewhere) with
-// their weights (0 elsewhere), the source index. Whole warp (a shuffle brings each id word its
-// weights word, which sits a fixed number of lanes higher: both fields have the same size).
-__device__ __forceinline__ void store_slot_meta(const DispatchArgs& args, const int4& word, int offset, int64_t row,
-                                                int expert_begin, int num_local_experts) {
-    const DispatchSlot& layout = args.slot;
-    const int lanes_to_weights = (layout.topk_weights_offset - layout.topk_idx_offset) / 16;
-    int4 weights;
-    weights.x = __shfl_down_sync(0xffffffffu, word.x, lanes_to_weights);
-    weights.y = __shfl_down_sync(0xffffffffu, word.y, lanes_to_weights);
-    weights.z = __shfl_down_sync(0xffffffffu, word.z, lanes_to_weights);
-    weights.w = __shfl_down_sync(0xffffffffu, word.w, lanes_to_weights);
-    const int words[4] = {word.x, word.y, word.z, word.w};
-    const int weight_words[4] = {weights.x, weights.y, weights.z, weights.w};
-    if (offset < layout.topk_idx_offset) {
-        const int first = (offset - layout.scales_offset) / 4;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-            if (first + j < args.num_scales)
-                args.recv_x_scales[row * args.num_scales + first + j] = __int_as_float(words[j]);
-    } else if (offset < layout.topk_weights_offset) {
-        const int first = (offset - layout.topk_idx_offset) / 4;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            if (first + j < args.num_topk) {
-                const int expert = words[j];
-                const bool local = expert >= expert_begin && expert < expert_begin + num_local_experts;
-                args.recv_topk_idx[row * args.num_topk + first + j] = local ? expert - expert_begin : -1;
-                args.recv_topk_weights[row * args.num_topk + first + j] = local ? __int_as_float(weight_words[j]) : 0.0f;
-            }
-        }
-    } else if (offset == layout.src_idx_offset) {
-        args.recv_src_idx[row] = words[0];
-    }
-}
-
 __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
     const RingGeometry& ring = args.ring;
     const int W = ring.warps_per_peer;
@@ -359,7 +385,7 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
         const int first_row = args.recv_rank_prefix[source] + (ok ? ld_relaxed_sys(own_meta_start) : 0);
         const int num_local_experts = args.num_experts / args.num_ranks;
         const int expert_begin = args.rank * num_local_experts;
-        // Lane L owns the 16-byte metadata word at offset meta_offset (write_slot_meta's layout);
+        // Lane L owns the 16-byte metadata word at offset meta_offset (load_slot_meta_word's layout);
         // metadata of more than one word per lane takes the per-field path.
         const int meta_offset = args.slot.scales_offset + lane * 16;
         const int meta_end = args.slot.src_idx_offset + 16;
