@@ -265,13 +265,33 @@ std::tuple<bool, int, std::vector<int>, int> Buffer::wait_notify(int num_local_e
     return {true, counters[kHostCounterRows], per_expert, counters[kHostCounterChecks]};
 }
 
+namespace {
+// The optional row map of dispatch and combine (deep_ep.hpp): int32 [2, num_ranks * S], S <= 32
+// runs per source (one per lane of a warp in the kernels).
+void set_row_map(const std::optional<torch::Tensor>& row_segments, int num_ranks, const int*& ends,
+                 const int*& deltas, int& num_runs) {
+    ends = deltas = nullptr;
+    num_runs = 0;
+    if (!row_segments.has_value())
+        return;
+    check_cuda_tensor(*row_segments, "row_segments", torch::kInt32);
+    DEEP_EP_HOST_ASSERT(row_segments->dim() == 2 && row_segments->size(0) == 2 && row_segments->size(1) > 0 &&
+                            row_segments->size(1) % num_ranks == 0 && row_segments->size(1) / num_ranks <= 32,
+                        "row_segments must be int32 [2, num_ranks * S] with 1 <= S <= 32");
+    num_runs = static_cast<int>(row_segments->size(1) / num_ranks);
+    ends = row_segments->data_ptr<int>();
+    deltas = ends + row_segments->size(1);
+}
+}  // namespace
+
 void Buffer::dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales,
                       const std::optional<torch::Tensor>& topk_idx, const std::optional<torch::Tensor>& topk_weights,
                       const torch::Tensor& is_token_in_rank, const torch::Tensor& recv_rank_prefix,
                       const torch::Tensor& recv_x, const std::optional<torch::Tensor>& recv_x_scales,
                       const std::optional<torch::Tensor>& recv_topk_idx,
                       const std::optional<torch::Tensor>& recv_topk_weights, const torch::Tensor& recv_src_idx,
-                      int num_experts, bool fill_padding, int num_sms, int send_chunk, int ring_capacity) {
+                      int num_experts, bool fill_padding, int num_sms, int send_chunk, int ring_capacity,
+                      const std::optional<torch::Tensor>& row_segments) {
     check_usable();
     DEEP_EP_HOST_ASSERT(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
     DEEP_EP_HOST_ASSERT(recv_x.is_cuda() && recv_x.dim() == 2 && recv_x.is_contiguous() &&
@@ -326,6 +346,7 @@ void Buffer::dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>
     args.recv_src_idx = recv_src_idx.data_ptr<int>();
     args.num_recv_rows = static_cast<int>(recv_x.size(0));
     args.fill_padding = fill_padding;
+    set_row_map(row_segments, num_ranks_, args.row_segment_end, args.row_segment_delta, args.num_row_segments);
     args.num_experts = num_experts;
     args.rank = rank_;
     args.num_ranks = num_ranks_;
@@ -341,7 +362,8 @@ void Buffer::combine(const torch::Tensor& x, const std::optional<torch::Tensor>&
                      const torch::Tensor& is_token_in_rank, const torch::Tensor& recv_src_idx,
                      const torch::Tensor& recv_rank_prefix, const torch::Tensor& recv_src_num_tokens,
                      const torch::Tensor& combined_x, const std::optional<torch::Tensor>& combined_topk_weights,
-                     int num_sms, int send_chunk, int ring_capacity) {
+                     int num_sms, int send_chunk, int ring_capacity,
+                     const std::optional<torch::Tensor>& row_segments) {
     check_usable();
     check_cuda_tensor(x, "x", torch::kBFloat16);
     check_cuda_tensor(combined_x, "combined_x", torch::kBFloat16);
@@ -386,6 +408,7 @@ void Buffer::combine(const torch::Tensor& x, const std::optional<torch::Tensor>&
     args.hidden = static_cast<int>(x.size(1));
     args.combined_x = static_cast<uint8_t*>(combined_x.data_ptr());
     args.weights_offset = (args.hidden * 2 + 15) / 16 * 16;
+    set_row_map(row_segments, num_ranks_, args.row_segment_end, args.row_segment_delta, args.num_row_segments);
     args.rank = rank_;
     args.num_ranks = num_ranks_;
     // Whole 128-byte lines per slot, as in dispatch (line-aligned NVLink stores).

@@ -55,20 +55,24 @@ public:
     // ok is false on a device error or after the host timeout (the caller then reads get_error()).
     std::tuple<bool, int, std::vector<int>, int> wait_notify(int num_local_experts);
 
+    // row_segments (optional, int32 [2, num_ranks * S], S <= 32): the row map of DispatchArgs
+    // (row [0]: run ends, row [1]: deltas, runs of source s at [s * S, (s + 1) * S)); combine
+    // takes the same map as the dispatch whose handle it uses.
     void dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales,
                   const std::optional<torch::Tensor>& topk_idx, const std::optional<torch::Tensor>& topk_weights,
                   const torch::Tensor& is_token_in_rank, const torch::Tensor& recv_rank_prefix,
                   const torch::Tensor& recv_x, const std::optional<torch::Tensor>& recv_x_scales,
                   const std::optional<torch::Tensor>& recv_topk_idx,
                   const std::optional<torch::Tensor>& recv_topk_weights, const torch::Tensor& recv_src_idx,
-                  int num_experts, bool fill_padding, int num_sms, int send_chunk, int ring_capacity);
+                  int num_experts, bool fill_padding, int num_sms, int send_chunk, int ring_capacity,
+                  const std::optional<torch::Tensor>& row_segments);
 
     void combine(const torch::Tensor& x, const std::optional<torch::Tensor>& topk_weights,
                  const std::optional<torch::Tensor>& bias0, const std::optional<torch::Tensor>& bias1,
                  const torch::Tensor& is_token_in_rank, const torch::Tensor& recv_src_idx,
                  const torch::Tensor& recv_rank_prefix, const torch::Tensor& recv_src_num_tokens,
                  const torch::Tensor& combined_x, const std::optional<torch::Tensor>& combined_topk_weights,
-                 int num_sms, int send_chunk, int ring_capacity);
+                 int num_sms, int send_chunk, int ring_capacity, const std::optional<torch::Tensor>& row_segments);
 
     // A cross-rank barrier on the current stream.
     void barrier();

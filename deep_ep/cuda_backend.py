@@ -248,7 +248,7 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
             self._runtime.dispatch(data, scales, topk_idx, topk_weights, is_token_in_rank, recv_rank_prefix,
                                    recv_data, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx,
                                    num_experts, padded, config.num_sms, config.num_max_nvl_chunked_send_tokens,
-                                   config.num_max_nvl_chunked_recv_tokens)
+                                   config.num_max_nvl_chunked_recv_tokens, None)
             if not cached:
                 handle = CudaDispatchHandle(num_tokens, hidden, num_experts, rows, num_recv, is_token_in_rank,
                                             recv_rank_prefix, recv_src_num_tokens, recv_src_idx, padded)
@@ -277,7 +277,7 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
             self._runtime.combine(x, topk_weights, bias0, bias1, handle.is_token_in_rank, handle.recv_src_idx,
                                   handle.recv_rank_prefix, handle.recv_src_num_tokens, combined_x, combined_weights,
                                   config.num_sms, config.num_max_nvl_chunked_send_tokens,
-                                  config.num_max_nvl_chunked_recv_tokens)
+                                  config.num_max_nvl_chunked_recv_tokens, None)
         event = self._finish(async_finish, (x, topk_weights, bias0, bias1, handle.is_token_in_rank,
                                             handle.recv_src_idx, handle.recv_rank_prefix, handle.recv_src_num_tokens),
                              (combined_x, combined_weights))

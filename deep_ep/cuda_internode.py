@@ -21,10 +21,14 @@ consecutive ranks; ranks of the same local index form a "rail". Dispatch is a co
    with signal.
 3. NVLink leg: the verified intranode kernels (``deep_ep_cpp.Buffer`` over the ranks of the node)
    forward the staged tokens, remapping the top-k ids to local experts.
-4. a row permutation (torch ops on the device, no host sync, moving 8-byte words) puts the rows
-   in the order of the contract: by global source rank, then token index.
+4. the rows in the order of the contract: by global source rank, then token index. The NVLink
+   leg's kernels write each row straight to its place through a row map (``_row_segments``: the
+   leg's rows form runs, one per (forwarding rank, source node), each moved by a constant), so no
+   pass over the rows is needed; with ``DEEP_EP_INTERNODE_ROW_MAP=0`` a row permutation (torch
+   ops moving 16-byte words) does it after the leg instead.
 
-Combine reverses it: the permutation's inverse, the intranode combine (the rows of a token from
+Combine reverses it: the intranode combine reads the rows through the same map (or after the
+permutation's inverse), sums (the rows of a token from
 the ranks of one node are summed in fp32 at the forwarding rank, rounded to bf16 once), the rail
 leg home (one partial row per (token, node)), and the home rank's fp32 sum of those partial rows
 plus the biases. The intermediate bf16 rounding of each node's partial sum is the one difference
@@ -36,7 +40,8 @@ and events work as in the intranode path. NVSHMEM is initialized once per proces
 low-latency runtime when ``low_latency_mode=True`` (this path then takes its own symmetric
 allocation from the same heap), else here.
 
-Environment: ``DEEP_EP_INTERNODE_KERNELS`` (``1`` enables), ``DEEP_EP_TIMEOUT_S`` (default 100)
+Environment: ``DEEP_EP_INTERNODE_KERNELS`` (``1`` enables), ``DEEP_EP_INTERNODE_ROW_MAP`` (``0``: the
+permutation passes instead of the row map, read when the Buffer is built), ``DEEP_EP_TIMEOUT_S`` (default 100)
 bounds every kernel wait; a timeout raises :class:`deep_ep.DeepEPTimeoutError` naming the rank,
 the kernel and what it waited for, and leaves the buffer failed.
 """
@@ -64,6 +69,7 @@ except ImportError:  # pragma: no cover - depends on the build
 Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
 
 ENV_FLAG = "DEEP_EP_INTERNODE_KERNELS"
+ROW_MAP_FLAG = "DEEP_EP_INTERNODE_ROW_MAP"
 _MAX_NODE_RANKS = 8
 _MAX_LAYOUT_RANKS = 64
 
@@ -120,7 +126,10 @@ class InternodeDispatchHandle:
         forward_in_rank: bool ``[staging_rows, nvl_domain_size]``, the NVLink leg's routing.
         intra_rank_prefix, intra_src_num_tokens, intra_src_idx: the NVLink leg's layout.
         row_order: int64 ``[num_output_rows]``: the NVLink leg's row ``i`` is output row
-            ``row_order[i]`` (``None`` when ``nvl_domain_size == 1``: the orders agree).
+            ``row_order[i]``, for the permutation passes (``None`` with the row map, or when
+            ``nvl_domain_size == 1``: the orders agree).
+        row_segments: int32 ``[2, nvl_domain_size * num_nodes]``, the NVLink leg kernels' row map
+            (``None`` without it, or when ``nvl_domain_size == 1``).
         padded: outputs have ``num_worst_tokens`` rows.
     """
 
@@ -141,29 +150,33 @@ class InternodeDispatchHandle:
     intra_src_num_tokens: torch.Tensor
     intra_src_idx: torch.Tensor
     row_order: Optional[torch.Tensor]
+    row_segments: Optional[torch.Tensor]
     padded: bool
 
 
 def _word_size(*tensors: torch.Tensor) -> int:
-    """The widest integer word (8, 4, 2 or 1 bytes) that tiles the rows of every contiguous 2-D tensor."""
+    """The widest word (16, 8, 4, 2 or 1 bytes) that tiles the rows of every contiguous 2-D tensor."""
     if any(t.numel() == 0 for t in tensors):
         return 1
-    for size in (8, 4, 2):
+    for size in (16, 8, 4, 2):
         if all(t.shape[1] * t.element_size() % size == 0 and t.stride(0) * t.element_size() % size == 0 and
                t.data_ptr() % size == 0 for t in tensors):
             return size
     return 1
 
 
-_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+# complex128 is torch's only 16-byte element type; it is only moved here, never computed on,
+# so its bytes are copied exactly (the CUDA index kernels copy elements as opaque words).
+_WORD_DTYPES = {16: torch.complex128, 8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 def _row_words(t: torch.Tensor, size: int) -> torch.Tensor:
-    """A contiguous 2-D tensor's rows as `size`-byte integer words.
+    """A contiguous 2-D tensor's rows as `size`-byte words.
 
-    The row permutations below are elementwise torch kernels: on 8-byte words they move a row
-    with 8x fewer elements than on raw bytes (a 14 KB row is 1792 elements instead of 14336),
-    and the bytes, FP8 included, are copied exactly.
+    The row permutations below are elementwise torch kernels, bound by their per-element index
+    arithmetic rather than by memory: on 16-byte words they move a row with 16x fewer elements
+    than on raw bytes (a 14 KB row is 896 elements instead of 14336; 1792 on 8-byte words), and
+    the bytes, FP8 included, are copied exactly.
     """
     return t.view(torch.uint8).view(_WORD_DTYPES[size])
 
@@ -214,6 +227,7 @@ class InternodeKernelsMixin:
         self._node_buffer: Optional[Any] = None
         self._internode_failure: Optional[str] = None
         self._internode_owns_nvshmem = False
+        self._internode_row_map = os.environ.get(ROW_MAP_FLAG, "1").strip() != "0"
         if wanted:
             self._internode_timeout_s = timeout_from_env()
             self._create_internode(num_nvl_bytes, num_rdma_bytes, single_host)
@@ -338,6 +352,26 @@ class InternodeKernelsMixin:
         # Padding rows (num_worst_tokens) stay where they are.
         return torch.where(row < leg_end[-1], order, row)
 
+    def _row_segments(self, recv_from_rank: torch.Tensor) -> Optional[torch.Tensor]:
+        """The row map of the NVLink leg's kernels that puts its rows in the contract's order
+        (device ops only, no host sync; the same permutation as :meth:`_row_order`).
+
+        The leg's rows from forwarding rank ``l`` come as one run per source node ``n`` (global
+        source rank ``n * L + l``), in node order. Returns int32 ``[2, L * N]``: at ``l * N + n``
+        the end (exclusive) of that run among the leg's rows, and what its rows move by (the
+        run's first row in the contract's order minus its first row in the leg). Rows past the
+        last run (padding) stay.
+        """
+        L, N = self.nvl_domain_size, self.num_nodes
+        if L == 1:
+            return None
+        counts = recv_from_rank.to(torch.int64)
+        final_start = (torch.cumsum(counts, 0) - counts).view(N, L).t().reshape(-1)
+        leg_counts = counts.view(N, L).t().reshape(-1)
+        leg_end = torch.cumsum(leg_counts, 0)
+        leg_start = leg_end - leg_counts
+        return torch.stack((leg_end, final_start - leg_start)).to(torch.int32).contiguous()
+
     def dispatch(self, x: Union[torch.Tensor, Fp8Pair], handle: Optional[Any],
                  num_tokens_per_rank: Optional[torch.Tensor], num_tokens_per_rdma_rank: Optional[torch.Tensor],
                  is_token_in_rank: Optional[torch.Tensor], num_tokens_per_expert: Optional[torch.Tensor],
@@ -423,13 +457,19 @@ class InternodeKernelsMixin:
             if topk_idx is not None:
                 leg_topk_idx = torch.empty(rows, topk_idx.shape[1], dtype=torch.int64, device=device)
                 leg_topk_weights = torch.empty(rows, topk_idx.shape[1], dtype=torch.float32, device=device)
+            # Output order: source rank, then token; written so by the leg through the row map,
+            # else permuted after it.
+            if cached:
+                row_order, row_segments = handle.row_order, handle.row_segments
+            elif self._internode_row_map:
+                row_order, row_segments = None, self._row_segments(recv_from_rank)
+            else:
+                row_order, row_segments = self._row_order(recv_from_rank, rows), None
             self._node_buffer.dispatch(staging_x, staging_scales, staging_topk_idx, staging_topk_weights,
                                        forward_in_rank, intra_rank_prefix, leg_x, leg_scales, leg_topk_idx,
                                        leg_topk_weights, leg_src_idx, num_experts // N, padded, config.num_sms,
-                                       config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens)
-
-            # Output order: source rank, then token.
-            row_order = handle.row_order if cached else self._row_order(recv_from_rank, rows)
+                                       config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens,
+                                       row_segments)
             recv_data = _scatter_rows(leg_x, row_order)
             recv_scales = _scatter_rows(leg_scales, row_order)
             recv_topk_idx = _scatter_rows(leg_topk_idx, row_order)
@@ -438,12 +478,12 @@ class InternodeKernelsMixin:
                 handle = InternodeDispatchHandle(num_tokens, hidden, num_experts, rows, num_recv, is_token_in_rank,
                                                  recv_from_rank, rail_prefix, rail_src_num_tokens, forward_counts,
                                                  staging_rows, staging_src_token, forward_in_rank, intra_rank_prefix,
-                                                 intra_src_num_tokens, leg_src_idx, row_order, padded)
+                                                 intra_src_num_tokens, leg_src_idx, row_order, row_segments, padded)
         recv_x: Union[torch.Tensor, Fp8Pair] = (recv_data, recv_scales) if is_fp8 else recv_data
         keep = (x, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, rail_prefix,
                 staging_x, staging_scales, staging_topk_idx, staging_topk_weights, staging_src_token, staging_forward,
                 forward_in_rank, intra_rank_prefix, leg_x, leg_scales, leg_topk_idx, leg_topk_weights, leg_src_idx,
-                row_order)
+                row_order, row_segments)
         event = self._finish(async_finish, keep,  # type: ignore[attr-defined]
                              (recv_data, recv_scales, recv_topk_idx, recv_topk_weights))
         if cached:
@@ -463,8 +503,10 @@ class InternodeKernelsMixin:
         hidden = x.shape[1]
         with self._on_comm_stream(previous_event):  # type: ignore[attr-defined]
             order = handle.row_order
-            leg_x = _gather_rows(x, order)
-            leg_weights = _gather_rows(topk_weights, order)
+            # With the row map (or one node rank) the leg reads x in the contract's order itself.
+            leg_x = _gather_rows(x, order) if order is not None else x.contiguous()
+            leg_weights = (_gather_rows(topk_weights, order) if order is not None or topk_weights is None
+                           else topk_weights.contiguous())
             # NVLink leg: each staged token's rows from the ranks of this node, summed (fp32, one rounding).
             partial = torch.empty(handle.staging_rows, hidden, dtype=torch.bfloat16, device=device)
             partial_weights = None
@@ -474,7 +516,7 @@ class InternodeKernelsMixin:
             self._node_buffer.combine(leg_x, leg_weights, None, None, handle.forward_in_rank, handle.intra_src_idx,
                                       handle.intra_rank_prefix, handle.intra_src_num_tokens, partial, partial_weights,
                                       config.num_sms, config.num_max_nvl_chunked_send_tokens,
-                                      config.num_max_nvl_chunked_recv_tokens)
+                                      config.num_max_nvl_chunked_recv_tokens, handle.row_segments)
             # Rail leg: one partial row per (token, node) home, summed there with the biases.
             combined_x = torch.empty(handle.num_tokens, hidden, dtype=torch.bfloat16, device=device)
             combined_weights = None
@@ -487,6 +529,7 @@ class InternodeKernelsMixin:
                                          config.num_max_rdma_chunked_recv_tokens)
         keep = (x, topk_weights, bias0, bias1, leg_x, leg_weights, partial, partial_weights, handle.forward_in_rank,
                 handle.intra_src_idx, handle.intra_rank_prefix, handle.intra_src_num_tokens, handle.rail_prefix,
-                handle.rail_src_num_tokens, handle.staging_src_token, handle.is_token_in_rank, order)
+                handle.rail_src_num_tokens, handle.staging_src_token, handle.is_token_in_rank, order,
+                handle.row_segments)
         event = self._finish(async_finish, keep, (combined_x, combined_weights))  # type: ignore[attr-defined]
         return combined_x, combined_weights, event

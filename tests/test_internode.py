@@ -380,7 +380,8 @@ def _seed() -> int:
 @pytest.mark.parametrize("num_nodes,nvl_domain_size", [(2, 2), (4, 1), (2, 4), (3, 2)])
 def test_row_order(num_nodes: int, nvl_domain_size: int) -> None:
     """(CPU) The permutation from the NVLink leg's block order (forwarding local rank, source node)
-    to the contract's (global source rank), padding rows in place; and the byte-wise scatter."""
+    to the contract's (global source rank), padding rows in place; the byte-wise scatter; and the
+    kernels' row map, which must give the same permutation."""
     import types
     from deep_ep.cuda_internode import InternodeKernelsMixin, _scatter_rows
     N, L = num_nodes, nvl_domain_size
@@ -403,6 +404,19 @@ def test_row_order(num_nodes: int, nvl_domain_size: int) -> None:
         assert order.tolist() == [position[v] for v in leg] + list(range(total, rows))
         src = torch.randn(rows, 3).to(torch.bfloat16)
         assert torch.equal(_scatter_rows(src, order)[order], src)
+        # The kernels' row map (csrc/kernels/intranode.cu map_row) gives the same permutation:
+        # a leg row of forwarding rank l goes to its run j (the first of l's runs that ends past
+        # it) and moves by that run's delta; rows past every run stay.
+        segments = InternodeKernelsMixin._row_segments(stub, counts.to(torch.int32))
+        assert segments.dtype == torch.int32 and tuple(segments.shape) == (2, L * N)
+        ends, deltas = segments.tolist()
+        leg_prefix = [sum(int(counts[n * L + m]) for m in range(l) for n in range(N)) for l in range(L + 1)]
+        mapped = []
+        for row in range(rows):
+            l = next((m for m in range(L) if row < leg_prefix[m + 1]), L - 1)
+            run = next((j for j in range(N) if row < ends[l * N + j]), None)
+            mapped.append(row if run is None else row + deltas[l * N + run])
+        assert mapped == order.tolist()
 
 
 @pytest.mark.parametrize("nvl_domain_size", [2, 1])

@@ -92,6 +92,14 @@ struct DispatchArgs {
     int* recv_src_idx;             // [num_recv_rows]
     int num_recv_rows;             // rows allocated (guards every write)
     bool fill_padding;             // num_worst_tokens: rows past the real count get zeros / -1
+    // Optional row map (nullptr: none; the internode path uses it to write its rows straight in
+    // the contract's order). The received rows of source s form num_row_segments runs (at most
+    // 32); run j ends (exclusive) at row_segment_end[s * num_row_segments + j], ascending in j,
+    // and a row r of it is written to row r + row_segment_delta[same index]. recv_src_idx stays
+    // at r; rows past a source's last run (padding) stay where they are.
+    const int* row_segment_end;
+    const int* row_segment_delta;
+    int num_row_segments;
     int num_experts, rank, num_ranks;
     DispatchSlot slot;
     RingGeometry ring;
@@ -114,6 +122,11 @@ struct CombineArgs {
     uint8_t* combined_x;         // [num_tokens, hidden] bf16
     float* combined_topk_weights;  // nullable, [num_tokens, num_topk]
     int weights_offset;          // byte offset of the weights in a slot
+    // Optional row map of the dispatch (DispatchArgs::row_segment_end): received row r of x and
+    // topk_weights is read at r + delta of its run (recv_src_idx is indexed by r).
+    const int* row_segment_end;
+    const int* row_segment_delta;
+    int num_row_segments;
     int rank, num_ranks;
     RingGeometry ring;
     PeerBuffers buffers;

@@ -43,8 +43,13 @@ namespace {
 
 constexpr int kNotifyThreads = 512;
 constexpr int kRailThreads = kRailWarps * kWarpSize;
-constexpr int kCopyUnroll = 4;
+// Loads in flight per lane before their stores in a row copy: a copy is latency-bound (one
+// memory round trip per kCopyUnroll * 512 bytes), so 8 (4 KB per warp, as in the intranode
+// kernels) halves the round trips of a 14 KB row against 4 and still fits the 80 registers of a
+// 768-thread block without spilling.
+constexpr int kCopyUnroll = 8;
 constexpr int kSumUnroll = 4;  // columns per lane in flight in the combine sum
+constexpr int kScalePrefetch = 2;  // FP8 scales per lane loaded before the row copy (64 per token)
 constexpr size_t kPage = 4096;
 
 size_t align_bytes(size_t n, size_t a) { return (n + a - 1) / a * a; }
@@ -136,12 +141,15 @@ __device__ __forceinline__ int channel_begin(int num_tokens, int channel, int nu
     return static_cast<int>(static_cast<int64_t>(num_tokens) * channel / num_channels);
 }
 
-// Bit j set: token t goes to rank node * L + j.
+// Bit j set: token t goes to rank node * L + j. Unrolled to the largest node, so the L loads
+// are in flight together (one memory round trip, not L).
 __device__ __forceinline__ int node_rank_bits(const bool* is_token_in_rank, int t, int num_ranks, int node, int L) {
     int bits = 0;
     const bool* row = is_token_in_rank + static_cast<int64_t>(t) * num_ranks + node * L;
-    for (int j = 0; j < L; ++j)
-        bits |= row[j] ? (1 << j) : 0;
+#pragma unroll
+    for (int j = 0; j < kMaxNodeRanks; ++j)
+        if (j < L)
+            bits |= row[j] ? (1 << j) : 0;
     return bits;
 }
 
@@ -367,15 +375,40 @@ struct TokenTarget {
 
 __device__ __forceinline__ void write_token(const RailDispatchArgs& a, int token, int expert_lo, int expert_hi,
                                             const TokenTarget& target, int lane) {
+    // The small fields are loaded before the row copy so their round trip overlaps it: loaded
+    // after it, each (the scales, then the top-k) added one full memory latency per token, as
+    // much as the whole copy of a 7 KB FP8 row.
+    float scales[kScalePrefetch];
+    const float* token_scales = a.x_scales != nullptr ? a.x_scales + token * a.scale_token_stride : nullptr;
+    if (token_scales != nullptr) {
+#pragma unroll
+        for (int p = 0; p < kScalePrefetch; ++p) {
+            const int g = lane + p * kWarpSize;
+            scales[p] = g < a.num_scales ? __ldg(token_scales + g * a.scale_hidden_stride) : 0.0f;
+        }
+    }
+    const bool has_topk = a.topk_idx != nullptr && lane < a.num_topk;
+    const int64_t topk_index = static_cast<int64_t>(token) * a.num_topk + lane;
+    int64_t expert = -1;
+    float weight = 0.0f;
+    if (has_topk) {
+        expert = __ldg(a.topk_idx + topk_index);
+        weight = __ldg(a.topk_weights + topk_index);
+    }
     warp_copy_int4<kCopyUnroll, false>(reinterpret_cast<int4*>(target.data),
                                        reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(token) * a.hidden_bytes),
                                        a.hidden_bytes / 16, lane);
-    if (a.x_scales != nullptr)
-        for (int g = lane; g < a.num_scales; g += kWarpSize)
-            target.scales[g] = __ldg(a.x_scales + token * a.scale_token_stride + g * a.scale_hidden_stride);
-    if (a.topk_idx != nullptr && lane < a.num_topk) {
-        const int64_t index = static_cast<int64_t>(token) * a.num_topk + lane;
-        const int64_t expert = __ldg(a.topk_idx + index);
+    if (token_scales != nullptr) {
+#pragma unroll
+        for (int p = 0; p < kScalePrefetch; ++p) {
+            const int g = lane + p * kWarpSize;
+            if (g < a.num_scales)
+                target.scales[g] = scales[p];
+        }
+        for (int g = lane + kScalePrefetch * kWarpSize; g < a.num_scales; g += kWarpSize)
+            target.scales[g] = __ldg(token_scales + g * a.scale_hidden_stride);
+    }
+    if (has_topk) {
         // Node-relative id, -1 for experts elsewhere (and for invalid ids): the intranode leg then
         // remaps to local ids as if this node were the whole group.
         const bool here = expert >= 0 && expert < a.num_experts && expert >= expert_lo && expert < expert_hi;
@@ -384,7 +417,7 @@ __device__ __forceinline__ void write_token(const RailDispatchArgs& a, int token
             target.topk_idx32[lane] = static_cast<int>(relative);
         else
             target.topk_idx64[lane] = relative;
-        target.topk_weights[lane] = __ldg(a.topk_weights + index);
+        target.topk_weights[lane] = weight;
     }
 }
 
@@ -442,8 +475,10 @@ __device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a
     int k_remote = has_ring ? s_before[r.node] : 0;
     for (int window = begin; window < end; window += kWarpSize) {
         const int t = window + lane;
-        // Own node: straight into the staging rows.
+        // Both routings of the window are read first: their loads are in flight together.
         const int local_bits = t < end ? node_rank_bits(a.is_token_in_rank, t, R, ctx.node, L) : 0;
+        const int remote_bits = has_ring && t < end ? node_rank_bits(a.is_token_in_rank, t, R, r.node, L) : 0;
+        // Own node: straight into the staging rows.
         const unsigned local_mask = __ballot_sync(0xffffffffu, local_bits != 0);
         const int lane_k_local = k_local + __popc(local_mask & lanes_below);
         unsigned todo = __ballot_sync(0xffffffffu, local_bits != 0 && lane_k_local % kRailWarps == warp);
@@ -470,7 +505,6 @@ __device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a
         if (!has_ring)
             continue;
         // This warp's sub-stream to node r.node: into the peer's ring.
-        const int remote_bits = t < end ? node_rank_bits(a.is_token_in_rank, t, R, r.node, L) : 0;
         const unsigned remote_mask = __ballot_sync(0xffffffffu, remote_bits != 0);
         const int lane_k_remote = k_remote + __popc(remote_mask & lanes_below);
         todo = __ballot_sync(0xffffffffu, remote_bits != 0 && lane_k_remote % g.subs == r.sub);
@@ -532,18 +566,39 @@ __device__ void rail_dispatch_receive(const Context& ctx, const RailDispatchArgs
         const int64_t row = static_cast<int64_t>(first_row) + meta.y;
         if (!check_staging_row(ctx, a, row, pe, channel))
             return;
+        // The slot's small fields are loaded before the row copy, so their round trip overlaps
+        // it (loaded after it, each added one memory latency per token; see write_token).
+        const float* slot_scales = reinterpret_cast<const float*>(slot + a.slot.scales_offset);
+        float scales[kScalePrefetch];
+        if (a.staging_scales != nullptr) {
+#pragma unroll
+            for (int p = 0; p < kScalePrefetch; ++p) {
+                const int s = lane + p * kWarpSize;
+                scales[p] = s < a.num_scales ? __ldcg(slot_scales + s) : 0.0f;
+            }
+        }
+        const bool has_topk = a.staging_topk_idx != nullptr && lane < a.num_topk;
+        int expert = -1;
+        float weight = 0.0f;
+        if (has_topk) {
+            expert = __ldcg(reinterpret_cast<const int*>(slot + a.slot.topk_idx_offset) + lane);
+            weight = __ldcg(reinterpret_cast<const float*>(slot + a.slot.topk_weights_offset) + lane);
+        }
         warp_copy_int4<kCopyUnroll, true>(reinterpret_cast<int4*>(a.staging_x + row * a.hidden_bytes),
                                           reinterpret_cast<const int4*>(slot), a.hidden_bytes / 16, lane);
         if (a.staging_scales != nullptr) {
-            const float* scales = reinterpret_cast<const float*>(slot + a.slot.scales_offset);
-            for (int s = lane; s < a.num_scales; s += kWarpSize)
-                a.staging_scales[row * a.num_scales + s] = __ldcg(scales + s);
+#pragma unroll
+            for (int p = 0; p < kScalePrefetch; ++p) {
+                const int s = lane + p * kWarpSize;
+                if (s < a.num_scales)
+                    a.staging_scales[row * a.num_scales + s] = scales[p];
+            }
+            for (int s = lane + kScalePrefetch * kWarpSize; s < a.num_scales; s += kWarpSize)
+                a.staging_scales[row * a.num_scales + s] = __ldcg(slot_scales + s);
         }
-        if (a.staging_topk_idx != nullptr && lane < a.num_topk) {
-            a.staging_topk_idx[row * a.num_topk + lane] =
-                __ldcg(reinterpret_cast<const int*>(slot + a.slot.topk_idx_offset) + lane);
-            a.staging_topk_weights[row * a.num_topk + lane] =
-                __ldcg(reinterpret_cast<const float*>(slot + a.slot.topk_weights_offset) + lane);
+        if (has_topk) {
+            a.staging_topk_idx[row * a.num_topk + lane] = expert;
+            a.staging_topk_weights[row * a.num_topk + lane] = weight;
         }
         if (lane == 0)
             a.staging_src_token[row] = meta.x;
@@ -623,21 +678,62 @@ __device__ void rail_combine_send(const Context& ctx, const RailCombineArgs& a, 
         if (!make_room(ctx, w, kKernelRailCombine, channel))
             return;
         uint8_t* slot = w.slot();
+        // The weights are loaded before the row copy so their round trip overlaps it.
+        const bool has_weights = a.partial_weights != nullptr && lane < a.num_topk;
+        const float weight = has_weights ? __ldg(a.partial_weights + static_cast<int64_t>(row) * a.num_topk + lane)
+                                         : 0.0f;
         warp_copy_int4<kCopyUnroll, false>(reinterpret_cast<int4*>(slot),
                                            reinterpret_cast<const int4*>(a.partial + static_cast<int64_t>(row) * row_bytes),
                                            row_bytes / 16, lane);
-        if (a.partial_weights != nullptr && lane < a.num_topk)
-            reinterpret_cast<float*>(slot + weights_offset)[lane] =
-                __ldg(a.partial_weights + static_cast<int64_t>(row) * a.num_topk + lane);
+        if (has_weights)
+            reinterpret_cast<float*>(slot + weights_offset)[lane] = weight;
         w.commit();
     }
     close_ring_writer(ctx, g, channel, r, w);
 }
 
+// Sums the rows of one token (at most two, nodes ascending; null = absent) in fp32 plus the
+// biases and stores the bf16 result. Whole warp. Both rows' loads of a pass are in flight
+// together (2 * kSumUnroll 16-byte words per lane): the general loop below waits one memory
+// latency per row and pass, so with two nodes this halves the round trips of a token. The
+// additions happen in the same order as in the general loop (0, then the rows by node, then
+// the biases), so both give the same bits.
+__device__ __forceinline__ void sum_two_rows(const RailCombineArgs& a, const int4* row0, const int4* row1,
+                                             int64_t out_offset, int hidden_int4, int lane) {
+    for (int column0 = lane; column0 < hidden_int4; column0 += kWarpSize * kSumUnroll) {
+        int4 values0[kSumUnroll], values1[kSumUnroll];
+#pragma unroll
+        for (int u = 0; u < kSumUnroll; ++u) {
+            const int column = column0 + u * kWarpSize;
+            const bool in_row = column < hidden_int4;
+            values0[u] = in_row && row0 != nullptr ? __ldcg(row0 + column) : make_int4(0, 0, 0, 0);
+            values1[u] = in_row && row1 != nullptr ? __ldcg(row1 + column) : make_int4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kSumUnroll; ++u) {
+            const int column = column0 + u * kWarpSize;
+            if (column < hidden_int4) {
+                float acc[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    acc[j] = 0.0f;
+                if (row0 != nullptr)
+                    accumulate_bf16x8(acc, values0[u]);
+                if (row1 != nullptr)
+                    accumulate_bf16x8(acc, values1[u]);
+                accumulate_biases(acc, a.bias0, a.bias1, out_offset, column);
+                store_bf16x8(a.combined_x + out_offset, column, acc);
+            }
+        }
+    }
+}
+
 // The home walks its channel's tokens in batches of one token per warp: warp 0 numbers each
 // (token, node) pair inside its node's stream (index i of node m's stream is slot i / subs of
 // sub-stream i % subs), every warp sums its token's rows, then warp 0 releases the consumed
-// slots of every ring.
+// slots of every ring. Which nodes each token went to is read by the whole block once per
+// kRailThreads tokens (32 batches) into shared memory: read by warp 0 in every batch, it cost
+// one memory round trip per node per batch while the other 23 warps waited at the barrier.
 __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& a, int channel) {
     const RailGeometry& g = a.rail;
     const int R = ctx.num_ranks, L = ctx.nvl_size, N = ctx.num_nodes;
@@ -646,12 +742,16 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
     const int end = channel_begin(a.num_tokens, channel + 1, g.num_channels);
 
     __shared__ int s_index[kRailWarps][kMaxNodes];
+    __shared__ unsigned s_node_mask[kRailThreads];  // bit m: token fill_base + i went to node m
     __shared__ int s_count[kMaxNodes];
     __shared__ unsigned long long s_base[kMaxNodes];  // per ring
+    __shared__ unsigned long long s_tail[kMaxNodes];  // per ring: the highest tail acquired so far
     __shared__ int s_own_before;
     __shared__ int s_failed;
+    static_assert(kMaxNodes <= 32, "node masks are 32-bit");
     if (threadIdx.x < kMaxNodes) {
         s_count[threadIdx.x] = 0;
+        s_tail[threadIdx.x] = 0;
         s_base[threadIdx.x] = threadIdx.x < g.rings ? ctx.state->received[g.kind][channel][threadIdx.x] : 0ull;
     }
     if (threadIdx.x == 0) {
@@ -685,13 +785,32 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
         return recv_ring(ctx, g, channel, ring) +
                ((s_base[ring] + index / subs) % g.capacity) * static_cast<size_t>(g.slot_bytes);
     };
+    // Where entry `index` of node m's stream is: the ring slot, or this rank's own staging row.
+    auto row_of = [&](int m, int index) -> const uint8_t* {
+        return m == ctx.node ? a.partial + (own_first_row + index) * row_bytes : slot_of(m, index);
+    };
+    int fill_base = begin;
     for (int batch = begin; batch < end; batch += kRailWarps) {
+        if ((batch - begin) % kRailThreads == 0) {
+            // Block-uniform: one token per thread. The last batch's readers of s_node_mask
+            // (warp 0) are behind the barrier that ended that batch.
+            fill_base = batch;
+            const int t = batch + static_cast<int>(threadIdx.x);
+            unsigned node_mask = 0;
+            if (t < end)
+                for (int m = 0; m < N; ++m)
+                    node_mask |= node_rank_bits(a.is_token_in_rank, t, R, m, L) != 0 ? (1u << m) : 0u;
+            s_node_mask[threadIdx.x] = node_mask;
+            __syncthreads();
+        }
         if (warp == 0) {
             __syncwarp();  // the release lanes' reads of s_count (last batch) come before these writes
             const int t = batch + lane;
             const bool valid = lane < kRailWarps && t < end;
+            // batch - fill_base <= 31 * kRailWarps, so the index stays below kRailThreads.
+            const unsigned node_mask = valid ? s_node_mask[batch - fill_base + lane] : 0u;
             for (int m = 0; m < N; ++m) {
-                const bool in_node = valid && node_rank_bits(a.is_token_in_rank, t, R, m, L) != 0;
+                const bool in_node = ((node_mask >> m) & 1u) != 0;
                 const unsigned mask = __ballot_sync(0xffffffffu, in_node);
                 const int base = s_count[m];
                 if (lane < kRailWarps)
@@ -709,48 +828,78 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
             if (lane < N && lane != ctx.node && s_index[warp][lane] >= 0) {
                 const int index = s_index[warp][lane];
                 const int ring = ring_of(lane, index);
-                unsigned long long seen;
-                ok = wait_at_least(ctx.fail, rail_signal(ctx, g.kind, kRailTail, channel, ring),
-                                   s_base[ring] + index / subs + 1, seen, kKernelRailCombine,
-                                   lane * L + ctx.local_rank, kWaitRailTail, channel);
+                const unsigned long long needed = s_base[ring] + index / subs + 1;
+                // A tail that another warp of this block acquired may already cover the slot
+                // (the sender publishes several slots of a ring at once): then no round trip.
+                // Their release (fence, then the shared max) and this acquire (the shared read,
+                // then a fence) extend that warp's system-scope acquire to this warp's loads.
+                if (*reinterpret_cast<volatile unsigned long long*>(&s_tail[ring]) >= needed) {
+                    __threadfence_block();
+                } else {
+                    unsigned long long seen;
+                    ok = wait_at_least(ctx.fail, rail_signal(ctx, g.kind, kRailTail, channel, ring), needed, seen,
+                                       kKernelRailCombine, lane * L + ctx.local_rank, kWaitRailTail, channel);
+                    if (ok) {
+                        __threadfence_block();
+                        atomicMax(&s_tail[ring], seen);
+                    }
+                }
             }
             if (__ballot_sync(0xffffffffu, !ok) != 0) {
                 if (lane == 0)
                     s_failed = 1;
             } else {
                 const int64_t out_offset = static_cast<int64_t>(token) * row_bytes;
-                // kSumUnroll columns per lane and pass: their loads from one row are in flight
-                // together (one memory latency per row and pass, not per column). Each element
-                // is summed in the same order as before: nodes ascending, then the biases.
-                for (int column0 = lane; column0 < hidden_int4; column0 += kWarpSize * kSumUnroll) {
-                    float acc[kSumUnroll][8];
+                // The token's first two rows (nodes ascending) and how many it has (named
+                // pointers, not an array indexed at run time, which would live in local memory).
+                const uint8_t* row0 = nullptr;
+                const uint8_t* row1 = nullptr;
+                int num_rows = 0;
+                for (int m = 0; m < N; ++m) {
+                    const int index = s_index[warp][m];
+                    if (index < 0)
+                        continue;
+                    if (num_rows == 0)
+                        row0 = row_of(m, index);
+                    else if (num_rows == 1)
+                        row1 = row_of(m, index);
+                    ++num_rows;
+                }
+                if (num_rows <= 2) {
+                    sum_two_rows(a, reinterpret_cast<const int4*>(row0), reinterpret_cast<const int4*>(row1),
+                                 out_offset, hidden_int4, lane);
+                } else {
+                    // More than two nodes: kSumUnroll columns per lane and pass, one row at a
+                    // time. Each element is summed in order: nodes ascending, then the biases.
+                    for (int column0 = lane; column0 < hidden_int4; column0 += kWarpSize * kSumUnroll) {
+                        float acc[kSumUnroll][8];
 #pragma unroll
-                    for (int u = 0; u < kSumUnroll; ++u)
+                        for (int u = 0; u < kSumUnroll; ++u)
 #pragma unroll
-                        for (int j = 0; j < 8; ++j)
-                            acc[u][j] = 0.0f;
-                    for (int m = 0; m < N; ++m) {
-                        const int index = s_index[warp][m];
-                        if (index < 0)
-                            continue;
-                        const int4* row = reinterpret_cast<const int4*>(
-                            m == ctx.node ? a.partial + (own_first_row + index) * row_bytes : slot_of(m, index));
-                        int4 values[kSumUnroll];
+                            for (int j = 0; j < 8; ++j)
+                                acc[u][j] = 0.0f;
+                        for (int m = 0; m < N; ++m) {
+                            const int index = s_index[warp][m];
+                            if (index < 0)
+                                continue;
+                            const int4* row = reinterpret_cast<const int4*>(row_of(m, index));
+                            int4 values[kSumUnroll];
+#pragma unroll
+                            for (int u = 0; u < kSumUnroll; ++u) {
+                                const int column = column0 + u * kWarpSize;
+                                values[u] = column < hidden_int4 ? __ldcg(row + column) : make_int4(0, 0, 0, 0);
+                            }
+#pragma unroll
+                            for (int u = 0; u < kSumUnroll; ++u)
+                                accumulate_bf16x8(acc[u], values[u]);
+                        }
 #pragma unroll
                         for (int u = 0; u < kSumUnroll; ++u) {
                             const int column = column0 + u * kWarpSize;
-                            values[u] = column < hidden_int4 ? __ldcg(row + column) : make_int4(0, 0, 0, 0);
-                        }
-#pragma unroll
-                        for (int u = 0; u < kSumUnroll; ++u)
-                            accumulate_bf16x8(acc[u], values[u]);
-                    }
-#pragma unroll
-                    for (int u = 0; u < kSumUnroll; ++u) {
-                        const int column = column0 + u * kWarpSize;
-                        if (column < hidden_int4) {
-                            accumulate_biases(acc[u], a.bias0, a.bias1, out_offset, column);
-                            store_bf16x8(a.combined_x + out_offset, column, acc[u]);
+                            if (column < hidden_int4) {
+                                accumulate_biases(acc[u], a.bias0, a.bias1, out_offset, column);
+                                store_bf16x8(a.combined_x + out_offset, column, acc[u]);
+                            }
                         }
                     }
                 }

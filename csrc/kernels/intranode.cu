@@ -133,6 +133,23 @@ __device__ __forceinline__ void publish_tail(int* tail, int value) {
         st_release_sys(tail, value);
 }
 
+// ================================================================ optional row map
+// The rows received from one source, split into runs that each move by a constant (see
+// DispatchArgs::row_segment_end). Lane j reads the end of run j, so a row finds its run with one
+// ballot. The map is a few hundred bytes read by every warp, so these loads hit L1; they are
+// made per row instead of holding the runs in registers, which made the kernels spill more.
+// Without a map (`ends` null, from the kernel's arguments: warp-uniform) the row stays.
+__device__ __forceinline__ int64_t map_row(const int* ends, const int* deltas, int num_runs, int source, int64_t row) {
+    if (ends == nullptr)
+        return row;
+    const int lane = lane_id();
+    const int end = lane < num_runs ? __ldg(ends + source * num_runs + lane) : -1;
+    // The runs ascend, so the first lane whose run ends past the row holds it; a row past
+    // every run stays.
+    const unsigned runs = __ballot_sync(0xffffffffu, row < end);
+    return runs != 0 ? row + __ldg(deltas + source * num_runs + __ffs(runs) - 1) : row;
+}
+
 // ================================================================ dispatch
 // A slot's metadata (FP8 scales, top-k ids and weights, source index) travels as 16-byte words:
 // every field starts 16-byte aligned (make_dispatch_slot), so the word at metadata offset 16 L
@@ -171,12 +188,12 @@ __device__ __forceinline__ int4 load_slot_meta_word(const DispatchArgs& args, in
     return make_int4(words[0], words[1], words[2], words[3]);
 }
 
-// Stores one lane's metadata word of a slot (see load_slot_meta_word) into the
-// outputs of row `row`: FP8 scales, top-k ids remapped to this rank's experts (-1 elsewhere) with
-// their weights (0 elsewhere), the source index. Whole warp (a shuffle brings each id word its
+// Stores one lane's metadata word of a slot (see load_slot_meta_word) into the outputs: FP8
+// scales and top-k ids remapped to this rank's experts (-1 elsewhere) with their weights (0
+// elsewhere) at row `row`, the source index at `src_row` (the leg row under a row map). Whole warp (a shuffle brings each id word its
 // weights word, which sits a fixed number of lanes higher: both fields have the same size).
 __device__ __forceinline__ void store_slot_meta(const DispatchArgs& args, const int4& word, int offset, int64_t row,
-                                                int expert_begin, int num_local_experts) {
+                                                int64_t src_row, int expert_begin, int num_local_experts) {
     const DispatchSlot& layout = args.slot;
     const int lanes_to_weights = (layout.topk_weights_offset - layout.topk_idx_offset) / 16;
     int4 weights;
@@ -204,7 +221,7 @@ __device__ __forceinline__ void store_slot_meta(const DispatchArgs& args, const 
             }
         }
     } else if (offset == layout.src_idx_offset) {
-        args.recv_src_idx[row] = words[0];
+        args.recv_src_idx[src_row] = words[0];
     }
 }
 
@@ -215,6 +232,9 @@ __device__ __forceinline__ void write_slot_meta(const DispatchArgs& args, uint8_
         st_int4(reinterpret_cast<int4*>(slot + offset), load_slot_meta_word(args, token, offset));
 }
 
+// kRowMap: the kernel instance for a row map (DispatchArgs::row_segment_end); the one without
+// compiles to the code it had before maps existed.
+template <bool kRowMap>
 __device__ void dispatch_send(const DispatchArgs& args, int channel) {
     const RingGeometry& ring = args.ring;
     const int num_ranks = args.num_ranks, W = ring.warps_per_peer;
@@ -285,10 +305,15 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
             const int k = seq + j;
             if (local) {
                 const int64_t row = local_first_row + k;
-                if (row >= args.num_recv_rows) {
+                // Where the row goes (== row without a row map); recv_src_idx stays at `row`.
+                const int64_t out =
+                    kRowMap ? map_row(args.row_segment_end, args.row_segment_delta, args.num_row_segments, args.rank,
+                                      row)
+                            : row;
+                if (row >= args.num_recv_rows || (kRowMap && (out < 0 || out >= args.num_recv_rows))) {
                     if (lane == 0)
                         report_failure(args.fail, kErrorOverflow, kKernelDispatch, args.rank, kWaitRowCapacity,
-                                       channel, row + 1, args.num_recv_rows);
+                                       channel, max(row, out) + 1, args.num_recv_rows);
                     ok = false;
                     break;
                 }
@@ -296,25 +321,28 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
                     // Metadata loads first, so their latency hides behind the row copy's.
                     const int4 word = meta_offset < meta_end ? load_slot_meta_word(args, token, meta_offset)
                                                              : make_int4(0, 0, 0, 0);
-                    copy_row<false>(args.recv_x + row * args.hidden_bytes,
+                    copy_row<false>(args.recv_x + out * args.hidden_bytes,
                                     args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
-                    store_slot_meta(args, word, meta_offset, row, expert_begin, num_local_experts);
+                    store_slot_meta(args, word, meta_offset, out, row, expert_begin, num_local_experts);
                     continue;
                 }
-                copy_row<false>(args.recv_x + row * args.hidden_bytes,
+                // With a map, `row` is stored first so that it is dead during the copy (fewer spills).
+                if (kRowMap && lane == 0)
+                    args.recv_src_idx[row] = token;
+                copy_row<false>(args.recv_x + out * args.hidden_bytes,
                                 args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
                 if (args.x_scales != nullptr)
                     for (int g = lane; g < args.num_scales; g += kWarpSize)
-                        args.recv_x_scales[row * args.num_scales + g] =
+                        args.recv_x_scales[out * args.num_scales + g] =
                             __ldg(args.x_scales + token * args.scale_token_stride + g * args.scale_hidden_stride);
                 if (args.topk_idx != nullptr && lane < args.num_topk) {
                     const int64_t index = static_cast<int64_t>(token) * args.num_topk + lane;
                     const int64_t expert = __ldg(args.topk_idx + index);
                     const bool mine = expert >= expert_begin && expert < expert_begin + num_local_experts;
-                    args.recv_topk_idx[row * args.num_topk + lane] = mine ? expert - expert_begin : -1;
-                    args.recv_topk_weights[row * args.num_topk + lane] = mine ? __ldg(args.topk_weights + index) : 0.0f;
+                    args.recv_topk_idx[out * args.num_topk + lane] = mine ? expert - expert_begin : -1;
+                    args.recv_topk_weights[out * args.num_topk + lane] = mine ? __ldg(args.topk_weights + index) : 0.0f;
                 }
-                if (lane == 0)
+                if (!kRowMap && lane == 0)
                     args.recv_src_idx[row] = token;
                 continue;
             }
@@ -365,6 +393,7 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
         *own_head = 0;
 }
 
+template <bool kRowMap>
 __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
     const RingGeometry& ring = args.ring;
     const int W = ring.warps_per_peer;
@@ -402,10 +431,14 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
             const int k = w + i * W;
             const uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
             const int64_t row = first_row + k;
-            if (row >= args.num_recv_rows) {
+            // Where the row goes (== row without a row map); recv_src_idx stays at `row`.
+            const int64_t out =
+                kRowMap ? map_row(args.row_segment_end, args.row_segment_delta, args.num_row_segments, source, row)
+                        : row;
+            if (row >= args.num_recv_rows || (kRowMap && (out < 0 || out >= args.num_recv_rows))) {
                 if (lane == 0)
                     report_failure(args.fail, kErrorOverflow, kKernelDispatch, source, kWaitRowCapacity, channel,
-                                   row + 1, args.num_recv_rows);
+                                   max(row, out) + 1, args.num_recv_rows);
                 ok = false;
                 break;
             }
@@ -414,24 +447,27 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
                 // copy's instead of adding round trips per token.
                 const int4 word = meta_offset < meta_end ? ld_ring_int4(reinterpret_cast<const int4*>(slot + meta_offset))
                                                          : make_int4(0, 0, 0, 0);
-                copy_row<true>(args.recv_x + row * args.hidden_bytes, slot, args.hidden_bytes);
-                store_slot_meta(args, word, meta_offset, row, expert_begin, num_local_experts);
+                copy_row<true>(args.recv_x + out * args.hidden_bytes, slot, args.hidden_bytes);
+                store_slot_meta(args, word, meta_offset, out, row, expert_begin, num_local_experts);
             } else {
-                copy_row<true>(args.recv_x + row * args.hidden_bytes, slot, args.hidden_bytes);
+                // With a map, `row` is stored first so that it is dead during the copy (fewer spills).
+                if (kRowMap && lane == 0)
+                    args.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + args.slot.src_idx_offset));
+                copy_row<true>(args.recv_x + out * args.hidden_bytes, slot, args.hidden_bytes);
                 if (args.recv_x_scales != nullptr) {
                     const float* slot_scales = reinterpret_cast<const float*>(slot + args.slot.scales_offset);
                     for (int g = lane; g < args.num_scales; g += kWarpSize)
-                        args.recv_x_scales[row * args.num_scales + g] = __ldcg(slot_scales + g);
+                        args.recv_x_scales[out * args.num_scales + g] = __ldcg(slot_scales + g);
                 }
                 if (args.recv_topk_idx != nullptr && lane < args.num_topk) {
                     const int expert = __ldcg(reinterpret_cast<const int*>(slot + args.slot.topk_idx_offset) + lane);
                     const float weight =
                         __ldcg(reinterpret_cast<const float*>(slot + args.slot.topk_weights_offset) + lane);
                     const bool local = expert >= expert_begin && expert < expert_begin + num_local_experts;
-                    args.recv_topk_idx[row * args.num_topk + lane] = local ? expert - expert_begin : -1;
-                    args.recv_topk_weights[row * args.num_topk + lane] = local ? weight : 0.0f;
+                    args.recv_topk_idx[out * args.num_topk + lane] = local ? expert - expert_begin : -1;
+                    args.recv_topk_weights[out * args.num_topk + lane] = local ? weight : 0.0f;
                 }
-                if (lane == 0)
+                if (!kRowMap && lane == 0)
                     args.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + args.slot.src_idx_offset));
             }
             // Release the slots once consumption has caught up with what was published, or
@@ -474,12 +510,13 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
     }
 }
 
+template <bool kRowMap>
 __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(DispatchArgs args) {
     const int channel = blockIdx.x / 2;
     if (blockIdx.x % 2 == 0)
-        dispatch_send(args, channel);
+        dispatch_send<kRowMap>(args, channel);
     else
-        dispatch_receive(args, channel);
+        dispatch_receive<kRowMap>(args, channel);
 }
 
 // ================================================================ combine
@@ -543,7 +580,9 @@ __device__ void combine_send(const CombineArgs& args, int channel) {
                 return;
         }
         const int k = w + i * W;
-        const int64_t row = first + k;
+        // Where dispatch wrote received row first + k.
+        const int64_t row =
+            map_row(args.row_segment_end, args.row_segment_delta, args.num_row_segments, home, first + k);
         uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
         copy_row<false>(slot, args.x + row * row_bytes, row_bytes);
         if (args.topk_weights != nullptr && lane < args.num_topk)
@@ -664,10 +703,12 @@ __device__ void combine_receive(const CombineArgs& args, int channel) {
                         rows[peer] = nullptr;
                         weights[peer] = nullptr;
                     } else if (peer == args.rank) {
-                        rows[peer] = args.x + (local_first + k) * row_bytes;
-                        weights[peer] = args.topk_weights != nullptr
-                                            ? args.topk_weights + (local_first + k) * args.num_topk
-                                            : nullptr;
+                        // Where dispatch wrote it (== local_first + k without a row map).
+                        const int64_t row = map_row(args.row_segment_end, args.row_segment_delta,
+                                                    args.num_row_segments, args.rank, local_first + k);
+                        rows[peer] = args.x + row * row_bytes;
+                        weights[peer] = args.topk_weights != nullptr ? args.topk_weights + row * args.num_topk
+                                                                     : nullptr;
                     } else {
                         rows[peer] = ring_ptr(own, ring, peer, channel) +
                                      static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
@@ -763,7 +804,10 @@ void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream) {
     DEEP_EP_HOST_ASSERT(args.hidden_bytes % 16 == 0, "hidden bytes must be a multiple of 16");
     DEEP_EP_HOST_ASSERT(args.num_topk <= kWarpSize, "num_topk must be at most 32");
     DEEP_EP_HOST_ASSERT(args.ring.warps_per_peer * args.num_ranks <= kIntranodeWarps, "too many warps per peer");
-    intranode_dispatch_kernel<<<args.ring.num_channels * 2, kThreads, 0, stream>>>(args);
+    if (args.row_segment_end != nullptr)
+        intranode_dispatch_kernel<true><<<args.ring.num_channels * 2, kThreads, 0, stream>>>(args);
+    else
+        intranode_dispatch_kernel<false><<<args.ring.num_channels * 2, kThreads, 0, stream>>>(args);
     DEEP_EP_LAUNCH_CHECK();
 }
 
