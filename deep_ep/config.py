@@ -141,7 +141,8 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     that the two agree): a signal area, then two buffers, each holding the dispatch receive slots
     (one message per source rank and token: a 128-byte header plus the token at its widest, bf16),
     the dispatch send staging, the combine receive slots (max(16, ranks) per token), the combine
-    send rows, the top-k weights and a staging area.
+    send rows, the top-k weights, a staging area and the dispatch's per-(rank, expert) token counts
+    (received, and staged for puts).
     """
     for name, v in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
                     ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
@@ -158,5 +159,6 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     offset = _align(offset + m * combine_slots_per_token * h * 2, page)      # combine receive
     offset = _align(offset + num_local * r * m * h * 2, page)                # combine send
     offset = _align(offset + r * m * MAX_TOPK * 4, page)                     # weights
-    buffer_bytes = _align(offset + r * m * h * 2, page)                      # staging
+    offset = _align(offset + r * m * h * 2, page)                            # staging
+    buffer_bytes = _align(offset + 2 * r * num_local * 4, page)              # dispatch counts
     return signal_bytes + 2 * buffer_bytes

@@ -5,6 +5,7 @@ reason) elsewhere. Runnable as a script::
 
     python tests/test_low_latency.py --num-processes 4          # correctness
     python tests/test_low_latency.py --num-processes 4 --bench  # correctness, then the benchmark
+    python tests/test_low_latency.py --num-processes 4 --no-shrink  # the same checks without shrink mode
 
 Checks, per configuration and mode (FP8, FP8 round_scale, FP8 ue8m0, bf16): every valid row's
 bytes and scales bit-exact with the contract's cast of its source token (``exact_cast``; the
@@ -14,7 +15,9 @@ torch backend, the packed layout (contiguous source blocks, layout ranges); both
 (reduced, rows) within bf16 tolerance of a float64 reference and close to the torch backend;
 then hook mode, async_finish, zero_copy, ``out=``, the stats tensors, CUDA-graph replay, 100
 repeated runs with identical results, and shrink mode (one rank skips a call; the others mask
-it after the timeout).
+it after the timeout). Without shrink mode the dispatch receive takes another path (scan-free:
+rows placed from the senders' counts and positions), so ``--no-shrink`` (and the pytest case
+``test_low_latency_kernels_no_shrink``) run every check but the shrink one on such a buffer.
 """
 
 from __future__ import annotations
@@ -695,7 +698,7 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
 # Process entry
 # ----------------------------------------------------------------------------------------------
 def _worker(local_rank: int, num_processes: int, port: int, bench: bool, iterations: int, seed: int,
-            quick: bool, bench_only: bool = False) -> None:
+            quick: bool, bench_only: bool = False, shrink: bool = True) -> None:
     os.environ.setdefault("DEEP_EP_TIMEOUT_S", "60")
     torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=local_rank, world_size=num_processes,
@@ -706,16 +709,17 @@ def _worker(local_rank: int, num_processes: int, port: int, bench: bool, iterati
     group = dist.group.WORLD
     configs = CONFIGS[:1] if quick or bench_only else CONFIGS + [MAX_TOKENS_LIMIT_CONFIG]
     num_rdma_bytes = _rdma_bytes(configs, num_ranks)
-    buffer = make_kernel_buffer(group, num_rdma_bytes, enable_shrink=not bench_only)
+    shrink = shrink and not bench_only
+    buffer = make_kernel_buffer(group, num_rdma_bytes, enable_shrink=shrink)
     ref = Buffer(group, 0, num_rdma_bytes, low_latency_mode=True, explicitly_destroy=True, backend="torch")
     log(rank, f"[{num_ranks} ranks] low-latency kernels vs torch backend; backend class "
-              f"{type(buffer._backend).__name__}, rdma bytes {num_rdma_bytes}")
+              f"{type(buffer._backend).__name__}, rdma bytes {num_rdma_bytes}, shrink mode {shrink}")
     try:
         if not bench_only:
             for i, cfg in enumerate(configs):
                 run_config(buffer, ref, rank, num_ranks, cfg, seed + i)
             run_options(buffer, rank, num_ranks, seed)
-            if not quick:
+            if not quick and shrink:
                 run_shrink(buffer, rank, num_ranks, seed)
             dist.barrier()
             log(rank, f"[{num_ranks} ranks] all low-latency checks passed")
@@ -742,13 +746,13 @@ def _free_port() -> int:
 
 
 def run(num_processes: int, bench: bool = False, iterations: int = 200, seed: int = 0, quick: bool = False,
-        bench_only: bool = False) -> None:
+        bench_only: bool = False, shrink: bool = True) -> None:
     import torch.multiprocessing as mp
 
     for name, value in (("NVSHMEM_DISABLE_NVLS", "1"), ("NCCL_NVLS_ENABLE", "0"),
                         ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
         os.environ[name] = value
-    mp.spawn(_worker, args=(num_processes, _free_port(), bench, iterations, seed, quick, bench_only),
+    mp.spawn(_worker, args=(num_processes, _free_port(), bench, iterations, seed, quick, bench_only, shrink),
              nprocs=num_processes, join=True)
 
 
@@ -764,6 +768,13 @@ try:
         if reason is not None:
             pytest.skip(reason)
         run(num_processes, seed=int(os.environ.get("DEEP_EP_TEST_SEED", "0")) % 100000)
+
+    @pytest.mark.parametrize("num_processes", [2, 4])
+    def test_low_latency_kernels_no_shrink(num_processes: int) -> None:
+        reason = _skip_reason(num_processes)
+        if reason is not None:
+            pytest.skip(reason)
+        run(num_processes, seed=int(os.environ.get("DEEP_EP_TEST_SEED", "0")) % 100000, shrink=False)
 except ImportError:  # running as a script without pytest
     pass
 
@@ -776,10 +787,12 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="only the decode configuration, no shrink test")
     parser.add_argument("--bench-only", action="store_true", help="skip the checks, run the benchmark")
+    parser.add_argument("--no-shrink", action="store_true",
+                        help="a buffer without shrink mode (the scan-free dispatch receive); no shrink test")
     cli = parser.parse_args()
     skip = _skip_reason(cli.num_processes)
     if skip is not None:
         print(f"test_low_latency: skipped ({skip})")
         sys.exit(0)
     run(cli.num_processes, bench=cli.bench, iterations=cli.iterations, seed=cli.seed, quick=cli.quick,
-        bench_only=cli.bench_only)
+        bench_only=cli.bench_only, shrink=not cli.no_shrink)

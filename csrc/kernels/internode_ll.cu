@@ -4,7 +4,11 @@
 // in the receiver's slot [source rank][token] with a header that carries the token's top-k
 // expert ids; the receiver fans it out to its local experts. Per (buffer, source rank) one
 // counter grows by one per sending block and call, so nothing needs cleaning between calls; a
-// slot is valid in a call when its header's tag equals the call number.
+// slot is valid in a call when its header's tag equals the call number. The header also carries
+// each top-k slot's position among the sender's tokens of that expert, and one sending block
+// publishes the per-expert token counts: without shrink mode the receiver places every row from
+// these (block of source s in expert e starts at the sum of the counts of sources < s) instead
+// of scanning all headers per expert.
 //
 // Combine, "rows" mode, sends each expert row straight into the home rank's slot
 // [token][top-k index]; the home rank waits for one count per sending block of every rank and
@@ -68,7 +72,7 @@ struct Geometry {
     unsigned long long* weight_signals;  // combine only: "weights arrived" counters [num_ranks]
     size_t msg_bytes;
     size_t dispatch_recv_offset, dispatch_send_offset, combine_recv_offset, combine_send_offset;
-    size_t weights_offset, stage_offset;
+    size_t weights_offset, stage_offset, count_offset;
     int combine_slots;               // combine receive slots per token
 };
 
@@ -283,6 +287,92 @@ __device__ __forceinline__ void load_send_chunks(int4 (*raw)[kUseFP8 ? 2 : 1], c
     }
 }
 
+// The header's position words (see kHeaderPosInts): for every top-k slot k of `token`, the number
+// of (token', k') pairs before (token, k) in (token, slot) order with the same expert id; lane
+// kHeaderInts + i returns the word of slots 2i (low half) and 2i + 1, other lanes garbage.
+// Whole warp; `expert` is lane k's expert id (-1 if none, slots of -1 get garbage positions that
+// no receiver reads). Every lane scans every 32nd earlier pair (at most 127 x 8 ids at 128
+// tokens: three load rounds of 12) against all of this token's ids held in registers.
+__device__ __forceinline__ int header_position_word(const int64_t* topk_idx, int token, int num_topk, int num_experts,
+                                                    int expert) {
+    const int lane = threadIdx.x % 32;
+    constexpr int kUnroll = 12;  // 16 would spill (the dispatch kernel is at 128 registers)
+    int ex[kMaxTopk], count[kMaxTopk];
+#pragma unroll
+    for (int k = 0; k < kMaxTopk; ++k) {
+        ex[k] = __shfl_sync(0xffffffffu, expert, k);
+        count[k] = 0;
+    }
+    const int before = token * num_topk;
+    for (int j0 = lane; j0 < before; j0 += 32 * kUnroll) {
+        // Narrowed to int32 as the send does (ids outside [0, num_experts) become -1, which
+        // matches only slots without an expert, whose positions nobody reads).
+        int id[kUnroll];
+#pragma unroll
+        for (int i = 0; i < kUnroll; ++i) {
+            const int64_t v = j0 + 32 * i < before ? __ldg(topk_idx + j0 + 32 * i) : -1;
+            id[i] = v >= 0 && v < num_experts ? static_cast<int>(v) : -1;
+        }
+#pragma unroll
+        for (int i = 0; i < kUnroll; ++i)
+#pragma unroll
+            for (int k = 0; k < kMaxTopk; ++k)
+                if (k < num_topk) count[k] += id[i] == ex[k] ? 1 : 0;
+    }
+    unsigned int word = 0u;
+#pragma unroll
+    for (int k = 0; k < kMaxTopk; ++k) {
+        if (k >= num_topk) break;  // warp-uniform
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) count[k] += __shfl_xor_sync(0xffffffffu, count[k], offset);
+        // Earlier slots of this token with the same expert (duplicate ids get consecutive rows).
+#pragma unroll
+        for (int k2 = 0; k2 < k; ++k2) count[k] += ex[k2] == ex[k] ? 1 : 0;
+        if (lane == kHeaderInts + k / 2) word |= (static_cast<unsigned int>(count[k]) & 0xFFFFu) << (16 * (k & 1));
+    }
+    return static_cast<int>(word);
+}
+
+// This rank's number of (token, top-k slot) pairs per expert, written into every destination's
+// count table row [this rank] (its local experts only): the scan-free receive's block offsets.
+// Ids outside [0, num_experts) count as none, as in the send. Called by one whole block.
+__device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, const DispatchArgs& a) {
+    __shared__ int s_hist[kMaxFastExperts];
+    const int warp = threadIdx.x / 32;
+    const int num_experts = a.num_experts, num_local = num_experts / ctx.num_ranks;
+    for (int i = threadIdx.x; i < num_experts; i += blockDim.x) s_hist[i] = 0;
+    __syncthreads();
+    const int num_pairs = a.num_tokens * a.num_topk;
+    for (int j = threadIdx.x; j < num_pairs; j += blockDim.x) {
+        const int64_t id = __ldg(a.topk_idx + j);
+        if (id >= 0 && id < num_experts) atomicAdd(&s_hist[id], 1);
+    }
+    __syncthreads();
+    int* counts = reinterpret_cast<int*>(g.buf + g.count_offset);  // [source][local]
+    int* staging = counts + num_experts;                             // [destination][local]
+    for (int i = threadIdx.x; i < num_experts; i += blockDim.x) {
+        const int d = i / num_local, e = i % num_local;
+        if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + d) != 0) continue;
+        char* peer = peer_address(ctx, counts + static_cast<size_t>(ctx.rank) * num_local + e, d);
+        if (peer != nullptr)
+            *reinterpret_cast<int*>(peer) = s_hist[i];
+        else
+            staging[i] = s_hist[i];
+    }
+    if (ctx.any_remote) {
+        __threadfence();  // the staged counts before the puts that read them
+        __syncthreads();
+        for (int d = warp; d < ctx.num_ranks; d += kNumWarps) {
+            if (ctx.peer_bases[d] != 0ull) continue;
+            // One lane's view of the mask for the whole warp: the put is a warp-collective call.
+            const int masked = ctx.enable_shrink ? *reinterpret_cast<volatile int*>(ctx.mask + d) : 0;
+            if (__shfl_sync(0xffffffffu, masked, 0) != 0) continue;
+            nvshmemx_putmem_nbi_warp(counts + static_cast<size_t>(ctx.rank) * num_local,
+                                     staging + static_cast<size_t>(d) * num_local, num_local * sizeof(int), d);
+        }
+    }
+}
+
 template <bool kUseFP8>
 __device__ void dispatch_send(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -295,14 +385,26 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     // whole staged message.
     const int parts = ctx.any_remote ? 1 : min(kWarpsPerToken, num_chunks);
     const size_t data_bytes = kUseFP8 ? static_cast<size_t>(hidden) + hidden / 32 : static_cast<size_t>(hidden) * 2;
-    const int num_tasks = a.num_tokens * parts;
+    // The header (with its positions, header_position_word: a few load rounds) is a task of its
+    // own, on a warp that would otherwise idle (15 tasks per token fit the 16 warps per token the
+    // grid is sized for), so it does not lengthen the data warps. A put-staged token keeps one
+    // warp: its header must be staged before that warp's put.
+    const int header_part = ctx.any_remote ? 0 : parts;
+    const int task_parts = ctx.any_remote ? 1 : parts + 1;
+    const int num_tasks = a.num_tokens * task_parts;
     const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
 
+    // The per-expert counts the scan-free receive needs, from one block (the last: at 128 tokens
+    // it has no token of its own), before that block's signals.
+    if (a.num_experts <= kMaxFastExperts && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a);
+
     for (int task = blockIdx.x * kNumWarps + warp; task < num_tasks; task += gridDim.x * kNumWarps) {
-        const int token = task / parts, part = task % parts;
+        const int token = task / task_parts, part = task % task_parts;
+        const bool has_data = part < parts;  // warp-uniform; false only for a separate header task
         const char* token_x = reinterpret_cast<const char*>(x + static_cast<size_t>(token) * hidden);
         // The first chunks' input loads go out with the top-k loads (they do not depend on the
         // routing): one load round before the first stores instead of two.
+        // (A header task's are never used: chunk `parts` is past the row or another warp's.)
         int4 raw[kPrefetch][kUseFP8 ? 2 : 1];
         load_send_chunks<kUseFP8>(raw, token_x, part, parts, num_units);
         int expert = -1, dst = -1;
@@ -333,20 +435,27 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
             has_remote |= ctx.peer_bases[d] == 0ull;
         }
 
-        if (part == 0 && lane < kHeaderInts) {
+        // Header: the top-k ids, token, tag, count and the positions (header_position_word).
+        auto write_header = [&]() {
+            const int pos_word = header_position_word(a.topk_idx, token, a.num_topk, a.num_experts, expert);
             int value = 0;
             if (lane < kMaxTopk) value = lane < a.num_topk ? expert : -1;
             else if (lane == kTokenInt) value = token;
             else if (lane == kTagInt) value = static_cast<int>(static_cast<unsigned int>(tag));
             else if (lane == kTopkCountInt) value = a.num_topk;
+            else if (lane >= kHeaderInts) value = pos_word;
+            const bool writes = lane < kHeaderInts + kHeaderPosInts;
             for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
-                const int d = __shfl_sync(0x000fffffu, dst, __ffs(bits) - 1);
+                const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
                 char* peer = peer_address(ctx, slot, d);
-                if (peer != nullptr) reinterpret_cast<int*>(peer)[lane] = value;
+                if (peer != nullptr && writes) reinterpret_cast<int*>(peer)[lane] = value;
             }
-            if (has_remote) reinterpret_cast<int*>(staging)[lane] = value;
+            if (has_remote && writes) reinterpret_cast<int*>(staging)[lane] = value;
+        };
+        if (!has_data) {  // the token's separate header task
+            write_header();
+            continue;
         }
-        __syncwarp();
 
         // Loads of kPrefetch chunks are issued before any of them is converted and stored (the
         // first group's loads were issued above).
@@ -395,6 +504,10 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
             }
         }
 
+        // A put-staged token's header, after its data (the staged row's registers are free by
+        // then; the put below reads both).
+        if (part == header_part) write_header();
+
         if (has_remote) {
             __threadfence();
             __syncwarp();
@@ -412,7 +525,8 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     signal_all_ranks(ctx, g.signals);
 }
 
-// Receive: one block per local expert (looping when there are more experts than blocks), or
+// Receive with the header scan (shrink mode, or more than kMaxFastExperts experts; otherwise
+// dispatch_recv_direct): one block per local expert (looping when there are more experts than blocks), or
 // several when the grid has at least two blocks per expert: those make the same scan and split
 // the copies. Wait for every source rank (one thread each), then scan all [source rank][token]
 // slots as one sequence for tokens that chose this expert and copy them to the packed output;
@@ -574,13 +688,193 @@ __device__ void dispatch_recv(const Context& ctx, const Geometry& g, const Dispa
         __syncthreads();
     }
 }
+// Scan-free receive (no shrink mode, at most kMaxFastExperts experts). Every block waits for every
+// source, then turns the sources' published counts into the first row of each (source, expert)
+// block, in source order (the rows of expert e from source s start at the sum of the counts of
+// sources < s); the sender's header gives each (token, slot) pair its position inside that block.
+// Rows come out exactly where the header scan puts them: by (source, token, top-k slot). Then
+// every warp of the grid takes a share of one received message: it reads the header and its
+// share of the row once and stores it into every local expert the token chose. Shrink mode keeps
+// the scan: a source timing out there is decided by each block on its own, and blocks that
+// disagreed would place other sources' rows differently.
+constexpr int kRecvMaxParts = 4;  // warps per message when the grid has that many per message
+// Loads in flight per lane in the scan-free receive: with two or more warps per message a whole
+// FP8 row of 7168 channels (at most 7 units per lane) is one round; 16 would spill.
+constexpr int kDirectUnroll = 8;
+template <bool kUseFP8>
+__device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long seq) {
+    __shared__ int s_abort;
+    __shared__ int s_offset[kMaxFastExperts];  // [source][local expert]: count, then first row
+    __shared__ int s_total[kMaxFastExperts];   // [local expert]: rows (before the num_slots clamp)
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int num_ranks = ctx.num_ranks;
+    const int num_local = a.num_experts / num_ranks;
+    const int hidden = a.hidden;
+    const int num_max = a.num_max_tokens;
+    const int num_slots = num_ranks * num_max;
+    const unsigned long long expected = seq * gridDim.x;
+
+    if (threadIdx.x == 0) s_abort = 0;
+    __syncthreads();
+    // Without shrink mode a wait either succeeds or records the timeout (status 2).
+    for (int src = threadIdx.x; src < num_ranks; src += blockDim.x) {
+        if (wait_peer(ctx, g.signals + src, expected, src, kKernelDispatch, a.wait_recv_cost_stats, blockIdx.x == 0) != 0)
+            s_abort = 1;
+    }
+    __syncthreads();  // the waiting threads' acquires order every thread's reads below
+    if (s_abort) return;  // timed out: error recorded, the host raises
+
+    // Each source's last sending block wrote its counts before its signal (publish_dispatch_counts).
+    const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
+    const int num_pairs = num_ranks * num_local;
+    for (int i = threadIdx.x; i < num_pairs; i += blockDim.x) s_offset[i] = __ldcg(counts + i);
+    __syncthreads();
+    // One warp per expert: exclusive scan over the sources, 32 at a time (each lane reads and
+    // rewrites only its own entry).
+    for (int e = warp; e < num_local; e += kNumWarps) {
+        int running = 0;
+        for (int s0 = 0; s0 < num_ranks; s0 += 32) {
+            const int src = s0 + lane;
+            const int c = src < num_ranks ? s_offset[src * num_local + e] : 0;
+            int total;
+            const int prefix = warp_exclusive_scan(c, &total);
+            if (src < num_ranks) s_offset[src * num_local + e] = running + prefix;
+            running += total;
+        }
+        if (lane == 0) s_total[e] = running;
+    }
+    __syncthreads();
+
+    // Block 0 writes the per-expert bookkeeping (the same values as the scan: counts and block
+    // starts unclamped, recv_count clamped to the slots).
+    if (blockIdx.x == 0) {
+        for (int i = threadIdx.x; i < num_pairs; i += blockDim.x) {
+            const int src = i / num_local, e = i % num_local;
+            const int begin = s_offset[i];
+            const int end = src + 1 < num_ranks ? s_offset[i + num_local] : s_total[e];
+            a.layout_range[static_cast<size_t>(e) * num_ranks + src] =
+                (static_cast<int64_t>(begin) << 32) | static_cast<int64_t>(end - begin);
+        }
+        for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
+            a.recv_count[e] = min(s_total[e], num_slots);
+            if (a.cumulative_recv_stats != nullptr) atomicAdd(a.cumulative_recv_stats + e, s_total[e]);
+        }
+    }
+
+    const int row_bytes = kUseFP8 ? hidden : hidden * 2;
+    const int num_units = row_bytes / 16;
+    const int num_groups = hidden / 128;
+    const int total_warps = static_cast<int>(gridDim.x) * kNumWarps;
+    const int parts = max(1, min(kRecvMaxParts, total_warps / num_slots));
+    const int num_tasks = num_slots * parts;
+    const int expert_begin = ctx.rank * num_local;
+    const char* regions = g.buf + g.dispatch_recv_offset;
+    for (int task = blockIdx.x * kNumWarps + warp; task < num_tasks; task += total_warps) {
+        const int slot = task / parts, part = task % parts;
+        const int src = slot / num_max, token = slot % num_max;
+        const char* msg = regions + static_cast<size_t>(slot) * g.msg_bytes;
+        const int* header = reinterpret_cast<const int*>(msg);
+        // Header, one load round: lane k < kMaxTopk reads slot k's expert and position word.
+        const int tag = __ldcg(header + kTagInt);
+        const int num_topk = min(__ldcg(header + kTopkCountInt), kMaxTopk);
+        int id = -1, pos_word = 0;
+        if (lane < kMaxTopk) {
+            id = __ldcg(header + lane);
+            pos_word = __ldcg(header + kHeaderInts + lane / 2);
+        }
+        // Not written in this call (tag of an older one), or none of the token's slots here.
+        const bool mine = tag == static_cast<int>(static_cast<unsigned int>(seq)) && lane < num_topk &&
+                          id >= expert_begin && id < expert_begin + num_local;
+        const unsigned int kmask = __ballot_sync(0xffffffffu, mine);
+        if (kmask == 0u) continue;  // warp-uniform
+        int local_e = 0, row = num_slots;
+        if (mine) {
+            local_e = id - expert_begin;
+            row = s_offset[src * num_local + local_e] +
+                  static_cast<int>((static_cast<unsigned int>(pos_word) >> (16 * (lane & 1))) & 0xFFFFu);
+        }
+        // Rows past the slots (only with repeated ids in one token) are dropped, as in the scan.
+        const bool stores = mine && row < num_slots;
+        const unsigned int smask = __ballot_sync(0xffffffffu, stores);
+
+        // Scales (share 0), then this share's data, all loads before any store.
+        float s_val[2] = {0.f, 0.f};  // fp32 scales: groups lane and lane + 32 (<= 64 groups)
+        int s_word = 0;               // ue8m0: packed word `lane` (<= 16 words)
+        if constexpr (kUseFP8) {
+            if (part == 0) {
+                const float* scales = reinterpret_cast<const float*>(msg + kHeaderBytes + hidden);
+                if (a.use_ue8m0) {
+                    if (lane < num_groups / 4) {
+                        const int4 s4 = ld_cg_int4(scales + 4 * lane);
+                        s_word = ((s4.x >> 23) & 0xFF) | (((s4.y >> 23) & 0xFF) << 8) | (((s4.z >> 23) & 0xFF) << 16) |
+                                 (((s4.w >> 23) & 0xFF) << 24);
+                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                        if (lane + 32 * j < num_groups) s_val[j] = __ldcg(scales + lane + 32 * j);
+                }
+            }
+        }
+        const int stride = 32 * parts;
+        for (int u0 = part * 32 + lane; u0 < num_units; u0 += stride * kDirectUnroll) {
+            int4 v[kDirectUnroll];
+#pragma unroll
+            for (int i = 0; i < kDirectUnroll; ++i) {
+                const int u = u0 + stride * i;
+                if (u < num_units) v[i] = ld_cg_int4(msg + kHeaderBytes + static_cast<size_t>(u) * 16);
+            }
+            for (unsigned int bits = smask; bits != 0u; bits &= bits - 1u) {  // warp-uniform
+                const int k = __ffs(static_cast<int>(bits)) - 1;
+                const size_t out_row = static_cast<size_t>(__shfl_sync(0xffffffffu, local_e, k)) * num_slots +
+                                       __shfl_sync(0xffffffffu, row, k);
+                char* out = static_cast<char*>(a.recv_x) + out_row * row_bytes;
+#pragma unroll
+                for (int i = 0; i < kDirectUnroll; ++i) {
+                    const int u = u0 + stride * i;
+                    if (u < num_units) st_int4(out + static_cast<size_t>(u) * 16, v[i]);
+                }
+            }
+        }
+        if (part != 0) continue;
+        if constexpr (kUseFP8) {
+            for (unsigned int bits = smask; bits != 0u; bits &= bits - 1u) {  // warp-uniform
+                const int k = __ffs(static_cast<int>(bits)) - 1;
+                const size_t out_row = static_cast<size_t>(__shfl_sync(0xffffffffu, local_e, k)) * num_slots +
+                                       __shfl_sync(0xffffffffu, row, k);
+                if (a.use_ue8m0) {
+                    const int num_packed = num_groups / 4;
+                    if (lane < num_packed) static_cast<int*>(a.recv_scales)[out_row * num_packed + lane] = s_word;
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                        if (lane + 32 * j < num_groups)
+                            static_cast<float*>(a.recv_scales)[out_row * num_groups + lane + 32 * j] = s_val[j];
+                }
+            }
+        }
+        if (stores) {
+            const size_t out_row = static_cast<size_t>(local_e) * num_slots + row;
+            a.src_info[out_row] = token | (lane << 16) | (src << 20);
+            a.slot_rows[static_cast<size_t>(slot) * kMaxTopk + lane] = static_cast<int>(out_row);
+        }
+    }
+}
+
 template <bool kUseFP8>
 __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Context ctx, Geometry g, DispatchArgs a, int buffer_idx) {
     BufferState* state = ctx.state + buffer_idx;
     const unsigned long long send_call = state->dispatch_send_calls + 1;
     const unsigned long long recv_call = state->dispatch_recv_calls + 1;
     if (a.phases & kPhaseSend) dispatch_send<kUseFP8>(ctx, g, a, send_call);
-    if (a.phases & kPhaseRecv) dispatch_recv<kUseFP8>(ctx, g, a, recv_call);
+    if (a.phases & kPhaseRecv) {
+        // The senders publish counts whenever num_experts <= kMaxFastExperts, whatever the mode.
+        if (!ctx.enable_shrink && a.num_experts <= kMaxFastExperts)
+            dispatch_recv_direct<kUseFP8>(ctx, g, a, recv_call);
+        else
+            dispatch_recv<kUseFP8>(ctx, g, a, recv_call);
+    }
     finish_call(&state->dispatch_blocks_done, (a.phases & kPhaseSend) ? &state->dispatch_send_calls : nullptr, send_call,
                 (a.phases & kPhaseRecv) ? &state->dispatch_recv_calls : nullptr, recv_call);
 }
@@ -900,6 +1194,7 @@ Geometry make_geometry(const Context& ctx, const Layout& layout, int buffer_idx,
     g.combine_send_offset = layout.combine_send_offset;
     g.weights_offset = layout.weights_offset;
     g.stage_offset = layout.stage_offset;
+    g.count_offset = layout.count_offset;
     g.combine_slots = layout.combine_slots_per_token;
     return g;
 }
@@ -924,7 +1219,8 @@ Layout make_layout(int num_max_tokens, int hidden, int num_ranks, int num_expert
         align_up(layout.combine_recv_offset + m * static_cast<size_t>(layout.combine_slots_per_token) * h * 2, kAlign);
     layout.weights_offset = align_up(layout.combine_send_offset + num_local * r * m * h * 2, kAlign);
     layout.stage_offset = align_up(layout.weights_offset + r * m * kMaxTopk * sizeof(float), kAlign);
-    layout.buffer_bytes = align_up(layout.stage_offset + r * m * h * 2, kAlign);
+    layout.count_offset = align_up(layout.stage_offset + r * m * h * 2, kAlign);
+    layout.buffer_bytes = align_up(layout.count_offset + 2 * r * num_local * sizeof(int), kAlign);
     layout.buffer_offset[0] = signal_bytes;
     layout.buffer_offset[1] = signal_bytes + layout.buffer_bytes;
     layout.total_bytes = signal_bytes + 2 * layout.buffer_bytes;

@@ -11,16 +11,27 @@ namespace deep_ep {
 namespace ll {
 
 // The header in front of every dispatch message: up to kMaxTopk global expert ids (int32), then
-// the source token index, the call tag and the top-k count (kHeaderInts ints), padded to 128
-// bytes so that the data and the scales start on a 128-byte line (hidden % 128 == 0 keeps every
-// message a whole number of lines): the senders' NVLink stores and the receivers' loads then
-// cover whole lines, none split between two warps.
+// the source token index, the call tag and the top-k count (kHeaderInts ints), then
+// kHeaderPosInts words of positions (two 16-bit halves each: top-k slot k in word k / 2, low
+// half for even k): the position of (token, k) among the sender's (token, slot) pairs that chose
+// the same expert, in (token, slot) order. The receiver places the row at that position inside
+// the source's block of the expert without scanning the other headers. Padded to 128 bytes so
+// that the data and the scales start on a 128-byte line (hidden % 128 == 0 keeps every message a
+// whole number of lines): the senders' NVLink stores and the receivers' loads then cover whole
+// lines, none split between two warps.
 constexpr int kMaxTopk = 16;
 constexpr int kMaxHidden = 8192;
 constexpr int kMaxTokensPerRank = 1024;
 constexpr int kHeaderInts = 20;
+constexpr int kHeaderPosInts = kMaxTopk / 2;
 constexpr int kHeaderBytes = 128;
-static_assert(kHeaderBytes >= kHeaderInts * 4 && kHeaderBytes % 128 == 0, "header must hold its ints, whole lines");
+static_assert(kHeaderBytes >= (kHeaderInts + kHeaderPosInts) * 4 && kHeaderBytes % 128 == 0,
+              "header must hold its ints, whole lines");
+// Positions are 16-bit: at most kMaxTokensPerRank * kMaxTopk pairs per source.
+static_assert(kMaxTokensPerRank * kMaxTopk <= 65536, "header positions must fit 16 bits");
+// The scan-free dispatch receive keeps per-(source, expert) tables in shared memory; above this
+// many experts the receive falls back to the header scan.
+constexpr int kMaxFastExperts = 1024;
 constexpr int kNumThreads = 512;
 constexpr int kMaxBlocks = 128;
 
@@ -67,6 +78,8 @@ struct Layout {
     size_t combine_send_offset;   // within a buffer: [local experts][ranks * max tokens] bf16 rows
     size_t weights_offset;        // within a buffer: [ranks][max tokens][kMaxTopk] fp32 (combine weights inbox)
     size_t stage_offset;          // within a buffer: [ranks * max tokens] bf16 rows (partial sums to put)
+    size_t count_offset;          // within a buffer: int32 [ranks src][local experts] dispatch counts received,
+                                  // then [ranks dst][local experts] staging for counts sent with puts
     int combine_slots_per_token;  // max(kMaxTopk, ranks)
     size_t buffer_bytes;
     size_t total_bytes;
