@@ -46,6 +46,10 @@ constexpr int kNumWarps = kNumThreads / 32;
 constexpr int kWarpsPerToken = 16;
 // Chunks (32 units) whose loads a dispatch-send warp issues before converting any.
 constexpr int kPrefetch = 2;
+// Top-k ids (num_tokens * num_topk, narrowed to int) a dispatch-send block copies into shared
+// memory in its first load round (128 tokens x 16 slots, 8 KB); above this the send reads them
+// from global memory as before.
+constexpr int kSendIdsMax = 2048;
 // Warps that share one token in the combine reduction on the home rank.
 constexpr int kCombineWarpsPerToken = 16;
 // Warps that share one (source rank, token) partial row in the reduced combine's send.
@@ -292,9 +296,12 @@ __device__ __forceinline__ void load_send_chunks(int4 (*raw)[kUseFP8 ? 2 : 1], c
 // kHeaderInts + i returns the word of slots 2i (low half) and 2i + 1, other lanes garbage.
 // Whole warp; `expert` is lane k's expert id (-1 if none, slots of -1 get garbage positions that
 // no receiver reads). Every lane scans every 32nd earlier pair (at most 127 x 8 ids at 128
-// tokens: three load rounds of 12) against all of this token's ids held in registers.
-__device__ __forceinline__ int header_position_word(const int64_t* topk_idx, int token, int num_topk, int num_experts,
-                                                    int expert) {
+// tokens) against all of this token's ids held in registers: from `s_ids` (the block's shared
+// copy, already narrowed like below) when not null, otherwise from global memory (three load
+// rounds of 12 at 128 tokens). The shared copy matters: these rounds start after the data warps
+// of the same SM have queued their NVLink stores, and global loads wait behind those.
+__device__ __forceinline__ int header_position_word(const int64_t* topk_idx, const int* s_ids, int token, int num_topk,
+                                                    int num_experts, int expert) {
     const int lane = threadIdx.x % 32;
     constexpr int kUnroll = 12;  // 16 would spill (the dispatch kernel is at 128 registers)
     int ex[kMaxTopk], count[kMaxTopk];
@@ -304,7 +311,20 @@ __device__ __forceinline__ int header_position_word(const int64_t* topk_idx, int
         count[k] = 0;
     }
     const int before = token * num_topk;
-    for (int j0 = lane; j0 < before; j0 += 32 * kUnroll) {
+    if (s_ids != nullptr) {  // warp-uniform
+        constexpr int kSharedUnroll = 8;
+        for (int j0 = lane; j0 < before; j0 += 32 * kSharedUnroll) {
+            int id[kSharedUnroll];
+#pragma unroll
+            for (int i = 0; i < kSharedUnroll; ++i) id[i] = j0 + 32 * i < before ? s_ids[j0 + 32 * i] : -1;
+#pragma unroll
+            for (int i = 0; i < kSharedUnroll; ++i)
+#pragma unroll
+                for (int k = 0; k < kMaxTopk; ++k)
+                    if (k < num_topk) count[k] += id[i] == ex[k] ? 1 : 0;
+        }
+    }
+    for (int j0 = lane; s_ids == nullptr && j0 < before; j0 += 32 * kUnroll) {
         // Narrowed to int32 as the send does (ids outside [0, num_experts) become -1, which
         // matches only slots without an expert, whose positions nobody reads).
         int id[kUnroll];
@@ -335,8 +355,10 @@ __device__ __forceinline__ int header_position_word(const int64_t* topk_idx, int
 
 // This rank's number of (token, top-k slot) pairs per expert, written into every destination's
 // count table row [this rank] (its local experts only): the scan-free receive's block offsets.
-// Ids outside [0, num_experts) count as none, as in the send. Called by one whole block.
-__device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, const DispatchArgs& a) {
+// Ids outside [0, num_experts) count as none, as in the send. Called by one whole block; `s_ids`
+// is the block's narrowed shared copy of the ids, or null (read them from global memory).
+__device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, const DispatchArgs& a,
+                                        const int* s_ids) {
     __shared__ int s_hist[kMaxFastExperts];
     const int warp = threadIdx.x / 32;
     const int num_experts = a.num_experts, num_local = num_experts / ctx.num_ranks;
@@ -344,7 +366,7 @@ __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, c
     __syncthreads();
     const int num_pairs = a.num_tokens * a.num_topk;
     for (int j = threadIdx.x; j < num_pairs; j += blockDim.x) {
-        const int64_t id = __ldg(a.topk_idx + j);
+        const int64_t id = s_ids != nullptr ? static_cast<int64_t>(s_ids[j]) : __ldg(a.topk_idx + j);
         if (id >= 0 && id < num_experts) atomicAdd(&s_hist[id], 1);
     }
     __syncthreads();
@@ -375,6 +397,7 @@ __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, c
 
 template <bool kUseFP8>
 __device__ void dispatch_send(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
+    __shared__ int s_ids[kSendIdsMax];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int num_local = a.num_experts / ctx.num_ranks;
     const int hidden = a.hidden;
@@ -394,24 +417,61 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     const int num_tasks = a.num_tokens * task_parts;
     const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
 
-    // The per-expert counts the scan-free receive needs, from one block (the last: at 128 tokens
-    // it has no token of its own), before that block's signals.
-    if (a.num_experts <= kMaxFastExperts && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a);
+    // Every global load the send needs goes out in one round before any store: the first task's
+    // input chunks, the block's copy of all top-k ids (the data warps' routing, the header
+    // positions and the count histogram read it from shared memory) and the peer bases (lane r
+    // holds rank r's; with more than 32 ranks each lane loads its destination's base below, still
+    // before this warp's stores). A load issued after stores waits behind them in the SM's
+    // memory pipeline, and NVLink drains those stores slowly: before this, every destination of a
+    // token cost a dependent load of ctx.peer_bases behind the previous destination's stores, and
+    // every header three rounds of top-k loads.
+    const int first_task = blockIdx.x * kNumWarps + warp;
+    const int num_pairs = a.num_tokens * a.num_topk;
+    const bool ids_shared = num_pairs <= kSendIdsMax;  // block-uniform
+    const bool lane_bases = ctx.num_ranks <= 32;       // block-uniform
+    int4 raw[kPrefetch][kUseFP8 ? 2 : 1];
+    // (A header task's chunks are never used: chunk `parts` is past the row or another warp's.)
+    if (first_task < num_tasks)
+        load_send_chunks<kUseFP8>(raw, reinterpret_cast<const char*>(x + static_cast<size_t>(first_task / task_parts) * hidden),
+                                  first_task % task_parts, parts, num_units);
+    const unsigned long long lane_base = lane_bases && lane < ctx.num_ranks ? ctx.peer_bases[lane] : 0ull;
+    if (ids_shared) {
+        // All of this thread's loads before its shared stores (one round, not one per id).
+        static_assert(kSendIdsMax % kNumThreads == 0, "whole rounds of ids per thread");
+        constexpr int kIdsPerThread = kSendIdsMax / kNumThreads;
+        int64_t id[kIdsPerThread];
+#pragma unroll
+        for (int i = 0; i < kIdsPerThread; ++i) {
+            const int j = static_cast<int>(threadIdx.x) + i * kNumThreads;
+            id[i] = j < num_pairs ? __ldg(a.topk_idx + j) : -1;
+        }
+#pragma unroll
+        for (int i = 0; i < kIdsPerThread; ++i) {
+            const int j = static_cast<int>(threadIdx.x) + i * kNumThreads;
+            // Ids outside [0, num_experts) (unchecked inside graph capture) count as "none" (-1).
+            if (j < num_pairs) s_ids[j] = id[i] >= 0 && id[i] < a.num_experts ? static_cast<int>(id[i]) : -1;
+        }
+    }
+    __syncthreads();  // s_ids complete (the input loads above stay in flight)
+    const int* ids = ids_shared ? s_ids : nullptr;
 
-    for (int task = blockIdx.x * kNumWarps + warp; task < num_tasks; task += gridDim.x * kNumWarps) {
+    for (int task = first_task; task < num_tasks; task += gridDim.x * kNumWarps) {
         const int token = task / task_parts, part = task % task_parts;
         const bool has_data = part < parts;  // warp-uniform; false only for a separate header task
         const char* token_x = reinterpret_cast<const char*>(x + static_cast<size_t>(token) * hidden);
         // The first chunks' input loads go out with the top-k loads (they do not depend on the
-        // routing): one load round before the first stores instead of two.
-        // (A header task's are never used: chunk `parts` is past the row or another warp's.)
-        int4 raw[kPrefetch][kUseFP8 ? 2 : 1];
-        load_send_chunks<kUseFP8>(raw, token_x, part, parts, num_units);
+        // routing): one load round before the first stores instead of two. The first task's
+        // went out before the barrier above.
+        if (task != first_task) load_send_chunks<kUseFP8>(raw, token_x, part, parts, num_units);
         int expert = -1, dst = -1;
         if (lane < a.num_topk) {
-            const int64_t id = __ldg(a.topk_idx + static_cast<size_t>(token) * a.num_topk + lane);
-            // Ids outside [0, num_experts) (unchecked inside graph capture) count as "none".
-            expert = id >= 0 && id < a.num_experts ? static_cast<int>(id) : -1;
+            if (ids != nullptr) {
+                expert = ids[token * a.num_topk + lane];
+            } else {
+                const int64_t id = __ldg(a.topk_idx + static_cast<size_t>(token) * a.num_topk + lane);
+                // Ids outside [0, num_experts) (unchecked inside graph capture) count as "none".
+                expert = id >= 0 && id < a.num_experts ? static_cast<int>(id) : -1;
+            }
             if (expert >= 0) {
                 dst = expert / num_local;
                 if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + dst) != 0) dst = -1;
@@ -429,15 +489,17 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
         // Local (symmetric) address of this token's slot, identical in every rank's heap.
         char* slot = g.buf + g.dispatch_recv_offset + (static_cast<size_t>(ctx.rank) * a.num_max_tokens + token) * g.msg_bytes;
         char* staging = g.buf + g.dispatch_send_offset + static_cast<size_t>(token) * g.msg_bytes;
-        bool has_remote = false;
-        for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
-            const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
-            has_remote |= ctx.peer_bases[d] == 0ull;
-        }
+        const size_t slot_rel = static_cast<size_t>(slot - static_cast<char*>(ctx.heap));
+        // Lane k's destination's heap base (ctx.peer_bases[dst], 0: reached through puts), for
+        // the store loops below to shuffle from the leader lane instead of loading it there.
+        unsigned long long dst_base = __shfl_sync(0xffffffffu, lane_base, dst >= 0 ? dst : 0);  // lane_bases: dst < 32
+        if (dst < 0) dst_base = 0ull;
+        else if (!lane_bases) dst_base = ctx.peer_bases[dst];
+        const bool has_remote = __any_sync(0xffffffffu, leader && dst_base == 0ull);
 
         // Header: the top-k ids, token, tag, count and the positions (header_position_word).
         auto write_header = [&]() {
-            const int pos_word = header_position_word(a.topk_idx, token, a.num_topk, a.num_experts, expert);
+            const int pos_word = header_position_word(a.topk_idx, ids, token, a.num_topk, a.num_experts, expert);
             int value = 0;
             if (lane < kMaxTopk) value = lane < a.num_topk ? expert : -1;
             else if (lane == kTokenInt) value = token;
@@ -446,14 +508,19 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
             else if (lane >= kHeaderInts) value = pos_word;
             const bool writes = lane < kHeaderInts + kHeaderPosInts;
             for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
-                const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
-                char* peer = peer_address(ctx, slot, d);
-                if (peer != nullptr && writes) reinterpret_cast<int*>(peer)[lane] = value;
+                const unsigned long long base = __shfl_sync(0xffffffffu, dst_base, __ffs(bits) - 1);
+                if (base != 0ull && writes) reinterpret_cast<int*>(reinterpret_cast<char*>(base) + slot_rel)[lane] = value;
             }
             if (has_remote && writes) reinterpret_cast<int*>(staging)[lane] = value;
         };
         if (!has_data) {  // the token's separate header task
             write_header();
+            // `raw` flows round the loop (the first task's was loaded before it); overwriting it
+            // here shows the compiler it is dead during write_header (16 registers, else spills).
+#pragma unroll
+            for (int i = 0; i < kPrefetch; ++i)
+#pragma unroll
+                for (int j = 0; j < (kUseFP8 ? 2 : 1); ++j) raw[i][j] = make_int4(0, 0, 0, 0);
             continue;
         }
 
@@ -491,9 +558,9 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
                 // The whole warp walks the destinations (the shuffle needs every lane); only
                 // lanes with a unit store.
                 for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
-                    const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
-                    char* peer = peer_address(ctx, slot, d);
-                    if (peer == nullptr || !valid) continue;
+                    const unsigned long long base = __shfl_sync(0xffffffffu, dst_base, __ffs(bits) - 1);
+                    if (base == 0ull || !valid) continue;
+                    char* peer = reinterpret_cast<char*>(base) + slot_rel;
                     st_int4(peer + data_offset, out);
                     if (writes_scale) *reinterpret_cast<float*>(peer + scale_offset) = scale;
                 }
@@ -513,11 +580,15 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
             __syncwarp();
             for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
                 const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
-                if (ctx.peer_bases[d] != 0ull) continue;
+                if (__shfl_sync(0xffffffffu, dst_base, __ffs(bits) - 1) != 0ull) continue;
                 nvshmemx_putmem_nbi_warp(slot, staging, kHeaderBytes + data_bytes, d);
             }
         }
     }
+    // The per-expert counts the scan-free receive needs, from one block (the last: at 128 tokens
+    // it has no token of its own), before that block's signals. After the tokens, not before:
+    // `raw` would be live across it (spills), and the histogram reads the shared ids anyway.
+    if (a.num_experts <= kMaxFastExperts && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, ids);
     if (ctx.any_remote) {
         __syncwarp();
         if (lane == 0) nvshmem_quiet();
