@@ -8,7 +8,8 @@
 #   4 nodes x 1; interbench: their benchmark as 2 x 2, not in the default list)
 #   (foundation = foundation_torch + foundation_cuda; each can be named alone)
 #   Not in the default list:
-#   bench2: the intranode benchmark on 2 GPUs;
+#   bench2: the intranode benchmark on 2 GPUs; llnoshrink / ll2noshrink: the low-latency checks on a
+#   buffer without shrink mode (the direct receive path), 4 and 2 GPUs;
 #   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once).
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
@@ -73,6 +74,8 @@ want probe && run_step probe "${PROBE_LIMIT:-90}" \
 want test4 && run_step test4 "${TEST4_LIMIT:-420}" "$PYTHON tests/test_intranode.py --num-processes 4 ${TEST_ARGS:-}"
 want test2 && run_step test2 "${TEST2_LIMIT:-240}" "$PYTHON tests/test_intranode.py --num-processes 2 --quick ${TEST_ARGS:-}"
 want ll4 && run_step ll4 "${LL4_LIMIT:-240}" "$PYTHON tests/test_low_latency.py --num-processes 4 ${LL_ARGS:-}"
+want llnoshrink && run_step llnoshrink "${LL4_LIMIT:-240}" "$PYTHON tests/test_low_latency.py --num-processes 4 --no-shrink ${LL_ARGS:-}"
+want ll2noshrink && run_step ll2noshrink "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 --quick --no-shrink ${LL_ARGS:-}"
 want ll2 && run_step ll2 "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 --quick ${LL_ARGS:-}"
 # The internode kernels are a first version: a short kernel timeout turns a hang into an error.
 want inter22 && run_step inter22 "${INTER_LIMIT:-300}" \
