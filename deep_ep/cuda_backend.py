@@ -5,7 +5,7 @@ Intranode (all ranks in one NVLink domain, ``num_nodes == 1``): ``get_dispatch_l
 that every rank maps through CUDA IPC. Low-latency calls come from
 :class:`deep_ep.cuda_ll.LowLatencyKernelsMixin`. Several nodes (``num_nodes > 1``): the internode
 kernels of :class:`deep_ep.cuda_internode.InternodeKernelsMixin` serve layout, dispatch and combine
-only when ``DEEP_EP_INTERNODE_KERNELS=1`` is set (opt-in, first version); by default, and for
+only when ``DEEP_EP_INTERNODE_KERNELS=1`` is set (opt-in); by default, and for
 everything else (a buffer without NVLink bytes), calls fall through to
 :class:`deep_ep.torch_backend.TorchBackend` (NCCL across nodes).
 
