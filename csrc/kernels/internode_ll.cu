@@ -889,7 +889,10 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             }
         }
         const int stride = 32 * parts;
-        for (int u0 = part * 32 + lane; u0 < num_units; u0 += stride * kDirectUnroll) {
+        // The loop bound is the same for every lane (the shuffles below need the whole warp);
+        // lanes past the row's end are masked inside.
+        for (int c0 = part * 32; c0 < num_units; c0 += stride * kDirectUnroll) {
+            const int u0 = c0 + lane;
             int4 v[kDirectUnroll];
 #pragma unroll
             for (int i = 0; i < kDirectUnroll; ++i) {
