@@ -849,6 +849,8 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
                 if (lane == 0)
                     s_failed = 1;
             } else {
+                // Orders the other lanes' row loads after the acquiring lane's acquire.
+                __syncwarp();
                 const int64_t out_offset = static_cast<int64_t>(token) * row_bytes;
                 // The token's first two rows (nodes ascending) and how many it has (named
                 // pointers, not an array indexed at run time, which would live in local memory).
