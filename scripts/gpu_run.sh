@@ -3,13 +3,14 @@
 # GPUs, benchmark them, and run the foundation benchmark on both backends. Logs go to $OUT/logs.tar
 # (one log per step).
 #
-#   GPU_STEPS=build,test4,test2,bench,ll4,ll2,llbench,inter22,inter41,foundation bash scripts/gpu_run.sh
+#   GPU_STEPS=build,test4,test2,ll4,llnoshrink,ll2,ll2noshrink,inter22,inter41,bench,llbench,interbench,foundation \
+#       bash scripts/gpu_run.sh   (the default list; about 6 minutes on 4 x H200)
 #   (inter22 / inter41: internode kernels, opt-in DEEP_EP_INTERNODE_KERNELS=1, on 4 GPUs as 2 nodes x 2 and
-#   4 nodes x 1; interbench: their benchmark as 2 x 2, not in the default list)
+#   4 nodes x 1; interbench: their benchmark as 2 x 2)
 #   (foundation = foundation_torch + foundation_cuda; each can be named alone)
 #   Not in the default list:
-#   bench2: the intranode benchmark on 2 GPUs; llnoshrink / ll2noshrink: the low-latency checks on a
-#   buffer without shrink mode (the direct receive path), 4 and 2 GPUs;
+#   bench2: the intranode benchmark on 2 GPUs (llnoshrink / ll2noshrink, in the default list: the
+#   low-latency checks on a buffer without shrink mode, i.e. the direct receive path);
 #   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once).
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
@@ -22,7 +23,7 @@ OUT="${OUT:-/tmp/deep_ep_gpu_out}"
 # $OUT/logs.tar is rewritten after each step (so a call cut short still returns what ran).
 LOGS="${LOGS:-/tmp/deep_ep_gpu_logs}"
 mkdir -p "$OUT" "$LOGS"
-STEPS=",${GPU_STEPS:-build,test4,test2,bench,ll4,ll2,llbench,inter22,inter41,foundation},"
+STEPS=",${GPU_STEPS:-build,test4,test2,ll4,llnoshrink,ll2,ll2noshrink,inter22,inter41,bench,llbench,interbench,foundation},"
 PYTHON="${PYTHON:-python3}"
 summary=()
 
