@@ -154,6 +154,21 @@ class InternodeDispatchHandle:
     padded: bool
 
 
+def _leg_runs(recv_from_rank: torch.Tensor, nvl_domain_size: int,
+              num_nodes: int) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The NVLink leg's runs of rows, one per (forwarding local rank l, source node n) at
+    ``l * N + n``: their first and end rows in the leg, and their first row in the contract's
+    order (by global source rank ``n * L + l``). None with one rank per node (the orders agree)."""
+    L, N = nvl_domain_size, num_nodes
+    if L == 1:
+        return None
+    counts = recv_from_rank.to(torch.int64)
+    final_start = (torch.cumsum(counts, 0) - counts).view(N, L).t().reshape(-1)
+    leg_counts = counts.view(N, L).t().reshape(-1)
+    leg_end = torch.cumsum(leg_counts, 0)
+    return leg_end - leg_counts, leg_end, final_start
+
+
 def _word_size(*tensors: torch.Tensor) -> int:
     """The widest word (16, 8, 4, 2 or 1 bytes) that tiles the rows of every contiguous 2-D tensor."""
     if any(t.numel() == 0 for t in tensors):
@@ -338,14 +353,10 @@ class InternodeKernelsMixin:
         The NVLink leg delivers blocks ordered by (forwarding local rank l, source node n); the
         contract orders them by global source rank n * L + l.
         """
-        L, N = self.nvl_domain_size, self.num_nodes
-        if L == 1:
+        runs = _leg_runs(recv_from_rank, self.nvl_domain_size, self.num_nodes)
+        if runs is None:
             return None
-        counts = recv_from_rank.to(torch.int64)
-        final_start = (torch.cumsum(counts, 0) - counts).view(N, L).t().reshape(-1)
-        leg_counts = counts.view(N, L).t().reshape(-1)
-        leg_end = torch.cumsum(leg_counts, 0)
-        leg_start = leg_end - leg_counts
+        leg_start, leg_end, final_start = runs
         row = torch.arange(rows, dtype=torch.int64, device=self.device)
         block = torch.searchsorted(leg_end, row, right=True).clamp_(max=self.num_ranks - 1)
         order = row - leg_start[block] + final_start[block]
@@ -362,14 +373,10 @@ class InternodeKernelsMixin:
         run's first row in the contract's order minus its first row in the leg). Rows past the
         last run (padding) stay.
         """
-        L, N = self.nvl_domain_size, self.num_nodes
-        if L == 1:
+        runs = _leg_runs(recv_from_rank, self.nvl_domain_size, self.num_nodes)
+        if runs is None:
             return None
-        counts = recv_from_rank.to(torch.int64)
-        final_start = (torch.cumsum(counts, 0) - counts).view(N, L).t().reshape(-1)
-        leg_counts = counts.view(N, L).t().reshape(-1)
-        leg_end = torch.cumsum(leg_counts, 0)
-        leg_start = leg_end - leg_counts
+        leg_start, leg_end, final_start = runs
         return torch.stack((leg_end, final_start - leg_start)).to(torch.int32).contiguous()
 
     def dispatch(self, x: Union[torch.Tensor, Fp8Pair], handle: Optional[Any],

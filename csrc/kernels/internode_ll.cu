@@ -596,6 +596,45 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     signal_all_ranks(ctx, g.signals);
 }
 
+// A received message's FP8 scales, held by a warp until they are stored to each of the message's
+// output rows: fp32 groups `lane` and `lane + 32` (<= 64 groups), or with ue8m0 the packed word
+// `lane` (<= 16 words, four exponents each).
+struct RowScales {
+    float val[2];
+    int word;
+};
+
+__device__ __forceinline__ RowScales load_row_scales(const char* msg, int hidden, int num_groups, bool ue8m0,
+                                                     int lane) {
+    RowScales scales{{0.f, 0.f}, 0};
+    const float* src = reinterpret_cast<const float*>(msg + kHeaderBytes + hidden);
+    if (ue8m0) {
+        if (lane < num_groups / 4) {
+            const int4 s4 = ld_cg_int4(src + 4 * lane);
+            scales.word = ((s4.x >> 23) & 0xFF) | (((s4.y >> 23) & 0xFF) << 8) | (((s4.z >> 23) & 0xFF) << 16) |
+                          (((s4.w >> 23) & 0xFF) << 24);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            if (lane + 32 * j < num_groups) scales.val[j] = __ldcg(src + lane + 32 * j);
+    }
+    return scales;
+}
+
+__device__ __forceinline__ void store_row_scales(const RowScales& scales, void* recv_scales, size_t out_row,
+                                                 int num_groups, bool ue8m0, int lane) {
+    if (ue8m0) {
+        const int num_packed = num_groups / 4;
+        if (lane < num_packed) static_cast<int*>(recv_scales)[out_row * num_packed + lane] = scales.word;
+    } else {
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            if (lane + 32 * j < num_groups)
+                static_cast<float*>(recv_scales)[out_row * num_groups + lane + 32 * j] = scales.val[j];
+    }
+}
+
 // Receive with the header scan (shrink mode, or more than kMaxFastExperts experts; otherwise
 // dispatch_recv_direct): one block per local expert (looping when there are more experts than blocks), or
 // several when the grid has at least two blocks per expert: those make the same scan and split
@@ -686,22 +725,9 @@ __device__ void dispatch_recv(const Context& ctx, const Geometry& g, const Dispa
                 const char* msg = regions + static_cast<size_t>(slot_i) * g.msg_bytes;
                 // Scales first, then the data, all loads of the row before any store: one load
                 // round per row (FP8 up to 8192 channels, bf16 up to 4096; two rounds above).
-                float s_val[2] = {0.f, 0.f};  // fp32 scales: groups lane and lane + 32 (<= 64 groups)
-                int s_word = 0;               // ue8m0: packed word `lane` (<= 16 words)
-                const float* scales = reinterpret_cast<const float*>(msg + kHeaderBytes + hidden);
-                if constexpr (kUseFP8) {
-                    if (a.use_ue8m0) {
-                        if (lane < num_groups / 4) {
-                            const int4 s4 = ld_cg_int4(scales + 4 * lane);
-                            s_word = ((s4.x >> 23) & 0xFF) | (((s4.y >> 23) & 0xFF) << 8) | (((s4.z >> 23) & 0xFF) << 16) |
-                                     (((s4.w >> 23) & 0xFF) << 24);
-                        }
-                    } else {
-#pragma unroll
-                        for (int j = 0; j < 2; ++j)
-                            if (lane + 32 * j < num_groups) s_val[j] = __ldcg(scales + lane + 32 * j);
-                    }
-                }
+                RowScales row_scales{};
+                if constexpr (kUseFP8)
+                    row_scales = load_row_scales(msg, hidden, num_groups, a.use_ue8m0, lane);
                 for (int u0 = lane; u0 < num_units; u0 += 32 * kCopyUnroll) {
                     int4 v[kCopyUnroll];
 #pragma unroll
@@ -722,16 +748,8 @@ __device__ void dispatch_recv(const Context& ctx, const Geometry& g, const Dispa
                 if constexpr (kUseFP8) {
                     int r = first_row;
                     for (int bits = kmask_i; bits != 0 && r < static_cast<int>(num_slots); bits &= bits - 1, ++r) {
-                        const size_t out_row = static_cast<size_t>(e) * num_slots + r;
-                        if (a.use_ue8m0) {
-                            const int num_packed = num_groups / 4;
-                            if (lane < num_packed) static_cast<int*>(a.recv_scales)[out_row * num_packed + lane] = s_word;
-                        } else {
-#pragma unroll
-                            for (int j = 0; j < 2; ++j)
-                                if (lane + 32 * j < num_groups)
-                                    static_cast<float*>(a.recv_scales)[out_row * num_groups + lane + 32 * j] = s_val[j];
-                        }
+                        store_row_scales(row_scales, a.recv_scales, static_cast<size_t>(e) * num_slots + r, num_groups,
+                                         a.use_ue8m0, lane);
                     }
                 }
                 if (lane == 0) {
@@ -870,23 +888,10 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         const unsigned int smask = __ballot_sync(0xffffffffu, stores);
 
         // Scales (share 0), then this share's data, all loads before any store.
-        float s_val[2] = {0.f, 0.f};  // fp32 scales: groups lane and lane + 32 (<= 64 groups)
-        int s_word = 0;               // ue8m0: packed word `lane` (<= 16 words)
+        RowScales row_scales{};
         if constexpr (kUseFP8) {
-            if (part == 0) {
-                const float* scales = reinterpret_cast<const float*>(msg + kHeaderBytes + hidden);
-                if (a.use_ue8m0) {
-                    if (lane < num_groups / 4) {
-                        const int4 s4 = ld_cg_int4(scales + 4 * lane);
-                        s_word = ((s4.x >> 23) & 0xFF) | (((s4.y >> 23) & 0xFF) << 8) | (((s4.z >> 23) & 0xFF) << 16) |
-                                 (((s4.w >> 23) & 0xFF) << 24);
-                    }
-                } else {
-#pragma unroll
-                    for (int j = 0; j < 2; ++j)
-                        if (lane + 32 * j < num_groups) s_val[j] = __ldcg(scales + lane + 32 * j);
-                }
-            }
+            if (part == 0)
+                row_scales = load_row_scales(msg, hidden, num_groups, a.use_ue8m0, lane);
         }
         const int stride = 32 * parts;
         // The loop bound is the same for every lane (the shuffles below need the whole warp);
@@ -917,15 +922,7 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
                 const int k = __ffs(static_cast<int>(bits)) - 1;
                 const size_t out_row = static_cast<size_t>(__shfl_sync(0xffffffffu, local_e, k)) * num_slots +
                                        __shfl_sync(0xffffffffu, row, k);
-                if (a.use_ue8m0) {
-                    const int num_packed = num_groups / 4;
-                    if (lane < num_packed) static_cast<int*>(a.recv_scales)[out_row * num_packed + lane] = s_word;
-                } else {
-#pragma unroll
-                    for (int j = 0; j < 2; ++j)
-                        if (lane + 32 * j < num_groups)
-                            static_cast<float*>(a.recv_scales)[out_row * num_groups + lane + 32 * j] = s_val[j];
-                }
+                store_row_scales(row_scales, a.recv_scales, out_row, num_groups, a.use_ue8m0, lane);
             }
         }
         if (stores) {
