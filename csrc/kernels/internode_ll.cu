@@ -106,6 +106,16 @@ __device__ void signal_all_ranks(const Context& ctx, unsigned long long* signals
     }
 }
 
+// The end of every send phase, by the whole block: NVSHMEM puts complete (quiet, one lane per
+// warp), then this block's signal to every rank.
+__device__ __forceinline__ void finish_send(const Context& ctx, unsigned long long* signals) {
+    if (ctx.any_remote) {
+        __syncwarp();
+        if (threadIdx.x % 32 == 0) nvshmem_quiet();
+    }
+    signal_all_ranks(ctx, signals);
+}
+
 // Waits (thread 0 of the block) until `counter` reaches `expected`. Returns 0 ok, 1 skip (peer
 // masked, or masked now after a timeout in shrink mode), 2 abort (timeout, error recorded).
 __device__ int wait_peer(const Context& ctx, const unsigned long long* counter, unsigned long long expected, int peer,
@@ -121,6 +131,22 @@ __device__ int wait_peer(const Context& ctx, const unsigned long long* counter, 
     }
     report_timeout(ctx.error, ctx.rank, kernel, peer, expected, seen, waited);
     return 2;
+}
+
+// Every thread of the block: waits (one thread per source rank) until every rank's sending
+// blocks of this call have signalled. False if a wait timed out (recorded; the host raises);
+// masked ranks in shrink mode do not count. The barrier at the end makes the waiting threads'
+// acquires order every thread's later reads.
+__device__ bool wait_every_source(const Context& ctx, const unsigned long long* signals, unsigned long long expected,
+                                  int kernel, int64_t* wait_stats) {
+    __shared__ int s_abort;
+    if (threadIdx.x == 0) s_abort = 0;
+    __syncthreads();
+    for (int src = threadIdx.x; src < ctx.num_ranks; src += blockDim.x) {
+        if (wait_peer(ctx, signals + src, expected, src, kernel, wait_stats, blockIdx.x == 0) == 2) s_abort = 1;
+    }
+    __syncthreads();
+    return s_abort == 0;
 }
 
 // The last block to finish advances the buffer's call counters (graph replays stay correct).
@@ -589,11 +615,7 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     // it has no token of its own), before that block's signals. After the tokens, not before:
     // `raw` would be live across it (spills), and the histogram reads the shared ids anyway.
     if (a.num_experts <= kMaxFastExperts && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, ids);
-    if (ctx.any_remote) {
-        __syncwarp();
-        if (lane == 0) nvshmem_quiet();
-    }
-    signal_all_ranks(ctx, g.signals);
+    finish_send(ctx, g.signals);
 }
 
 // A received message's FP8 scales, held by a warp until they are stored to each of the message's
@@ -792,7 +814,6 @@ constexpr int kRecvMaxParts = 4;  // warps per message when the grid has that ma
 constexpr int kDirectUnroll = 8;
 template <bool kUseFP8>
 __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long seq) {
-    __shared__ int s_abort;
     __shared__ int s_offset[kMaxFastExperts];  // [source][local expert]: count, then first row
     __shared__ int s_total[kMaxFastExperts];   // [local expert]: rows (before the num_slots clamp)
 
@@ -804,15 +825,8 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     const int num_slots = num_ranks * num_max;
     const unsigned long long expected = seq * gridDim.x;
 
-    if (threadIdx.x == 0) s_abort = 0;
-    __syncthreads();
-    // Without shrink mode a wait either succeeds or records the timeout (status 2).
-    for (int src = threadIdx.x; src < num_ranks; src += blockDim.x) {
-        if (wait_peer(ctx, g.signals + src, expected, src, kKernelDispatch, a.wait_recv_cost_stats, blockIdx.x == 0) != 0)
-            s_abort = 1;
-    }
-    __syncthreads();  // the waiting threads' acquires order every thread's reads below
-    if (s_abort) return;  // timed out: error recorded, the host raises
+    // Without shrink mode (this path's condition) a wait either succeeds or times out.
+    if (!wait_every_source(ctx, g.signals, expected, kKernelDispatch, a.wait_recv_cost_stats)) return;
 
     // Each source's last sending block wrote its counts before its signal (publish_dispatch_counts).
     const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
@@ -1002,27 +1016,15 @@ __device__ void combine_send(const Context& ctx, const Geometry& g, const Combin
             }
         }
     }
-    if (ctx.any_remote) {
-        __syncwarp();
-        if (lane == 0) nvshmem_quiet();
-    }
-    signal_all_ranks(ctx, g.signals);
+    finish_send(ctx, g.signals);
 }
 
 // Receive: wait for every rank's blocks, then one warp per token sums the weighted rows.
 __device__ void combine_recv(const Context& ctx, const Geometry& g, const CombineArgs& a, unsigned long long seq) {
-    __shared__ int s_abort;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int num_local = a.num_experts / ctx.num_ranks;
     const unsigned long long expected = seq * gridDim.x;
-    if (threadIdx.x == 0) s_abort = 0;
-    __syncthreads();
-    for (int src = threadIdx.x; src < ctx.num_ranks; src += blockDim.x) {
-        if (wait_peer(ctx, g.signals + src, expected, src, kKernelCombine, a.wait_recv_cost_stats, blockIdx.x == 0) == 2)
-            s_abort = 1;
-    }
-    __syncthreads();
-    if (s_abort) return;
+    if (!wait_every_source(ctx, g.signals, expected, kKernelCombine, a.wait_recv_cost_stats)) return;
 
     const size_t row_bytes = static_cast<size_t>(a.hidden) * 2;
     const int num_units = a.hidden / 8;
@@ -1170,26 +1172,14 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
         }
     }
     (void)num_slots;
-    if (ctx.any_remote) {
-        __syncwarp();
-        if (lane == 0) nvshmem_quiet();
-    }
-    signal_all_ranks(ctx, g.signals);
+    finish_send(ctx, g.signals);
 }
 
 __device__ void combine_recv_reduced(const Context& ctx, const Geometry& g, const CombineArgs& a, unsigned long long seq) {
-    __shared__ int s_abort;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int num_local = a.num_experts / ctx.num_ranks;
     const unsigned long long expected = seq * gridDim.x;
-    if (threadIdx.x == 0) s_abort = 0;
-    __syncthreads();
-    for (int src = threadIdx.x; src < ctx.num_ranks; src += blockDim.x) {
-        if (wait_peer(ctx, g.signals + src, expected, src, kKernelCombine, a.wait_recv_cost_stats, blockIdx.x == 0) == 2)
-            s_abort = 1;
-    }
-    __syncthreads();
-    if (s_abort) return;
+    if (!wait_every_source(ctx, g.signals, expected, kKernelCombine, a.wait_recv_cost_stats)) return;
 
     const size_t row_bytes = static_cast<size_t>(a.hidden) * 2;
     const int num_units = a.hidden / 8;
