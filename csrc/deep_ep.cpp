@@ -16,6 +16,7 @@
 #include "kernels/api.cuh"
 #include "kernels/buffer.cuh"
 #include "kernels/exception.cuh"
+#include "layout_launch.hpp"
 #include "tensor_checks.hpp"
 
 #ifndef DISABLE_NVSHMEM
@@ -157,21 +158,8 @@ RingGeometry Buffer::make_ring(int num_sms, int send_chunk, int ring_capacity, i
 void Buffer::get_dispatch_layout(const torch::Tensor& topk_idx, int num_experts,
                                  const torch::Tensor& num_tokens_per_rank, const torch::Tensor& num_tokens_per_expert,
                                  const torch::Tensor& is_token_in_rank) {
-    check_cuda_tensor(topk_idx, "topk_idx", torch::kInt64);
-    check_cuda_tensor(num_tokens_per_rank, "num_tokens_per_rank", torch::kInt32);
-    check_cuda_tensor(num_tokens_per_expert, "num_tokens_per_expert", torch::kInt32);
-    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
-    DEEP_EP_HOST_ASSERT(topk_idx.dim() == 2, "topk_idx must be 2-D");
-    LayoutArgs args;
-    args.topk_idx = topk_idx.data_ptr<int64_t>();
-    args.num_tokens = static_cast<int>(topk_idx.size(0));
-    args.num_topk = static_cast<int>(topk_idx.size(1));
-    args.num_experts = num_experts;
-    args.num_ranks = num_ranks_;
-    args.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
-    args.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
-    args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
-    launch_get_dispatch_layout(args, at::cuda::getCurrentCUDAStream());
+    launch_dispatch_layout(topk_idx, num_experts, num_ranks_, num_tokens_per_rank, num_tokens_per_expert,
+                           is_token_in_rank);
 }
 
 void Buffer::notify_dispatch(const torch::Tensor& num_tokens_per_rank, const torch::Tensor& num_tokens_per_expert,
