@@ -11,6 +11,7 @@
 #   Not in the default list:
 #   bench2: the intranode benchmark on 2 GPUs (llnoshrink / ll2noshrink, in the default list: the
 #   low-latency checks on a buffer without shrink mode, i.e. the direct receive path);
+#   llbench2: the low-latency benchmark on 2 GPUs;
 #   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once).
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
@@ -89,6 +90,8 @@ want bench2 && run_step bench2 "${BENCH_LIMIT:-300}" \
     "$PYTHON tests/test_intranode.py --num-processes 2 --bench --json $LOGS/bench2.json ${BENCH_ARGS:-}"
 want llbench && run_step llbench "${LLBENCH_LIMIT:-180}" \
     "$PYTHON tests/test_low_latency.py --num-processes 4 --bench-only ${LL_ARGS:-}"
+want llbench2 && run_step llbench2 "${LLBENCH_LIMIT:-180}" \
+    "$PYTHON tests/test_low_latency.py --num-processes 2 --bench-only ${LL_ARGS:-}"
 want interbench && run_step interbench "${INTERBENCH_LIMIT:-240}" \
     "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 --bench"
 if want foundation || want foundation_torch; then
