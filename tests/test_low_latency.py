@@ -72,6 +72,10 @@ def _skip_reason(num_processes: int) -> Optional[str]:
 # ----------------------------------------------------------------------------------------------
 # Buffers
 # ----------------------------------------------------------------------------------------------
+# The benchmark of issue 4: 128 tokens x 7168 hidden, top-8 of 256 experts (in all) per rank.
+BENCH_CONFIG = (128, 7168, 256, 8)
+
+
 def _rdma_bytes(configs, num_ranks: int) -> int:
     from deep_ep import Buffer
     from deep_ep.cuda_ll import low_latency_required_bytes
@@ -576,7 +580,7 @@ def _kernel_durations(fn, iterations: int, keys: Optional[List[str]] = None) -> 
 
 
 def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int) -> Dict[str, float]:
-    num_max, hidden, num_experts, num_topk = 128, 7168, 256, 8
+    num_max, hidden, num_experts, num_topk = BENCH_CONFIG
     num_local = num_experts // num_ranks
     x, topk_idx, weights = make_inputs(rank, num_max, hidden, num_experts, num_topk, seed + 11, drop_fraction=0.0)
     results: Dict[str, float] = {}
@@ -708,7 +712,10 @@ def _worker(local_rank: int, num_processes: int, port: int, bench: bool, iterati
     rank, num_ranks = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
     configs = CONFIGS[:1] if quick or bench_only else CONFIGS + [MAX_TOKENS_LIMIT_CONFIG]
-    num_rdma_bytes = _rdma_bytes(configs, num_ranks)
+    # The benchmark's shape (256 experts) needs more room than the checks' on fewer ranks.
+    bench_m, bench_hidden, bench_experts, bench_topk = BENCH_CONFIG
+    bench_sizes = [(bench_m, bench_hidden, bench_experts // num_ranks, bench_topk)] if bench or bench_only else []
+    num_rdma_bytes = _rdma_bytes(configs + bench_sizes, num_ranks)
     shrink = shrink and not bench_only
     buffer = make_kernel_buffer(group, num_rdma_bytes, enable_shrink=shrink)
     ref = Buffer(group, 0, num_rdma_bytes, low_latency_mode=True, explicitly_destroy=True, backend="torch")
