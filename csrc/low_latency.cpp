@@ -68,8 +68,8 @@ LowLatencyRuntime::LowLatencyRuntime(int rank, int num_ranks, const std::string&
     LL_CUDA_CHECK(cudaMalloc(&peer_bases_, sizeof(unsigned long long) * num_ranks));
     LL_CUDA_CHECK(cudaMemcpy(peer_bases_, host_peer_bases_.data(), sizeof(unsigned long long) * num_ranks,
                              cudaMemcpyHostToDevice));
-    LL_CUDA_CHECK(cudaMalloc(&state_, sizeof(ll::BufferState) * 2));
-    LL_CUDA_CHECK(cudaMemset(state_, 0, sizeof(ll::BufferState) * 2));
+    LL_CUDA_CHECK(cudaMalloc(&state_, sizeof(ll::BufferState) * ll::kStateEntries));
+    LL_CUDA_CHECK(cudaMemset(state_, 0, sizeof(ll::BufferState) * ll::kStateEntries));
     LL_CUDA_CHECK(cudaMalloc(&mask_, sizeof(int) * num_ranks));
     LL_CUDA_CHECK(cudaMemset(mask_, 0, sizeof(int) * num_ranks));
     LL_CUDA_CHECK(cudaHostAlloc(&error_host_, sizeof(ll::ErrorRecord), cudaHostAllocMapped));
@@ -150,7 +150,7 @@ void LowLatencyRuntime::clean(int num_max_tokens, int hidden, int num_experts) {
     for (int b = 0; b < 2; ++b)
         LL_CUDA_CHECK(cudaMemsetAsync(heap + layout.buffer_offset[b] + layout.dispatch_recv_offset, 0, dispatch_recv_bytes,
                                       stream));
-    LL_CUDA_CHECK(cudaMemsetAsync(state_, 0, sizeof(ll::BufferState) * 2, stream));
+    LL_CUDA_CHECK(cudaMemsetAsync(state_, 0, sizeof(ll::BufferState) * ll::kStateEntries, stream));
     ll::nvshmem_barrier_on_stream(stream);
     layout_key_ = std::make_tuple(num_max_tokens, hidden, num_experts);
 }
@@ -366,6 +366,15 @@ void register_low_latency(pybind11::module_& m) {
     m.attr("LL_PHASE_SEND") = ll::kPhaseSend;
     m.attr("LL_PHASE_RECV") = ll::kPhaseRecv;
     m.def("ll_num_blocks", &ll::num_blocks, py::arg("num_max_tokens"), py::arg("num_local_experts"));
+    // Development: the kernels' phase trace (kernels/phase_trace.cuh), on the current device.
+    m.def("ll_trace_reset", [](bool enable) { LL_CUDA_CHECK(ll::trace_reset(enable)); }, py::arg("enable"));
+    m.def("ll_trace_read", []() {
+        std::vector<unsigned long long> cycles(static_cast<size_t>(ll::kTraceKernels) * ll::kMaxBlocks * ll::kTracePoints);
+        std::vector<unsigned long long> calls(ll::kTraceKernels);
+        int clock_khz = 0;
+        LL_CUDA_CHECK(ll::trace_read(cycles.data(), calls.data(), &clock_khz));
+        return py::make_tuple(cycles, calls, clock_khz);
+    });
 }
 
 }  // namespace deep_ep

@@ -70,7 +70,7 @@ private:
     int device_ = 0;
     void* heap_ = nullptr;
     unsigned long long* peer_bases_ = nullptr;  // device
-    ll::BufferState* state_ = nullptr;          // device [2]
+    ll::BufferState* state_ = nullptr;          // device [2][kMaxBlocks]
     int* mask_ = nullptr;                       // device [num_ranks]
     ll::ErrorRecord* error_host_ = nullptr;     // host-mapped
     ll::ErrorRecord* error_device_ = nullptr;

@@ -579,6 +579,42 @@ def _kernel_durations(fn, iterations: int, keys: Optional[List[str]] = None) -> 
     return {k: [d for _, d in sorted(v)] for k, v in found.items()}
 
 
+_TRACE_POINTS = {
+    "dispatch": ["ids in smem", "send tasks done", "counts published", "send signalled", "sources arrived",
+                 "recv offsets ready", "rows placed", "end", "header read (sum)", "row loaded (sum)", "send fenced",
+                 "send-only end"],
+    "combine": ["weights sent", "send tasks done", "", "send signalled", "sources arrived", "", "rows reduced", "end",
+                "", "", "send fenced", "send-only end"],
+}
+
+
+def _print_phase_trace(title: str, fn, rank: int, iterations: int) -> None:
+    """DEEP_EP_LL_TRACE=1: where the kernels' time goes (kernels/phase_trace.cuh). For each marked
+    point, the time from a block's start, averaged over the calls: median and max over blocks."""
+    import deep_ep_cpp
+
+    deep_ep_cpp.ll_trace_reset(True)
+    _kernel_durations(fn, iterations)
+    torch.cuda.synchronize()
+    cycles, calls, clock_khz = deep_ep_cpp.ll_trace_read()
+    deep_ep_cpp.ll_trace_reset(False)
+    num_points = len(_TRACE_POINTS["dispatch"])
+    table = torch.tensor(cycles, dtype=torch.float64).view(2, -1, num_points)
+    lines = [f"[rank {rank}] phase trace, {title} (us from block start; median / max over blocks; SM clock "
+             f"{clock_khz / 1e3:.0f} MHz)"]
+    for kind, (name, labels) in enumerate(_TRACE_POINTS.items()):
+        if calls[kind] == 0:
+            continue
+        us = table[kind] / calls[kind] / clock_khz * 1e3
+        for point, label in enumerate(labels):
+            col = us[:, point]
+            if label and float(col.max()) > 0:
+                # Median over the blocks that reached the point (some have no receive task).
+                lines.append(f"  {name:8s} {point:2d} {label:20s} {float(col[col > 0].median()):8.2f} {float(col.max()):8.2f}"
+                             f"  (max at block {int(col.argmax())})")
+    print("\n".join(lines), flush=True)
+
+
 def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int) -> Dict[str, float]:
     num_max, hidden, num_experts, num_topk = BENCH_CONFIG
     num_local = num_experts // num_ranks
@@ -661,6 +697,11 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
         c = buffer.low_latency_combine(y, topk_idx, weights, r[2], return_recv_hook=True)
         dist.all_reduce(align)
         c[2]()
+
+    if os.environ.get("DEEP_EP_LL_TRACE", "0") == "1":
+        _set_combine_mode(buffer, COMBINE_MODES[0])
+        _print_phase_trace("one launch", both, rank, iterations)
+        _print_phase_trace("hook mode", hooked, rank, iterations)
 
     durations = _kernel_durations(hooked, iterations)
     d, c = durations["dispatch_kernel"], durations["combine_kernel"]

@@ -33,6 +33,7 @@
 
 #include "internode_ll_api.cuh"
 #include "nvshmem_utils.cuh"
+#include "phase_trace.cuh"
 
 namespace deep_ep {
 namespace ll {
@@ -88,10 +89,11 @@ __device__ __forceinline__ char* peer_address(const Context& ctx, const void* lo
 
 // Adds one to counter `slot` of `signals` on every unmasked rank: this block has delivered
 // everything it had for that rank in this call. Called by the whole block after its stores.
-__device__ void signal_all_ranks(const Context& ctx, unsigned long long* signals) {
+__device__ void signal_all_ranks(const Context& ctx, unsigned long long* signals, int trace_kernel) {
     // Each thread orders its own direct stores before the block's signals (release fence; the
     // barrier then makes them precede the signalling thread's release add).
     fence_acq_rel_sys();
+    trace_mark(trace_kernel, kTraceFenced);
     __syncthreads();
     for (int pe = threadIdx.x; pe < ctx.num_ranks; pe += blockDim.x) {
         if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + pe) != 0) continue;
@@ -108,12 +110,12 @@ __device__ void signal_all_ranks(const Context& ctx, unsigned long long* signals
 
 // The end of every send phase, by the whole block: NVSHMEM puts complete (quiet, one lane per
 // warp), then this block's signal to every rank.
-__device__ __forceinline__ void finish_send(const Context& ctx, unsigned long long* signals) {
+__device__ __forceinline__ void finish_send(const Context& ctx, unsigned long long* signals, int trace_kernel) {
     if (ctx.any_remote) {
         __syncwarp();
         if (threadIdx.x % 32 == 0) nvshmem_quiet();
     }
-    signal_all_ranks(ctx, signals);
+    signal_all_ranks(ctx, signals, trace_kernel);
 }
 
 // Waits (thread 0 of the block) until `counter` reaches `expected`. Returns 0 ok, 1 skip (peer
@@ -149,19 +151,17 @@ __device__ bool wait_every_source(const Context& ctx, const unsigned long long* 
     return s_abort == 0;
 }
 
-// The last block to finish advances the buffer's call counters (graph replays stay correct).
-__device__ void finish_call(unsigned int* blocks_done, unsigned long long* counter_a, unsigned long long value_a,
-                            unsigned long long* counter_b, unsigned long long value_b) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        const unsigned int previous = atomicAdd(blocks_done, 1u);
-        if (previous == gridDim.x - 1) {
-            if (counter_a != nullptr) *counter_a = value_a;
-            if (counter_b != nullptr) *counter_b = value_b;
-            *blocks_done = 0u;
-            __threadfence();
-        }
+// Advances the buffer's call counters (graph replays stay correct). Every block keeps its own copy
+// (BufferState), so no block waits on another at the end: block b writes entries b, b + gridDim.x,
+// ... (every entry, whatever grid the next call has). Replaces a last-block-done atomic and its
+// fences, which cost each kernel about half a microsecond on its tail.
+__device__ void finish_call(BufferState* states, unsigned long long BufferState::*counter_a, unsigned long long value_a,
+                            unsigned long long BufferState::*counter_b, unsigned long long value_b) {
+    __syncthreads();  // every thread of the block has read its counters
+    for (int b = blockIdx.x + static_cast<int>(threadIdx.x) * static_cast<int>(gridDim.x); b < kMaxBlocks;
+         b += static_cast<int>(blockDim.x * gridDim.x)) {
+        if (counter_a != nullptr) states[b].*counter_a = value_a;
+        if (counter_b != nullptr) states[b].*counter_b = value_b;
     }
 }
 
@@ -479,6 +479,7 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
         }
     }
     __syncthreads();  // s_ids complete (the input loads above stay in flight)
+    trace_mark(kTraceDispatch, 0);
     const int* ids = ids_shared ? s_ids : nullptr;
 
     for (int task = first_task; task < num_tasks; task += gridDim.x * kNumWarps) {
@@ -611,11 +612,14 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
             }
         }
     }
+    trace_mark(kTraceDispatch, 1);
     // The per-expert counts the scan-free receive needs, from one block (the last: at 128 tokens
     // it has no token of its own), before that block's signals. After the tokens, not before:
     // `raw` would be live across it (spills), and the histogram reads the shared ids anyway.
     if (a.num_experts <= kMaxFastExperts && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, ids);
-    finish_send(ctx, g.signals);
+    trace_mark(kTraceDispatch, 2);
+    finish_send(ctx, g.signals, kTraceDispatch);
+    trace_mark(kTraceDispatch, 3);
 }
 
 // A received message's FP8 scales, held by a warp until they are stored to each of the message's
@@ -808,13 +812,13 @@ __device__ void dispatch_recv(const Context& ctx, const Geometry& g, const Dispa
 // share of the row once and stores it into every local expert the token chose. Shrink mode keeps
 // the scan: a source timing out there is decided by each block on its own, and blocks that
 // disagreed would place other sources' rows differently.
-constexpr int kRecvMaxParts = 4;  // warps per message when the grid has that many per message
+constexpr int kRecvMaxParts = 8;  // warps per message when the grid has that many per message
 // Loads in flight per lane in the scan-free receive: with two or more warps per message a whole
 // FP8 row of 7168 channels (at most 7 units per lane) is one round; 16 would spill.
 constexpr int kDirectUnroll = 8;
 template <bool kUseFP8>
 __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long seq) {
-    __shared__ int s_offset[kMaxFastExperts];  // [source][local expert]: count, then first row
+    __shared__ int s_offset[kMaxFastExperts];  // [source][local expert]: first row of the block
     __shared__ int s_total[kMaxFastExperts];   // [local expert]: rows (before the num_slots clamp)
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -827,27 +831,88 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
 
     // Without shrink mode (this path's condition) a wait either succeeds or times out.
     if (!wait_every_source(ctx, g.signals, expected, kKernelDispatch, a.wait_recv_cost_stats)) return;
+    trace_mark(kTraceDispatch, 4);
+
+    const int row_bytes = kUseFP8 ? hidden : hidden * 2;
+    const int num_units = row_bytes / 16;
+    const int num_groups = hidden / 128;
+    const int total_warps = static_cast<int>(gridDim.x) * kNumWarps;
+    const int parts = max(1, min(kRecvMaxParts, total_warps / num_slots));
+    const int num_tasks = num_slots * parts;
+    const int expert_begin = ctx.rank * num_local;
+    const char* regions = g.buf + g.dispatch_recv_offset;
+    const int stride = 32 * parts;
+    // A task's loads: its message header (lane k < kMaxTopk reads slot k's expert and position
+    // word) and one round of its share of the row. The first task's go out before the offsets
+    // below, so the count loads, the header and the row arrive in one round, not three.
+    int tag = 0, num_topk = 0, id = -1, pos_word = 0;
+    int4 v[kDirectUnroll];
+    auto load_header = [&](const char* msg) {
+        const int* header = reinterpret_cast<const int*>(msg);
+        tag = __ldcg(header + kTagInt);
+        num_topk = __ldcg(header + kTopkCountInt);
+        id = -1;
+        pos_word = 0;
+        if (lane < kMaxTopk) {
+            id = __ldcg(header + lane);
+            pos_word = __ldcg(header + kHeaderInts + lane / 2);
+        }
+    };
+    auto load_chunk = [&](const char* msg, int c0) {
+#pragma unroll
+        for (int i = 0; i < kDirectUnroll; ++i) {
+            const int u = c0 + lane + stride * i;
+            if (u < num_units) v[i] = ld_cg_int4(msg + kHeaderBytes + static_cast<size_t>(u) * 16);
+        }
+    };
+    const int first_task = blockIdx.x * kNumWarps + warp;
+    if (first_task < num_tasks) {
+        const char* msg = regions + static_cast<size_t>(first_task / parts) * g.msg_bytes;
+        load_header(msg);
+        load_chunk(msg, (first_task % parts) * 32);
+    }
 
     // Each source's last sending block wrote its counts before its signal (publish_dispatch_counts).
+    // The exclusive scan over the sources, per local expert. Up to kScanInRegisters ranks: one
+    // thread per expert, the loads of all sources in one round, the sums in registers (no
+    // barrier between load and scan: the warp-per-expert scan below took ~3 us at 2 ranks).
+    // More ranks: counts staged in shared memory, one warp per expert scanning 32 sources a step.
     const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
     const int num_pairs = num_ranks * num_local;
-    for (int i = threadIdx.x; i < num_pairs; i += blockDim.x) s_offset[i] = __ldcg(counts + i);
-    __syncthreads();
-    // One warp per expert: exclusive scan over the sources, 32 at a time (each lane reads and
-    // rewrites only its own entry).
-    for (int e = warp; e < num_local; e += kNumWarps) {
-        int running = 0;
-        for (int s0 = 0; s0 < num_ranks; s0 += 32) {
-            const int src = s0 + lane;
-            const int c = src < num_ranks ? s_offset[src * num_local + e] : 0;
-            int total;
-            const int prefix = warp_exclusive_scan(c, &total);
-            if (src < num_ranks) s_offset[src * num_local + e] = running + prefix;
-            running += total;
+    constexpr int kScanInRegisters = 16;
+    if (num_ranks <= kScanInRegisters) {
+        for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
+            int c[kScanInRegisters];
+#pragma unroll
+            for (int i = 0; i < kScanInRegisters; ++i)
+                c[i] = i < num_ranks ? __ldcg(counts + static_cast<size_t>(i) * num_local + e) : 0;
+            int running = 0;
+#pragma unroll
+            for (int i = 0; i < kScanInRegisters; ++i) {
+                if (i < num_ranks) s_offset[i * num_local + e] = running;
+                running += c[i];
+            }
+            s_total[e] = running;
         }
-        if (lane == 0) s_total[e] = running;
+    } else {
+        for (int i = threadIdx.x; i < num_pairs; i += blockDim.x) s_offset[i] = __ldcg(counts + i);
+        __syncthreads();
+        for (int e = warp; e < num_local; e += kNumWarps) {
+            int running = 0;
+            for (int s0 = 0; s0 < num_ranks; s0 += 32) {
+                // Each lane reads and rewrites only its own entry.
+                const int src = s0 + lane;
+                const int c = src < num_ranks ? s_offset[src * num_local + e] : 0;
+                int total;
+                const int prefix = warp_exclusive_scan(c, &total);
+                if (src < num_ranks) s_offset[src * num_local + e] = running + prefix;
+                running += total;
+            }
+            if (lane == 0) s_total[e] = running;
+        }
     }
     __syncthreads();
+    trace_mark(kTraceDispatch, 5);
 
     // Block 0 writes the per-expert bookkeeping (the same values as the scan: counts and block
     // starts unclamped, recv_count clamped to the slots).
@@ -865,31 +930,19 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         }
     }
 
-    const int row_bytes = kUseFP8 ? hidden : hidden * 2;
-    const int num_units = row_bytes / 16;
-    const int num_groups = hidden / 128;
-    const int total_warps = static_cast<int>(gridDim.x) * kNumWarps;
-    const int parts = max(1, min(kRecvMaxParts, total_warps / num_slots));
-    const int num_tasks = num_slots * parts;
-    const int expert_begin = ctx.rank * num_local;
-    const char* regions = g.buf + g.dispatch_recv_offset;
-    for (int task = blockIdx.x * kNumWarps + warp; task < num_tasks; task += total_warps) {
+    for (int task = first_task; task < num_tasks; task += total_warps) {
         const int slot = task / parts, part = task % parts;
         const int src = slot / num_max, token = slot % num_max;
         const char* msg = regions + static_cast<size_t>(slot) * g.msg_bytes;
-        const int* header = reinterpret_cast<const int*>(msg);
-        // Header, one load round: lane k < kMaxTopk reads slot k's expert and position word.
-        const int tag = __ldcg(header + kTagInt);
-        const int num_topk = min(__ldcg(header + kTopkCountInt), kMaxTopk);
-        int id = -1, pos_word = 0;
-        if (lane < kMaxTopk) {
-            id = __ldcg(header + lane);
-            pos_word = __ldcg(header + kHeaderInts + lane / 2);
+        if (task != first_task) {
+            load_header(msg);
+            load_chunk(msg, part * 32);
         }
         // Not written in this call (tag of an older one), or none of the token's slots here.
-        const bool mine = tag == static_cast<int>(static_cast<unsigned int>(seq)) && lane < num_topk &&
+        const bool mine = tag == static_cast<int>(static_cast<unsigned int>(seq)) && lane < min(num_topk, kMaxTopk) &&
                           id >= expert_begin && id < expert_begin + num_local;
         const unsigned int kmask = __ballot_sync(0xffffffffu, mine);
+        trace_mark(kTraceDispatch, 8);
         if (kmask == 0u) continue;  // warp-uniform
         int local_e = 0, row = num_slots;
         if (mine) {
@@ -907,17 +960,12 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             if (part == 0)
                 row_scales = load_row_scales(msg, hidden, num_groups, a.use_ue8m0, lane);
         }
-        const int stride = 32 * parts;
         // The loop bound is the same for every lane (the shuffles below need the whole warp);
-        // lanes past the row's end are masked inside.
+        // lanes past the row's end are masked inside. The first round was loaded with the header.
         for (int c0 = part * 32; c0 < num_units; c0 += stride * kDirectUnroll) {
             const int u0 = c0 + lane;
-            int4 v[kDirectUnroll];
-#pragma unroll
-            for (int i = 0; i < kDirectUnroll; ++i) {
-                const int u = u0 + stride * i;
-                if (u < num_units) v[i] = ld_cg_int4(msg + kHeaderBytes + static_cast<size_t>(u) * 16);
-            }
+            if (c0 != part * 32) load_chunk(msg, c0);
+            trace_mark_loaded(kTraceDispatch, 9, v[0].x);
             for (unsigned int bits = smask; bits != 0u; bits &= bits - 1u) {  // warp-uniform
                 const int k = __ffs(static_cast<int>(bits)) - 1;
                 const size_t out_row = static_cast<size_t>(__shfl_sync(0xffffffffu, local_e, k)) * num_slots +
@@ -945,13 +993,16 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             a.slot_rows[static_cast<size_t>(slot) * kMaxTopk + lane] = static_cast<int>(out_row);
         }
     }
+    trace_mark(kTraceDispatch, 6);
 }
 
 template <bool kUseFP8>
 __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Context ctx, Geometry g, DispatchArgs a, int buffer_idx) {
-    BufferState* state = ctx.state + buffer_idx;
+    BufferState* states = ctx.state + static_cast<size_t>(buffer_idx) * kMaxBlocks;
+    const BufferState* state = states + blockIdx.x;
     const unsigned long long send_call = state->dispatch_send_calls + 1;
     const unsigned long long recv_call = state->dispatch_recv_calls + 1;
+    trace_start();
     if (a.phases & kPhaseSend) dispatch_send<kUseFP8>(ctx, g, a, send_call);
     if (a.phases & kPhaseRecv) {
         // The senders publish counts whenever num_experts <= kMaxFastExperts, whatever the mode.
@@ -960,8 +1011,11 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Context ctx, G
         else
             dispatch_recv<kUseFP8>(ctx, g, a, recv_call);
     }
-    finish_call(&state->dispatch_blocks_done, (a.phases & kPhaseSend) ? &state->dispatch_send_calls : nullptr, send_call,
-                (a.phases & kPhaseRecv) ? &state->dispatch_recv_calls : nullptr, recv_call);
+    finish_call(states, (a.phases & kPhaseSend) ? &BufferState::dispatch_send_calls : nullptr, send_call,
+                (a.phases & kPhaseRecv) ? &BufferState::dispatch_recv_calls : nullptr, recv_call);
+    // A send-only launch (hook mode) ends at point 11; calls count the launches that receive.
+    trace_mark(kTraceDispatch, (a.phases & kPhaseRecv) ? 7 : 11);
+    if (a.phases & kPhaseRecv) trace_call_done(kTraceDispatch);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1016,7 +1070,9 @@ __device__ void combine_send(const Context& ctx, const Geometry& g, const Combin
             }
         }
     }
-    finish_send(ctx, g.signals);
+    trace_mark(kTraceCombine, 1);
+    finish_send(ctx, g.signals, kTraceCombine);
+    trace_mark(kTraceCombine, 3);
 }
 
 // Receive: wait for every rank's blocks, then one warp per token sums the weighted rows.
@@ -1025,6 +1081,7 @@ __device__ void combine_recv(const Context& ctx, const Geometry& g, const Combin
     const int num_local = a.num_experts / ctx.num_ranks;
     const unsigned long long expected = seq * gridDim.x;
     if (!wait_every_source(ctx, g.signals, expected, kKernelCombine, a.wait_recv_cost_stats)) return;
+    trace_mark(kTraceCombine, 4);
 
     const size_t row_bytes = static_cast<size_t>(a.hidden) * 2;
     const int num_units = a.hidden / 8;
@@ -1048,6 +1105,7 @@ __device__ void combine_recv(const Context& ctx, const Geometry& g, const Combin
         // Up to 8 top-k rows x 2 chunks per load round: one round at top-8 and 7168 channels.
         reduce_rows<8, 2>(slots, row_bytes, part, parts, num_units, valid_mask, lane, weight, out);
     }
+    trace_mark(kTraceCombine, 6);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1172,7 +1230,9 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
         }
     }
     (void)num_slots;
-    finish_send(ctx, g.signals);
+    trace_mark(kTraceCombine, 1);
+    finish_send(ctx, g.signals, kTraceCombine);
+    trace_mark(kTraceCombine, 3);
 }
 
 __device__ void combine_recv_reduced(const Context& ctx, const Geometry& g, const CombineArgs& a, unsigned long long seq) {
@@ -1180,6 +1240,7 @@ __device__ void combine_recv_reduced(const Context& ctx, const Geometry& g, cons
     const int num_local = a.num_experts / ctx.num_ranks;
     const unsigned long long expected = seq * gridDim.x;
     if (!wait_every_source(ctx, g.signals, expected, kKernelCombine, a.wait_recv_cost_stats)) return;
+    trace_mark(kTraceCombine, 4);
 
     const size_t row_bytes = static_cast<size_t>(a.hidden) * 2;
     const int num_units = a.hidden / 8;
@@ -1215,17 +1276,21 @@ __device__ void combine_recv_reduced(const Context& ctx, const Geometry& g, cons
         // Up to 4 ranks' partial rows x 2 chunks per load round: one round at 4 ranks.
         reduce_rows<4, 2>(slots, row_bytes, part, parts, num_units, leaders, rank_of, row_weight, out);
     }
+    trace_mark(kTraceCombine, 6);
 }
 
 __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(Context ctx, Geometry g, CombineArgs a, int buffer_idx) {
-    BufferState* state = ctx.state + buffer_idx;
+    BufferState* states = ctx.state + static_cast<size_t>(buffer_idx) * kMaxBlocks;
+    const BufferState* state = states + blockIdx.x;
     const unsigned long long send_call = state->combine_send_calls + 1;
     const unsigned long long recv_call = state->combine_recv_calls + 1;
     // The dispatch of this handle was the last one received on this buffer.
     const unsigned long long dispatch_call = state->dispatch_recv_calls;
+    trace_start();
     if (a.phases & kPhaseSend) {
         // The weights go out in both modes, so the "weights arrived" counters count calls.
         broadcast_weights(ctx, g, a);
+        trace_mark(kTraceCombine, 0);
         if (a.reduced)
             combine_send_reduced(ctx, g, a, send_call, dispatch_call);
         else
@@ -1237,8 +1302,11 @@ __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(Context ctx, Ge
         else
             combine_recv(ctx, g, a, recv_call);
     }
-    finish_call(&state->combine_blocks_done, (a.phases & kPhaseSend) ? &state->combine_send_calls : nullptr, send_call,
-                (a.phases & kPhaseRecv) ? &state->combine_recv_calls : nullptr, recv_call);
+    finish_call(states, (a.phases & kPhaseSend) ? &BufferState::combine_send_calls : nullptr, send_call,
+                (a.phases & kPhaseRecv) ? &BufferState::combine_recv_calls : nullptr, recv_call);
+    // A send-only launch (hook mode) ends at point 11; calls count the launches that receive.
+    trace_mark(kTraceCombine, (a.phases & kPhaseRecv) ? 7 : 11);
+    if (a.phases & kPhaseRecv) trace_call_done(kTraceCombine);
 }
 
 Geometry make_geometry(const Context& ctx, const Layout& layout, int buffer_idx, int kind) {
@@ -1310,6 +1378,25 @@ int num_blocks(int num_max_tokens, int num_local_experts) {
     }();
     if (forced > 0) return std::min(limit, forced);
     return std::max(1, std::min(limit, std::max(for_send, num_local_experts)));
+}
+
+cudaError_t trace_reset(bool enable) {
+    static unsigned long long zeros[kTraceKernels][kMaxBlocks][kTracePoints] = {};
+    static unsigned long long zero_calls[kTraceKernels] = {};
+    const int flag = enable ? 1 : 0;
+    cudaError_t status = cudaMemcpyToSymbol(g_trace_cycles, zeros, sizeof(zeros));
+    if (status == cudaSuccess) status = cudaMemcpyToSymbol(g_trace_calls, zero_calls, sizeof(zero_calls));
+    if (status == cudaSuccess) status = cudaMemcpyToSymbol(g_trace_enabled, &flag, sizeof(flag));
+    return status;
+}
+
+cudaError_t trace_read(unsigned long long* cycles, unsigned long long* calls, int* clock_khz) {
+    cudaError_t status = cudaMemcpyFromSymbol(cycles, g_trace_cycles, sizeof(g_trace_cycles));
+    if (status == cudaSuccess) status = cudaMemcpyFromSymbol(calls, g_trace_calls, sizeof(g_trace_calls));
+    int device = 0;
+    if (status == cudaSuccess) status = cudaGetDevice(&device);
+    if (status == cudaSuccess) status = cudaDeviceGetAttribute(clock_khz, cudaDevAttrClockRate, device);
+    return status;
 }
 
 cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer_idx, const DispatchArgs& args,

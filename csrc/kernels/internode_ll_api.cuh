@@ -35,6 +35,21 @@ constexpr int kMaxFastExperts = 1024;
 constexpr int kNumThreads = 512;
 constexpr int kMaxBlocks = 128;
 
+// Phase trace (phase_trace.cuh; development only): per kernel kind, block and point, the summed
+// SM cycles from the block's start to the point. Dispatch points: 0 top-k ids in shared memory,
+// 1 this warp's send tasks done, 2 counts published, 3 send signalled, 4 every source arrived,
+// 5 receive offsets ready, 6 rows placed, 7 end, 8 (receive, summed over this warp's tasks)
+// header read, 9 row loaded. Combine points: 0 weights broadcast, 1 send tasks done, 3 send
+// signalled, 4 every source arrived, 6 rows reduced, 7 end. Both: 10 send fenced, 11 end of a
+// send-only launch (hook mode; point 7 is then the receive launch's end).
+constexpr int kTraceKernels = 2;  // 0 dispatch, 1 combine
+constexpr int kTracePoints = 12;
+// Clears the trace and turns it on or off (for every later launch of this process).
+cudaError_t trace_reset(bool enable);
+// Copies the trace out: cycles [kTraceKernels][kMaxBlocks][kTracePoints], then the calls per
+// kernel kind [kTraceKernels]; `clock_khz` gets the SM clock.
+cudaError_t trace_read(unsigned long long* cycles, unsigned long long* calls, int* clock_khz);
+
 // Launch phases: the send half and the receive half of a dispatch or combine. Without a receive
 // hook both run in one launch; with it, the hook launches the receive half.
 constexpr int kPhaseSend = 1;
@@ -56,15 +71,15 @@ struct ErrorRecord {
 };
 
 // Per-buffer bookkeeping kept in (non-symmetric) device memory by the kernels themselves, so a
-// captured CUDA graph replays correctly: call counters and "blocks done" counters.
+// captured CUDA graph replays correctly: the call counters, one copy per block
+// ([2 buffers][kMaxBlocks], kStateEntries in all), all equal between calls.
 struct BufferState {
     unsigned long long dispatch_send_calls;
     unsigned long long dispatch_recv_calls;
     unsigned long long combine_send_calls;
     unsigned long long combine_recv_calls;
-    unsigned int dispatch_blocks_done;
-    unsigned int combine_blocks_done;
 };
+constexpr int kStateEntries = 2 * kMaxBlocks;
 
 // Where everything lives inside the symmetric allocation. Computed on the host from the call's
 // shape; every rank computes the same offsets.
