@@ -90,9 +90,10 @@ __device__ __forceinline__ char* peer_address(const Context& ctx, const void* lo
 // Adds one to counter `slot` of `signals` on every unmasked rank: this block has delivered
 // everything it had for that rank in this call. Called by the whole block after its stores.
 __device__ void signal_all_ranks(const Context& ctx, unsigned long long* signals, int trace_kernel) {
-    // Each thread orders its own direct stores before the block's signals (release fence; the
-    // barrier then makes them precede the signalling thread's release add).
-    fence_acq_rel_sys();
+    // The barrier orders every thread's direct stores before the signalling threads' release adds,
+    // and a release is cumulative: it makes visible everything ordered before it, the other
+    // threads' stores included (the pattern of a cooperative grid sync). No fence per thread:
+    // sixteen warps each waiting on a system-scope fence of their own cost more than one release.
     trace_mark(trace_kernel, kTraceFenced);
     __syncthreads();
     for (int pe = threadIdx.x; pe < ctx.num_ranks; pe += blockDim.x) {
