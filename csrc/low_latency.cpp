@@ -150,6 +150,10 @@ void LowLatencyRuntime::clean(int num_max_tokens, int hidden, int num_experts) {
     for (int b = 0; b < 2; ++b)
         LL_CUDA_CHECK(cudaMemsetAsync(heap + layout.buffer_offset[b] + layout.dispatch_recv_offset, 0, dispatch_recv_bytes,
                                       stream));
+    // The combine weights carry their call's number (tagged words): none may match the restarted calls.
+    for (int b = 0; b < 2; ++b)
+        LL_CUDA_CHECK(cudaMemsetAsync(heap + layout.buffer_offset[b] + layout.weights_offset, 0,
+                                      layout.stage_offset - layout.weights_offset, stream));
     LL_CUDA_CHECK(cudaMemsetAsync(state_, 0, sizeof(ll::BufferState) * ll::kStateEntries, stream));
     ll::nvshmem_barrier_on_stream(stream);
     layout_key_ = std::make_tuple(num_max_tokens, hidden, num_experts);

@@ -843,9 +843,10 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     const int expert_begin = ctx.rank * num_local;
     const char* regions = g.buf + g.dispatch_recv_offset;
     const int stride = 32 * parts;
-    // A task's loads: its message header (lane k < kMaxTopk reads slot k's expert and position
-    // word) and one round of its share of the row. The first task's go out before the offsets
-    // below, so the count loads, the header and the row arrive in one round, not three.
+    // A task's loads, one round: its message header (lane k < kMaxTopk reads slot k's expert and
+    // position word) and its share of the row, loaded before the header says whether any of the
+    // token's experts is here (a wasted load for a skipped slot costs less than a second round).
+    // Not before the offsets below: queued ahead of the count loads there, they delayed them.
     int tag = 0, num_topk = 0, id = -1, pos_word = 0;
     int4 v[kDirectUnroll];
     auto load_header = [&](const char* msg) {
@@ -866,12 +867,6 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             if (u < num_units) v[i] = ld_cg_int4(msg + kHeaderBytes + static_cast<size_t>(u) * 16);
         }
     };
-    const int first_task = blockIdx.x * kNumWarps + warp;
-    if (first_task < num_tasks) {
-        const char* msg = regions + static_cast<size_t>(first_task / parts) * g.msg_bytes;
-        load_header(msg);
-        load_chunk(msg, (first_task % parts) * 32);
-    }
 
     // Each source's last sending block wrote its counts before its signal (publish_dispatch_counts).
     // The exclusive scan over the sources, per local expert. Up to kScanInRegisters ranks: one
@@ -931,14 +926,12 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         }
     }
 
-    for (int task = first_task; task < num_tasks; task += total_warps) {
+    for (int task = blockIdx.x * kNumWarps + warp; task < num_tasks; task += total_warps) {
         const int slot = task / parts, part = task % parts;
         const int src = slot / num_max, token = slot % num_max;
         const char* msg = regions + static_cast<size_t>(slot) * g.msg_bytes;
-        if (task != first_task) {
-            load_header(msg);
-            load_chunk(msg, part * 32);
-        }
+        load_header(msg);
+        load_chunk(msg, part * 32);
         // Not written in this call (tag of an older one), or none of the token's slots here.
         const bool mine = tag == static_cast<int>(static_cast<unsigned int>(seq)) && lane < min(num_topk, kMaxTopk) &&
                           id >= expert_begin && id < expert_begin + num_local;
@@ -1114,48 +1107,52 @@ __device__ void combine_recv(const Context& ctx, const Geometry& g, const Combin
 // received token, the weighted rows of its local experts and sends that one partial row into
 // the home rank's slot [token][this rank]; the home rank adds the partial rows.
 // ---------------------------------------------------------------------------------------------
-// This rank's top-k weights [token][kMaxTopk] into every unmasked rank's inbox row [this rank].
-// kWeightWarps warps per destination each write a slice (16-byte stores, one round at 128
-// tokens), publish it and add one to that rank's "weights arrived" counter [this rank], so a
-// call adds kWeightWarps there. The peers' combine sends wait for these: the slices go out in
-// parallel from the first instructions of the kernel, to keep that round trip short.
-__device__ void broadcast_weights(const Context& ctx, const Geometry& g, const CombineArgs& a) {
+// A combine weight in the inbox: the call's number above the fp32 bits, one 64-bit word, so the
+// word itself says whether it is this call's (no fence and no counter on the P2P path).
+__device__ __forceinline__ unsigned long long tagged_weight(unsigned long long call, float w) {
+    return (static_cast<unsigned long long>(static_cast<unsigned int>(call)) << 32) | __float_as_uint(w);
+}
+
+// This rank's top-k weights [token][kMaxTopk] (tagged_weight words) into every unmasked rank's
+// inbox row [this rank]. kWeightWarps warps per destination each write a slice (16-byte stores,
+// one round at 128 tokens). A P2P destination polls the words' tags: the weights are usable the
+// moment they land, with no fence behind the NVLink traffic of the rows (that fence and the
+// counter took ~6 us of the combine's critical path). A destination reached by puts gets a
+// "weights arrived" count per warp after the put, so a call adds kWeightWarps there.
+__device__ void broadcast_weights(const Context& ctx, const Geometry& g, const CombineArgs& a, unsigned long long call) {
     const int lane = threadIdx.x % 32;
     const int global_warp = blockIdx.x * kNumWarps + threadIdx.x / 32, num_warps = gridDim.x * kNumWarps;
     const int num_ranks = ctx.num_ranks, num_max = a.num_max_tokens;
-    float* own_inbox = reinterpret_cast<float*>(g.buf + g.weights_offset) + static_cast<size_t>(ctx.rank) * num_max * kMaxTopk;
-    // kMaxTopk (16) weights per token: four 16-byte groups.
-    constexpr int kGroupsPerToken = kMaxTopk / 4;
+    unsigned long long* own_inbox =
+        reinterpret_cast<unsigned long long*>(g.buf + g.weights_offset) + static_cast<size_t>(ctx.rank) * num_max * kMaxTopk;
+    // kMaxTopk (16) words per token: eight 16-byte groups.
+    constexpr int kGroupsPerToken = kMaxTopk / 2;
     const int num_groups = a.num_tokens * kGroupsPerToken;
-    // Each warp writes one contiguous slice (32 groups at 128 tokens: one store per lane).
+    // Each warp writes one contiguous slice (64 groups at 128 tokens: two stores per lane).
     const int per_warp = (num_groups + kWeightWarps - 1) / kWeightWarps;
     for (int item = global_warp; item < num_ranks * kWeightWarps; item += num_warps) {
         const int dst = item / kWeightWarps, sub = item % kWeightWarps;
         if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + dst) != 0) continue;
         char* peer = peer_address(ctx, own_inbox, dst);
-        float* target = peer != nullptr ? reinterpret_cast<float*>(peer) : own_inbox;
+        unsigned long long* target = peer != nullptr ? reinterpret_cast<unsigned long long*>(peer) : own_inbox;
         const int begin = min(sub * per_warp, num_groups), end = min(begin + per_warp, num_groups);
         for (int q = begin + lane; q < end; q += 32) {
-            const int t = q / kGroupsPerToken, k0 = (q % kGroupsPerToken) * 4;
-            float w[4];
+            const int t = q / kGroupsPerToken, k0 = (q % kGroupsPerToken) * 2;
+            float w[2];
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
+            for (int j = 0; j < 2; ++j)
                 w[j] = k0 + j < a.num_topk ? __ldg(a.topk_weights + static_cast<size_t>(t) * a.num_topk + k0 + j) : 0.f;
-            *reinterpret_cast<float4*>(target + static_cast<size_t>(q) * 4) = make_float4(w[0], w[1], w[2], w[3]);
+            st_relaxed_sys_v2_u64(target + static_cast<size_t>(q) * 2, tagged_weight(call, w[0]), tagged_weight(call, w[1]));
         }
-        fence_acq_rel_sys();  // each lane's stores before lane 0's release add (or the put below)
+        if (peer != nullptr) continue;
+        __threadfence();  // the staged words before the put that reads them
         __syncwarp();
-        unsigned long long* counter = g.weight_signals + ctx.rank;
-        if (peer != nullptr) {
-            if (lane == 0) red_add_release_sys(reinterpret_cast<unsigned long long*>(peer_address(ctx, counter, dst)), 1ull);
-        } else {
-            if (end > begin)
-                nvshmemx_putmem_nbi_warp(own_inbox + static_cast<size_t>(begin) * 4, own_inbox + static_cast<size_t>(begin) * 4,
-                                         static_cast<size_t>(end - begin) * 4 * sizeof(float), dst);
-            if (lane == 0) {
-                nvshmem_fence();
-                nvshmemx_signal_op(reinterpret_cast<uint64_t*>(counter), 1ull, NVSHMEM_SIGNAL_ADD, dst);
-            }
+        if (end > begin)
+            nvshmemx_putmem_nbi_warp(own_inbox + static_cast<size_t>(begin) * 2, own_inbox + static_cast<size_t>(begin) * 2,
+                                     static_cast<size_t>(end - begin) * 2 * sizeof(unsigned long long), dst);
+        if (lane == 0) {
+            nvshmem_fence();
+            nvshmemx_signal_op(reinterpret_cast<uint64_t*>(g.weight_signals + ctx.rank), 1ull, NVSHMEM_SIGNAL_ADD, dst);
         }
     }
 }
@@ -1194,7 +1191,8 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
         // weights, so these rows (about a third at top-8 of 256 on 4 ranks) start the NVLink
         // traffic while the weights are still on their way.
         const bool single = __popc(kmask) == 1;
-        if (!single && src != ready_src) {
+        const bool put_source = ctx.peer_bases[src] == 0ull;  // its weights came by put: count first
+        if (!single && put_source && src != ready_src) {
             int status = 0;
             if (lane == 0) {
                 unsigned long long seen = 0, waited = 0;
@@ -1213,10 +1211,34 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
             if (status != 0) continue;
             ready_src = src;
         }
-        const float* inbox = reinterpret_cast<const float*>(g.buf + g.weights_offset) +
-                             (static_cast<size_t>(src) * num_max + token) * kMaxTopk;
-        float weight = 0.f;
-        if (lane < kMaxTopk && ((kmask >> lane) & 1)) weight = single ? 1.f : __ldcg(inbox + lane);
+        const unsigned long long* inbox = reinterpret_cast<const unsigned long long*>(g.buf + g.weights_offset) +
+                                          (static_cast<size_t>(src) * num_max + token) * kMaxTopk;
+        float weight = single ? 1.f : 0.f;
+        int status = 0;
+        if (!single && lane < kMaxTopk && ((kmask >> lane) & 1)) {
+            // The word carries its call (tagged_weight): wait (bounded) until this call's is here.
+            const unsigned int want = static_cast<unsigned int>(weights_call);
+            unsigned long long word = ld_relaxed_sys_u64(inbox + lane);
+            if (static_cast<unsigned int>(word >> 32) != want) {
+                const unsigned long long start = global_timer_ns();
+                while (static_cast<unsigned int>(word >> 32) != want) {
+                    const unsigned long long now = global_timer_ns();
+                    if (now - start > ctx.timeout_ns) {
+                        if (ctx.enable_shrink) {
+                            atomicExch(ctx.mask + src, 1);
+                            status = 1;
+                        } else {
+                            report_timeout(ctx.error, ctx.rank, kKernelCombine, src, want, word >> 32, now - start);
+                            status = 2;
+                        }
+                        break;
+                    }
+                    word = ld_relaxed_sys_u64(inbox + lane);
+                }
+            }
+            weight = __uint_as_float(static_cast<unsigned int>(word));
+        }
+        if (__any_sync(0xffffffffu, status != 0)) continue;
         char* dst_local = g.buf + g.combine_recv_offset + (static_cast<size_t>(token) * g.combine_slots + ctx.rank) * row_bytes;
         char* peer = peer_address(ctx, dst_local, src);
         char* stage = g.buf + g.stage_offset + static_cast<size_t>(slot) * row_bytes;
@@ -1290,7 +1312,7 @@ __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(Context ctx, Ge
     trace_start();
     if (a.phases & kPhaseSend) {
         // The weights go out in both modes, so the "weights arrived" counters count calls.
-        broadcast_weights(ctx, g, a);
+        broadcast_weights(ctx, g, a, send_call);
         trace_mark(kTraceCombine, 0);
         if (a.reduced)
             combine_send_reduced(ctx, g, a, send_call, dispatch_call);
@@ -1348,7 +1370,7 @@ Layout make_layout(int num_max_tokens, int hidden, int num_ranks, int num_expert
     layout.combine_send_offset =
         align_up(layout.combine_recv_offset + m * static_cast<size_t>(layout.combine_slots_per_token) * h * 2, kAlign);
     layout.weights_offset = align_up(layout.combine_send_offset + num_local * r * m * h * 2, kAlign);
-    layout.stage_offset = align_up(layout.weights_offset + r * m * kMaxTopk * sizeof(float), kAlign);
+    layout.stage_offset = align_up(layout.weights_offset + r * m * kMaxTopk * sizeof(unsigned long long), kAlign);
     layout.count_offset = align_up(layout.stage_offset + r * m * h * 2, kAlign);
     layout.buffer_bytes = align_up(layout.count_offset + 2 * r * num_local * sizeof(int), kAlign);
     layout.buffer_offset[0] = signal_bytes;

@@ -91,7 +91,8 @@ struct Layout {
     size_t dispatch_send_offset;  // within a buffer: [max tokens] messages (staging for puts)
     size_t combine_recv_offset;   // within a buffer: [max tokens][max(kMaxTopk, ranks)] bf16 rows
     size_t combine_send_offset;   // within a buffer: [local experts][ranks * max tokens] bf16 rows
-    size_t weights_offset;        // within a buffer: [ranks][max tokens][kMaxTopk] fp32 (combine weights inbox)
+    size_t weights_offset;        // within a buffer: [ranks][max tokens][kMaxTopk] uint64 call << 32 | fp32 bits
+                                  // (combine weights inbox)
     size_t stage_offset;          // within a buffer: [ranks * max tokens] bf16 rows (partial sums to put)
     size_t count_offset;          // within a buffer: int32 [ranks src][local experts] dispatch counts received,
                                   // then [ranks dst][local experts] staging for counts sent with puts

@@ -26,6 +26,20 @@ __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long
     return v;
 }
 
+// A 64-bit word written by another GPU with relaxed stores (tagged data: the word is the flag).
+__device__ __forceinline__ unsigned long long ld_relaxed_sys_u64(const unsigned long long* ptr) {
+    unsigned long long v;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(ptr) : "memory");
+    return v;
+}
+
+// Two tagged 64-bit words in one store; each word is single-copy atomic (a vector access is one
+// access per element), so a reader never sees a word's tag without its value.
+__device__ __forceinline__ void st_relaxed_sys_v2_u64(unsigned long long* ptr, unsigned long long a,
+                                                      unsigned long long b) {
+    asm volatile("st.relaxed.sys.global.v2.u64 [%0], {%1, %2};" ::"l"(ptr), "l"(a), "l"(b) : "memory");
+}
+
 // Adds to a counter in a peer's memory (mapped through nvshmem_ptr) with release semantics, so
 // this thread's earlier stores (and those it synchronized with) are visible before the count.
 __device__ __forceinline__ void red_add_release_sys(unsigned long long* ptr, unsigned long long v) {
