@@ -327,17 +327,56 @@ __device__ __forceinline__ void load_send_chunks(int4 (*raw)[kUseFP8 ? 2 : 1], c
 // copy, already narrowed like below) when not null, otherwise from global memory (three load
 // rounds of 12 at 128 tokens). The shared copy matters: these rounds start after the data warps
 // of the same SM have queued their NVLink stores, and global loads wait behind those.
+// With the shared ids and at most kMaxFastExperts experts, `table` (this warp's [kMaxFastExperts]
+// bytes, all zero between calls) and `slot_count` (its [kMaxTopk] ints) make each earlier pair
+// cost one table lookup instead of a compare with every top-k id: lane k registers slot k's
+// expert (first slot of a repeated id only), the lanes scan the earlier pairs and count the hits
+// per slot, then clear their entries. The compare loop made the header of a late token (a
+// thousand earlier pairs) the slowest task of the send: its block signalled ~2 us after the rest.
 __device__ __forceinline__ int header_position_word(const int64_t* topk_idx, const int* s_ids, int token, int num_topk,
-                                                    int num_experts, int expert) {
+                                                    int num_experts, int expert, uint8_t* table, int* slot_count) {
     const int lane = threadIdx.x % 32;
     constexpr int kUnroll = 12;  // 16 would spill (the dispatch kernel is at 128 registers)
+    const int before = token * num_topk;
+    if (s_ids != nullptr && table != nullptr) {  // warp-uniform
+        int ex[kMaxTopk];
+#pragma unroll
+        for (int k = 0; k < kMaxTopk; ++k) ex[k] = __shfl_sync(0xffffffffu, expert, k);
+        const bool valid = lane < num_topk && expert >= 0;
+        int same_before = 0;  // earlier slots of this token with the same expert
+#pragma unroll
+        for (int k = 0; k < kMaxTopk; ++k) same_before += k < lane && ex[k] == expert ? 1 : 0;
+        const bool registers = valid && same_before == 0;
+        if (lane < kMaxTopk) slot_count[lane] = 0;
+        if (registers) table[expert] = static_cast<uint8_t>(lane + 1);
+        __syncwarp();
+        constexpr int kTableUnroll = 8;
+        for (int j0 = lane; j0 < before; j0 += 32 * kTableUnroll) {
+            int id[kTableUnroll];
+#pragma unroll
+            for (int i = 0; i < kTableUnroll; ++i) id[i] = j0 + 32 * i < before ? s_ids[j0 + 32 * i] : -1;
+#pragma unroll
+            for (int i = 0; i < kTableUnroll; ++i) {
+                const int slot = id[i] >= 0 ? table[id[i]] : 0;
+                if (slot != 0) atomicAdd(slot_count + slot - 1, 1);
+            }
+        }
+        __syncwarp();
+        const int count = valid ? slot_count[table[expert] - 1] + same_before : 0;
+        __syncwarp();
+        if (registers) table[expert] = 0;
+        __syncwarp();
+        // Lane kHeaderInts + i packs slots 2i (low half) and 2i + 1.
+        const int pair = lane >= kHeaderInts && lane < kHeaderInts + kHeaderPosInts ? 2 * (lane - kHeaderInts) : 0;
+        const int low = __shfl_sync(0xffffffffu, count, pair), high = __shfl_sync(0xffffffffu, count, pair + 1);
+        return static_cast<int>((static_cast<unsigned int>(low) & 0xFFFFu) | ((static_cast<unsigned int>(high) & 0xFFFFu) << 16));
+    }
     int ex[kMaxTopk], count[kMaxTopk];
 #pragma unroll
     for (int k = 0; k < kMaxTopk; ++k) {
         ex[k] = __shfl_sync(0xffffffffu, expert, k);
         count[k] = 0;
     }
-    const int before = token * num_topk;
     if (s_ids != nullptr) {  // warp-uniform
         constexpr int kSharedUnroll = 8;
         for (int j0 = lane; j0 < before; j0 += 32 * kSharedUnroll) {
@@ -425,6 +464,9 @@ __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, c
 template <bool kUseFP8>
 __device__ void dispatch_send(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
     __shared__ int s_ids[kSendIdsMax];
+    // header_position_word's per-warp expert -> top-k slot tables (zero between uses) and counts.
+    __shared__ __align__(16) uint8_t s_expert_slot[kNumWarps * kMaxFastExperts];
+    __shared__ int s_slot_count[kNumWarps * kMaxTopk];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int num_local = a.num_experts / ctx.num_ranks;
     const int hidden = a.hidden;
@@ -479,6 +521,12 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
             if (j < num_pairs) s_ids[j] = id[i] >= 0 && id[i] < a.num_experts ? static_cast<int>(id[i]) : -1;
         }
     }
+    const bool use_tables = ids_shared && a.num_experts <= kMaxFastExperts;  // block-uniform
+    if (use_tables) {
+        for (int i = threadIdx.x; i < kNumWarps * kMaxFastExperts / 16; i += blockDim.x)
+            reinterpret_cast<int4*>(s_expert_slot)[i] = make_int4(0, 0, 0, 0);
+    }
+    uint8_t* expert_table = use_tables ? s_expert_slot + warp * kMaxFastExperts : nullptr;
     __syncthreads();  // s_ids complete (the input loads above stay in flight)
     trace_mark(kTraceDispatch, 0);
     const int* ids = ids_shared ? s_ids : nullptr;
@@ -527,7 +575,8 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
 
         // Header: the top-k ids, token, tag, count and the positions (header_position_word).
         auto write_header = [&]() {
-            const int pos_word = header_position_word(a.topk_idx, ids, token, a.num_topk, a.num_experts, expert);
+            const int pos_word = header_position_word(a.topk_idx, ids, token, a.num_topk, a.num_experts, expert,
+                                                      expert_table, s_slot_count + warp * kMaxTopk);
             int value = 0;
             if (lane < kMaxTopk) value = lane < a.num_topk ? expert : -1;
             else if (lane == kTokenInt) value = token;
