@@ -514,6 +514,13 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
             const int j = static_cast<int>(threadIdx.x) + i * kNumThreads;
             id[i] = j < num_pairs ? __ldg(a.topk_idx + j) : -1;
         }
+        // While the ids are on their way: clear the used part of every warp's expert table.
+        if (a.num_experts <= kMaxFastExperts) {
+            const int per_warp = (a.num_experts + 15) / 16;  // int4 per warp
+            for (int i = threadIdx.x; i < kNumWarps * per_warp; i += blockDim.x)
+                reinterpret_cast<int4*>(s_expert_slot)[(i / per_warp) * (kMaxFastExperts / 16) + i % per_warp] =
+                    make_int4(0, 0, 0, 0);
+        }
 #pragma unroll
         for (int i = 0; i < kIdsPerThread; ++i) {
             const int j = static_cast<int>(threadIdx.x) + i * kNumThreads;
@@ -522,10 +529,6 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
         }
     }
     const bool use_tables = ids_shared && a.num_experts <= kMaxFastExperts;  // block-uniform
-    if (use_tables) {
-        for (int i = threadIdx.x; i < kNumWarps * kMaxFastExperts / 16; i += blockDim.x)
-            reinterpret_cast<int4*>(s_expert_slot)[i] = make_int4(0, 0, 0, 0);
-    }
     uint8_t* expert_table = use_tables ? s_expert_slot + warp * kMaxFastExperts : nullptr;
     __syncthreads();  // s_ids complete (the input loads above stay in flight)
     trace_mark(kTraceDispatch, 0);
