@@ -58,8 +58,8 @@ constexpr int kReducedWarpsPerSlot = 4;
 // Loads in flight per lane when copying a received dispatch row: a whole FP8 row of 7168
 // channels (14 units per lane) in one round.
 constexpr int kCopyUnroll = 16;
-// Warps per destination that write the combine's top-k weights (each one 32 x 16 bytes), and
-// so the count each of them adds to that destination's "weights arrived" counter per call.
+// Warps per destination that write the combine's top-k weights (a slice each; broadcast_weights),
+// and so the count a destination reached by puts gets on its "weights arrived" counter per call.
 constexpr int kWeightWarps = 16;
 constexpr int kTagInt = 17;
 constexpr int kTopkCountInt = 18;
@@ -1197,7 +1197,7 @@ __device__ void broadcast_weights(const Context& ctx, const Geometry& g, const C
             st_relaxed_sys_v2_u64(target + static_cast<size_t>(q) * 2, tagged_weight(call, w[0]), tagged_weight(call, w[1]));
         }
         if (peer != nullptr) continue;
-        __threadfence();  // the staged words before the put that reads them
+        fence_acq_rel_sys();  // the staged words before the put that reads them (any transport)
         __syncwarp();
         if (end > begin)
             nvshmemx_putmem_nbi_warp(own_inbox + static_cast<size_t>(begin) * 2, own_inbox + static_cast<size_t>(begin) * 2,
@@ -1225,13 +1225,14 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
     const int num_tasks = num_ranks * num_max * parts;
     const char* regions = g.buf + g.dispatch_recv_offset;
     const char* x = a.zero_copy ? g.buf + g.combine_send_offset : static_cast<const char*>(a.x);
-    int ready_src = -1;  // the last source whose weights this warp has seen arrive
+    int ready_src = -1;   // the last source whose weights this warp has seen arrive
+    int failed_src = -1;  // a source whose weights this warp gave up on (recorded): skip its tasks
     // Every weight warp of the source adds one per call (broadcast_weights).
     const unsigned long long weights_expected = weights_call * kWeightWarps;
     for (int task = global_warp; task < num_tasks; task += num_warps) {
         const int slot = task / parts, part = task % parts;
         const int src = slot / num_max, token = slot % num_max;
-        if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + src) != 0) continue;
+        if (src == failed_src || (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + src) != 0)) continue;
         // The rows of the slot's local top-k entries (written by this handle's dispatch receive)
         // load in the same round as the header: only the entries of `kmask` are used.
         const int row = lane < kMaxTopk ? __ldcg(a.slot_rows + static_cast<size_t>(slot) * kMaxTopk + lane) : 0;
@@ -1243,7 +1244,9 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
         // weights, so these rows (about a third at top-8 of 256 on 4 ranks) start the NVLink
         // traffic while the weights are still on their way.
         const bool single = __popc(kmask) == 1;
-        const bool put_source = ctx.peer_bases[src] == 0ull;  // its weights came by put: count first
+        // Its weights came by put: count first. (Reachability by direct stores is symmetric, as
+        // NVLink P2P mappings are: the source chose its protocol from its own peer_bases entry.)
+        const bool put_source = ctx.peer_bases[src] == 0ull;
         if (!single && put_source && src != ready_src) {
             int status = 0;
             if (lane == 0) {
@@ -1260,7 +1263,10 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
             }
             status = __shfl_sync(0xffffffffu, status, 0);
             __syncwarp();  // lane 0's acquire orders the other lanes' reads of the weights too
-            if (status != 0) continue;
+            if (status != 0) {
+                failed_src = src;
+                continue;
+            }
             ready_src = src;
         }
         const unsigned long long* inbox = reinterpret_cast<const unsigned long long*>(g.buf + g.weights_offset) +
@@ -1275,6 +1281,10 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
                 const unsigned long long start = global_timer_ns();
                 while (static_cast<unsigned int>(word >> 32) != want) {
                     const unsigned long long now = global_timer_ns();
+                    if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + src) != 0) {
+                        status = 1;  // masked meanwhile (another warp timed out on it)
+                        break;
+                    }
                     if (now - start > ctx.timeout_ns) {
                         if (ctx.enable_shrink) {
                             atomicExch(ctx.mask + src, 1);
@@ -1290,7 +1300,10 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
             }
             weight = __uint_as_float(static_cast<unsigned int>(word));
         }
-        if (__any_sync(0xffffffffu, status != 0)) continue;
+        if (__any_sync(0xffffffffu, status != 0)) {
+            failed_src = src;
+            continue;
+        }
         char* dst_local = g.buf + g.combine_recv_offset + (static_cast<size_t>(token) * g.combine_slots + ctx.rank) * row_bytes;
         char* peer = peer_address(ctx, dst_local, src);
         char* stage = g.buf + g.stage_offset + static_cast<size_t>(slot) * row_bytes;

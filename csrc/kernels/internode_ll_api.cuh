@@ -147,7 +147,7 @@ struct Context {
     void* heap;                     // local address of the symmetric allocation
     const unsigned long long* peer_bases;  // device [num_ranks]: peer's heap base for direct stores, 0 if none
     bool any_remote;                // some peer needs NVSHMEM puts
-    BufferState* state;             // device [2]
+    BufferState* state;             // device [2 buffers][kMaxBlocks] (one copy per block)
     int* mask;                      // device [num_ranks], 1 = masked (shrink mode)
     bool enable_shrink;
     ErrorRecord* error;             // host-mapped

@@ -12,13 +12,17 @@ namespace ll {
 
 constexpr int kTraceDispatch = 0;
 constexpr int kTraceCombine = 1;
-// Point marked by every send (both kernels): this thread's stores are complete (its fence).
+// Point marked by every send (both kernels), before the block barrier that precedes its signals.
 constexpr int kTraceFenced = 10;
 
+// Internal to the one translation unit that includes this header (the kernels are built with
+// -rdc: external symbols would clash if a second one did).
+namespace {
 __device__ int g_trace_enabled;
 __device__ unsigned long long g_trace_cycles[kTraceKernels][kMaxBlocks][kTracePoints];
 __device__ unsigned long long g_trace_calls[kTraceKernels];
 __shared__ long long s_trace_start;
+}  // namespace
 
 // First thing of a traced kernel, by every thread (thread 0 takes the time; the kernel's first
 // barrier publishes it).
