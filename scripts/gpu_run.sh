@@ -3,8 +3,10 @@
 # GPUs, benchmark them, and run the foundation benchmark on both backends. Logs go to $OUT/logs.tar
 # (one log per step).
 #
-#   GPU_STEPS=build,test4,test2,ll4,llnoshrink,ll2,ll2noshrink,inter22,inter41,bench,llbench,interbench,foundation \
+#   GPU_STEPS=build,ll4,llnoshrink,llbench,inter22,interbench,test4,bench,inter41,test2,ll2,ll2noshrink,foundation \
 #       bash scripts/gpu_run.sh   (the default list; about 6 minutes on 4 x H200)
+#   Steps run in the order given: the default list measures the issues' targets first (low-latency,
+#   internode 2 x 2, intranode), so a call cut short by DEADLINE_S keeps what matters most.
 #   (inter22 / inter41: internode kernels, opt-in DEEP_EP_INTERNODE_KERNELS=1, on 4 GPUs as 2 nodes x 2 and
 #   4 nodes x 1; interbench: their benchmark as 2 x 2)
 #   (foundation = foundation_torch + foundation_cuda; each can be named alone)
@@ -24,11 +26,9 @@ OUT="${OUT:-/tmp/deep_ep_gpu_out}"
 # $OUT/logs.tar is rewritten after each step (so a call cut short still returns what ran).
 LOGS="${LOGS:-/tmp/deep_ep_gpu_logs}"
 mkdir -p "$OUT" "$LOGS"
-STEPS=",${GPU_STEPS:-build,test4,test2,ll4,llnoshrink,ll2,ll2noshrink,inter22,inter41,bench,llbench,interbench,foundation},"
+STEPS="${GPU_STEPS:-build,ll4,llnoshrink,llbench,inter22,interbench,test4,bench,inter41,test2,ll2,ll2noshrink,foundation}"
 PYTHON="${PYTHON:-python3}"
 summary=()
-
-want() { [[ "$STEPS" == *",$1,"* ]]; }
 
 # run_step NAME LIMIT_S COMMAND...: runs COMMAND (a shell string) with output in $LOGS/NAME.log.
 run_step() {
@@ -66,40 +66,52 @@ run_step() {
 nvidia-smi --query-gpu=index,name,memory.total,clocks.sm --format=csv >"$LOGS/gpus.txt" 2>&1
 nvidia-smi topo -m >>"$LOGS/gpus.txt" 2>&1
 
-if want build; then
-    run_step build "${BUILD_LIMIT:-300}" \
-        "MAX_JOBS=32 $PYTHON -m pip install --no-build-isolation --no-deps -e . && $PYTHON -c 'import torch, deep_ep_cpp, deep_ep; print(\"deep_ep_cpp\", deep_ep_cpp.version(), [n for n in dir(deep_ep_cpp) if not n.startswith(\"_\")])'" \
-        || { printf '%s\n' "${summary[@]}"; exit 1; }
-fi
-want probe && run_step probe "${PROBE_LIMIT:-90}" \
-    "nvcc -O3 -arch=sm_90 -o /tmp/nvlink_probe scripts/nvlink_probe.cu && /tmp/nvlink_probe ${PROBE_MIB:-64}"
-want test4 && run_step test4 "${TEST4_LIMIT:-420}" "$PYTHON tests/test_intranode.py --num-processes 4 ${TEST_ARGS:-}"
-want test2 && run_step test2 "${TEST2_LIMIT:-240}" "$PYTHON tests/test_intranode.py --num-processes 2 --quick ${TEST_ARGS:-}"
-want ll4 && run_step ll4 "${LL4_LIMIT:-240}" "$PYTHON tests/test_low_latency.py --num-processes 4 ${LL_ARGS:-}"
-want llnoshrink && run_step llnoshrink "${LL4_LIMIT:-240}" "$PYTHON tests/test_low_latency.py --num-processes 4 --no-shrink ${LL_ARGS:-}"
-want ll2noshrink && run_step ll2noshrink "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 --quick --no-shrink ${LL_ARGS:-}"
-want ll2 && run_step ll2 "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 --quick ${LL_ARGS:-}"
-# The internode kernels are a first version: a short kernel timeout turns a hang into an error.
-want inter22 && run_step inter22 "${INTER_LIMIT:-300}" \
-    "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 ${INTER_ARGS:-}"
-want inter41 && run_step inter41 "${INTER_LIMIT:-300}" \
-    "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 1 ${INTER_ARGS:-}"
-want bench && run_step bench "${BENCH_LIMIT:-300}" \
-    "$PYTHON tests/test_intranode.py --num-processes 4 --bench --json $LOGS/bench.json ${BENCH_ARGS:-}"
-want bench2 && run_step bench2 "${BENCH_LIMIT:-300}" \
-    "$PYTHON tests/test_intranode.py --num-processes 2 --bench --json $LOGS/bench2.json ${BENCH_ARGS:-}"
-want llbench && run_step llbench "${LLBENCH_LIMIT:-180}" \
-    "$PYTHON tests/test_low_latency.py --num-processes 4 --bench-only ${LL_ARGS:-}"
-want llbench2 && run_step llbench2 "${LLBENCH_LIMIT:-180}" \
-    "$PYTHON tests/test_low_latency.py --num-processes 2 --bench-only ${LL_ARGS:-}"
-want interbench && run_step interbench "${INTERBENCH_LIMIT:-240}" \
-    "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 --bench"
-if want foundation || want foundation_torch; then
-    run_step foundation_torch "${FOUNDATION_LIMIT:-120}" "DEEP_EP_BACKEND=torch $PYTHON -m deep_ep.bench"
-fi
-if want foundation || want foundation_cuda; then
-    run_step foundation_cuda "${FOUNDATION_LIMIT:-120}" "$PYTHON -m deep_ep.bench"
-fi
+# run_named NAME: one step of the list (in the order GPU_STEPS gives).
+run_named() {
+    case "$1" in
+    build)
+        run_step build "${BUILD_LIMIT:-300}" \
+            "MAX_JOBS=32 $PYTHON -m pip install --no-build-isolation --no-deps -e . && $PYTHON -c 'import torch, deep_ep_cpp, deep_ep; print(\"deep_ep_cpp\", deep_ep_cpp.version(), [n for n in dir(deep_ep_cpp) if not n.startswith(\"_\")])'" \
+            || { printf '%s\n' "${summary[@]}"; exit 1; } ;;
+    probe) run_step probe "${PROBE_LIMIT:-90}" \
+        "nvcc -O3 -arch=sm_90 -o /tmp/nvlink_probe scripts/nvlink_probe.cu && /tmp/nvlink_probe ${PROBE_MIB:-64}" ;;
+    test4) run_step test4 "${TEST4_LIMIT:-420}" "$PYTHON tests/test_intranode.py --num-processes 4 ${TEST_ARGS:-}" ;;
+    test2) run_step test2 "${TEST2_LIMIT:-240}" "$PYTHON tests/test_intranode.py --num-processes 2 --quick ${TEST_ARGS:-}" ;;
+    ll4) run_step ll4 "${LL4_LIMIT:-240}" "$PYTHON tests/test_low_latency.py --num-processes 4 ${LL_ARGS:-}" ;;
+    llnoshrink) run_step llnoshrink "${LL4_LIMIT:-240}" \
+        "$PYTHON tests/test_low_latency.py --num-processes 4 --no-shrink ${LL_ARGS:-}" ;;
+    ll2noshrink) run_step ll2noshrink "${LL2_LIMIT:-150}" \
+        "$PYTHON tests/test_low_latency.py --num-processes 2 --quick --no-shrink ${LL_ARGS:-}" ;;
+    ll2) run_step ll2 "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 --quick ${LL_ARGS:-}" ;;
+    # The internode kernels are a first version: a short kernel timeout turns a hang into an error.
+    inter22) run_step inter22 "${INTER_LIMIT:-300}" \
+        "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 ${INTER_ARGS:-}" ;;
+    inter41) run_step inter41 "${INTER_LIMIT:-300}" \
+        "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 1 ${INTER_ARGS:-}" ;;
+    bench) run_step bench "${BENCH_LIMIT:-300}" \
+        "$PYTHON tests/test_intranode.py --num-processes 4 --bench --json $LOGS/bench.json ${BENCH_ARGS:-}" ;;
+    bench2) run_step bench2 "${BENCH_LIMIT:-300}" \
+        "$PYTHON tests/test_intranode.py --num-processes 2 --bench --json $LOGS/bench2.json ${BENCH_ARGS:-}" ;;
+    llbench) run_step llbench "${LLBENCH_LIMIT:-180}" \
+        "$PYTHON tests/test_low_latency.py --num-processes 4 --bench-only ${LL_ARGS:-}" ;;
+    llbench2) run_step llbench2 "${LLBENCH_LIMIT:-180}" \
+        "$PYTHON tests/test_low_latency.py --num-processes 2 --bench-only ${LL_ARGS:-}" ;;
+    interbench) run_step interbench "${INTERBENCH_LIMIT:-240}" \
+        "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 --bench" ;;
+    foundation)
+        run_named foundation_torch
+        run_named foundation_cuda ;;
+    foundation_torch) run_step foundation_torch "${FOUNDATION_LIMIT:-120}" "DEEP_EP_BACKEND=torch $PYTHON -m deep_ep.bench" ;;
+    foundation_cuda) run_step foundation_cuda "${FOUNDATION_LIMIT:-120}" "$PYTHON -m deep_ep.bench" ;;
+    "") ;;
+    *) echo "=== unknown step '$1'"; summary+=("$1 unknown") ;;
+    esac
+}
+
+IFS=',' read -r -a step_list <<<"$STEPS"
+for step in "${step_list[@]}"; do
+    run_named "$step"
+done
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
 for log in "$LOGS/bench.log" "$LOGS/bench2.log"; do
