@@ -322,23 +322,23 @@ __device__ __forceinline__ void load_send_chunks(int4 (*raw)[kUseFP8 ? 2 : 1], c
 // of (token', k') pairs before (token, k) in (token, slot) order with the same expert id; lane
 // kHeaderInts + i returns the word of slots 2i (low half) and 2i + 1, other lanes garbage.
 // Whole warp; `expert` is lane k's expert id (-1 if none, slots of -1 get garbage positions that
-// no receiver reads). Every lane scans every 32nd earlier pair (at most 127 x 8 ids at 128
-// tokens) against all of this token's ids held in registers: from `s_ids` (the block's shared
-// copy, already narrowed like below) when not null, otherwise from global memory (three load
-// rounds of 12 at 128 tokens). The shared copy matters: these rounds start after the data warps
-// of the same SM have queued their NVLink stores, and global loads wait behind those.
-// With the shared ids and at most kMaxFastExperts experts, `table` (this warp's [kMaxFastExperts]
+// no receiver reads). Only the scan-free receive reads positions, so above kMaxFastExperts experts
+// there are none to compute (the word is 0).
+// With the block's shared copy of the ids (`s_ids`, narrowed like below), `table` (this warp's [kMaxFastExperts]
 // bytes, all zero between calls) and `slot_count` (its [kMaxTopk] ints) make each earlier pair
 // cost one table lookup instead of a compare with every top-k id: lane k registers slot k's
 // expert (first slot of a repeated id only), the lanes scan the earlier pairs and count the hits
 // per slot, then clear their entries. The compare loop made the header of a late token (a
 // thousand earlier pairs) the slowest task of the send: its block signalled ~2 us after the rest.
+// Without the shared copy (more pairs than kSendIdsMax), every lane compares every 32nd earlier
+// pair from global memory against all of this token's ids held in registers.
 __device__ __forceinline__ int header_position_word(const int64_t* topk_idx, const int* s_ids, int token, int num_topk,
                                                     int num_experts, int expert, uint8_t* table, int* slot_count) {
     const int lane = threadIdx.x % 32;
     constexpr int kUnroll = 12;  // 16 would spill (the dispatch kernel is at 128 registers)
+    if (num_experts > kMaxFastExperts) return 0;
     const int before = token * num_topk;
-    if (s_ids != nullptr && table != nullptr) {  // warp-uniform
+    if (table != nullptr) {  // warp-uniform: the block has its shared ids and tables
         int ex[kMaxTopk];
 #pragma unroll
         for (int k = 0; k < kMaxTopk; ++k) ex[k] = __shfl_sync(0xffffffffu, expert, k);
@@ -377,20 +377,7 @@ __device__ __forceinline__ int header_position_word(const int64_t* topk_idx, con
         ex[k] = __shfl_sync(0xffffffffu, expert, k);
         count[k] = 0;
     }
-    if (s_ids != nullptr) {  // warp-uniform
-        constexpr int kSharedUnroll = 8;
-        for (int j0 = lane; j0 < before; j0 += 32 * kSharedUnroll) {
-            int id[kSharedUnroll];
-#pragma unroll
-            for (int i = 0; i < kSharedUnroll; ++i) id[i] = j0 + 32 * i < before ? s_ids[j0 + 32 * i] : -1;
-#pragma unroll
-            for (int i = 0; i < kSharedUnroll; ++i)
-#pragma unroll
-                for (int k = 0; k < kMaxTopk; ++k)
-                    if (k < num_topk) count[k] += id[i] == ex[k] ? 1 : 0;
-        }
-    }
-    for (int j0 = lane; s_ids == nullptr && j0 < before; j0 += 32 * kUnroll) {
+    for (int j0 = lane; j0 < before; j0 += 32 * kUnroll) {
         // Narrowed to int32 as the send does (ids outside [0, num_experts) become -1, which
         // matches only slots without an expert, whose positions nobody reads).
         int id[kUnroll];
