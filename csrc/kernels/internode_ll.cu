@@ -119,8 +119,20 @@ __device__ __forceinline__ void finish_send(const Context& ctx, unsigned long lo
     signal_all_ranks(ctx, signals, trace_kernel);
 }
 
-// Waits (thread 0 of the block) until `counter` reaches `expected`. Returns 0 ok, 1 skip (peer
-// masked, or masked now after a timeout in shrink mode), 2 abort (timeout, error recorded).
+// After a wait on `peer` timed out: in shrink mode the peer is masked (returns 1, skip it),
+// otherwise the timeout is recorded for the host (returns 2, abort).
+__device__ int give_up_on_peer(const Context& ctx, int peer, int kernel, unsigned long long expected,
+                               unsigned long long seen, unsigned long long waited) {
+    if (ctx.enable_shrink) {
+        atomicExch(ctx.mask + peer, 1);
+        return 1;
+    }
+    report_timeout(ctx.error, ctx.rank, kernel, peer, expected, seen, waited);
+    return 2;
+}
+
+// Waits (one thread) until `counter` reaches `expected`. Returns 0 ok, 1 skip (peer masked, or
+// masked now after a timeout in shrink mode), 2 abort (timeout, error recorded).
 __device__ int wait_peer(const Context& ctx, const unsigned long long* counter, unsigned long long expected, int peer,
                          int kernel, int64_t* wait_stats, bool account) {
     if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + peer) != 0) return 1;
@@ -128,12 +140,7 @@ __device__ int wait_peer(const Context& ctx, const unsigned long long* counter, 
     const int result = wait_counter_at_least(counter, expected, ctx.timeout_ns, &seen, &waited);
     if (account && wait_stats != nullptr) atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + peer), waited);
     if (result == kWaitOk) return 0;
-    if (ctx.enable_shrink) {
-        atomicExch(ctx.mask + peer, 1);
-        return 1;
-    }
-    report_timeout(ctx.error, ctx.rank, kernel, peer, expected, seen, waited);
-    return 2;
+    return give_up_on_peer(ctx, peer, kernel, expected, seen, waited);
 }
 
 // Every thread of the block: waits (one thread per source rank) until every rank's sending
@@ -1236,18 +1243,7 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
         const bool put_source = ctx.peer_bases[src] == 0ull;
         if (!single && put_source && src != ready_src) {
             int status = 0;
-            if (lane == 0) {
-                unsigned long long seen = 0, waited = 0;
-                if (wait_counter_at_least(g.weight_signals + src, weights_expected, ctx.timeout_ns, &seen, &waited) != kWaitOk) {
-                    if (ctx.enable_shrink) {
-                        atomicExch(ctx.mask + src, 1);
-                        status = 1;
-                    } else {
-                        report_timeout(ctx.error, ctx.rank, kKernelCombine, src, weights_expected, seen, waited);
-                        status = 2;
-                    }
-                }
-            }
+            if (lane == 0) status = wait_peer(ctx, g.weight_signals + src, weights_expected, src, kKernelCombine, nullptr, false);
             status = __shfl_sync(0xffffffffu, status, 0);
             __syncwarp();  // lane 0's acquire orders the other lanes' reads of the weights too
             if (status != 0) {
@@ -1273,13 +1269,7 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
                         break;
                     }
                     if (now - start > ctx.timeout_ns) {
-                        if (ctx.enable_shrink) {
-                            atomicExch(ctx.mask + src, 1);
-                            status = 1;
-                        } else {
-                            report_timeout(ctx.error, ctx.rank, kKernelCombine, src, want, word >> 32, now - start);
-                            status = 2;
-                        }
+                        status = give_up_on_peer(ctx, src, kKernelCombine, want, word >> 32, now - start);
                         break;
                     }
                     word = ld_relaxed_sys_u64(inbox + lane);
