@@ -889,23 +889,8 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     const int expert_begin = ctx.rank * num_local;
     const char* regions = g.buf + g.dispatch_recv_offset;
     const int stride = 32 * parts;
-    // A task's loads, one round: its message header (lane k < kMaxTopk reads slot k's expert and
-    // position word) and its share of the row, loaded before the header says whether any of the
-    // token's experts is here (a wasted load for a skipped slot costs less than a second round).
-    // Not before the offsets below: queued ahead of the count loads there, they delayed them.
-    int tag = 0, num_topk = 0, id = -1, pos_word = 0;
+    // One round of a task's share of the row.
     int4 v[kDirectUnroll];
-    auto load_header = [&](const char* msg) {
-        const int* header = reinterpret_cast<const int*>(msg);
-        tag = __ldcg(header + kTagInt);
-        num_topk = __ldcg(header + kTopkCountInt);
-        id = -1;
-        pos_word = 0;
-        if (lane < kMaxTopk) {
-            id = __ldcg(header + lane);
-            pos_word = __ldcg(header + kHeaderInts + lane / 2);
-        }
-    };
     auto load_chunk = [&](const char* msg, int c0) {
 #pragma unroll
         for (int i = 0; i < kDirectUnroll; ++i) {
@@ -976,7 +961,18 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         const int slot = task / parts, part = task % parts;
         const int src = slot / num_max, token = slot % num_max;
         const char* msg = regions + static_cast<size_t>(slot) * g.msg_bytes;
-        load_header(msg);
+        // One load round: the header (lane k < kMaxTopk reads slot k's expert and position word)
+        // and this share of the row, loaded before the header says whether any of the token's
+        // experts is here (a wasted load for a skipped slot costs less than a second round). Not
+        // before the offsets above: queued ahead of the count loads there, they delayed them.
+        const int* header = reinterpret_cast<const int*>(msg);
+        const int tag = __ldcg(header + kTagInt);
+        const int num_topk = __ldcg(header + kTopkCountInt);
+        int id = -1, pos_word = 0;
+        if (lane < kMaxTopk) {
+            id = __ldcg(header + lane);
+            pos_word = __ldcg(header + kHeaderInts + lane / 2);
+        }
         load_chunk(msg, part * 32);
         // Not written in this call (tag of an older one), or none of the token's slots here.
         const bool mine = tag == static_cast<int>(static_cast<unsigned int>(seq)) && lane < min(num_topk, kMaxTopk) &&
