@@ -14,6 +14,9 @@
 #   bench2: the intranode benchmark on 2 GPUs (llnoshrink / ll2noshrink, in the default list: the
 #   low-latency checks on a buffer without shrink mode, i.e. the direct receive path);
 #   llbench2: the low-latency benchmark on 2 GPUs;
+#   ll2put / llbench2put: the low-latency checks / benchmark on 2 GPUs with
+#   allow_nvlink_for_low_latency_mode=False (every peer through NVSHMEM puts);
+#   inter21 / interbench21: the internode checks / benchmark on 2 GPUs as 2 nodes x 1;
 #   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once).
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
@@ -26,8 +29,15 @@ OUT="${OUT:-/tmp/deep_ep_gpu_out}"
 # $OUT/logs.tar is rewritten after each step (so a call cut short still returns what ran).
 LOGS="${LOGS:-/tmp/deep_ep_gpu_logs}"
 mkdir -p "$OUT" "$LOGS"
-STEPS="${GPU_STEPS:-build,ll4,llnoshrink,llbench,inter22,interbench,test4,bench,inter41,test2,ll2,ll2noshrink,foundation}"
 PYTHON="${PYTHON:-python3}"
+# Without GPU_STEPS the list fits the GPUs there: the 4-GPU targets first, or on 2 GPUs every
+# check and benchmark that 2 GPUs can run.
+if [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 4 ]; then
+    DEFAULT_STEPS=build,ll4,llnoshrink,llbench,inter22,interbench,test4,bench,inter41,test2,ll2,ll2noshrink,foundation
+else
+    DEFAULT_STEPS=build,ll2,ll2noshrink,ll2put,llbench2,test2,inter21,bench2,interbench21,llbench2put,foundation
+fi
+STEPS="${GPU_STEPS:-$DEFAULT_STEPS}"
 summary=()
 
 # run_step NAME LIMIT_S COMMAND...: runs COMMAND (a shell string) with output in $LOGS/NAME.log.
@@ -82,6 +92,14 @@ run_named() {
         "$PYTHON tests/test_low_latency.py --num-processes 4 --no-shrink ${LL_ARGS:-}" ;;
     ll2noshrink) run_step ll2noshrink "${LL2_LIMIT:-150}" \
         "$PYTHON tests/test_low_latency.py --num-processes 2 --quick --no-shrink ${LL_ARGS:-}" ;;
+    ll2put) run_step ll2put "${LL2_LIMIT:-150}" \
+        "$PYTHON tests/test_low_latency.py --num-processes 2 --quick --no-nvlink ${LL_ARGS:-}" ;;
+    llbench2put) run_step llbench2put "${LLBENCH_LIMIT:-180}" \
+        "$PYTHON tests/test_low_latency.py --num-processes 2 --bench-only --no-nvlink ${LL_ARGS:-}" ;;
+    inter21) run_step inter21 "${INTER_LIMIT:-300}" \
+        "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 2 --nvl-domain-size 1 ${INTER_ARGS:-}" ;;
+    interbench21) run_step interbench21 "${INTERBENCH_LIMIT:-240}" \
+        "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 2 --nvl-domain-size 1 --bench" ;;
     ll2) run_step ll2 "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 --quick ${LL_ARGS:-}" ;;
     # The internode kernels are a first version: a short kernel timeout turns a hang into an error.
     inter22) run_step inter22 "${INTER_LIMIT:-300}" \

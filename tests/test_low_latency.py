@@ -6,6 +6,7 @@ reason) elsewhere. Runnable as a script::
     python tests/test_low_latency.py --num-processes 4          # correctness
     python tests/test_low_latency.py --num-processes 4 --bench  # correctness, then the benchmark
     python tests/test_low_latency.py --num-processes 4 --no-shrink  # the same checks without shrink mode
+    python tests/test_low_latency.py --num-processes 4 --no-nvlink  # every peer through NVSHMEM puts
 
 Checks, per configuration and mode (FP8, FP8 round_scale, FP8 ue8m0, bf16): every valid row's
 bytes and scales bit-exact with the contract's cast of its source token (``exact_cast``; the
@@ -17,7 +18,9 @@ then hook mode, async_finish, zero_copy, ``out=``, the stats tensors, CUDA-graph
 repeated runs with identical results, and shrink mode (one rank skips a call; the others mask
 it after the timeout). Without shrink mode the dispatch receive takes another path (scan-free:
 rows placed from the senders' counts and positions), so ``--no-shrink`` (and the pytest case
-``test_low_latency_kernels_no_shrink``) run every check but the shrink one on such a buffer.
+``test_low_latency_kernels_no_shrink``) run every check but the shrink one on such a buffer. ``--no-nvlink``
+(``allow_nvlink_for_low_latency_mode=False``; pytest ``test_low_latency_kernels_nvshmem_puts``) sends
+to every peer with NVSHMEM's device puts and signals, the path that peers across hosts take.
 """
 
 from __future__ import annotations
@@ -743,7 +746,7 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
 # Process entry
 # ----------------------------------------------------------------------------------------------
 def _worker(local_rank: int, num_processes: int, port: int, bench: bool, iterations: int, seed: int,
-            quick: bool, bench_only: bool = False, shrink: bool = True) -> None:
+            quick: bool, bench_only: bool = False, shrink: bool = True, nvlink: bool = True) -> None:
     os.environ.setdefault("DEEP_EP_TIMEOUT_S", "60")
     torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=local_rank, world_size=num_processes,
@@ -758,10 +761,11 @@ def _worker(local_rank: int, num_processes: int, port: int, bench: bool, iterati
     bench_sizes = [(bench_m, bench_hidden, bench_experts // num_ranks, bench_topk)] if bench or bench_only else []
     num_rdma_bytes = _rdma_bytes(configs + bench_sizes, num_ranks)
     shrink = shrink and not bench_only
-    buffer = make_kernel_buffer(group, num_rdma_bytes, enable_shrink=shrink)
+    buffer = make_kernel_buffer(group, num_rdma_bytes, enable_shrink=shrink, allow_nvlink=nvlink)
     ref = Buffer(group, 0, num_rdma_bytes, low_latency_mode=True, explicitly_destroy=True, backend="torch")
     log(rank, f"[{num_ranks} ranks] low-latency kernels vs torch backend; backend class "
-              f"{type(buffer._backend).__name__}, rdma bytes {num_rdma_bytes}, shrink mode {shrink}")
+              f"{type(buffer._backend).__name__}, rdma bytes {num_rdma_bytes}, shrink mode {shrink}, "
+              f"direct NVLink stores {nvlink}")
     try:
         if not bench_only:
             for i, cfg in enumerate(configs):
@@ -776,7 +780,8 @@ def _worker(local_rank: int, num_processes: int, port: int, bench: bool, iterati
             if rank == 0:
                 name = torch.cuda.get_device_name()
                 print(f"[{num_ranks} x {name}] 128 tokens x 7168 hidden, top-8 of 256 experts, FP8 dispatch, "
-                      f"bf16 combine; median of {iterations} calls, slowest rank", flush=True)
+                      f"bf16 combine; median of {iterations} calls, slowest rank"
+                      f"{'' if nvlink else '; NVSHMEM puts (allow_nvlink_for_low_latency_mode=False)'}", flush=True)
                 for key, value in results.items():
                     print(f"  {key:28s} {value:10.2f}", flush=True)
     finally:
@@ -794,13 +799,13 @@ def _free_port() -> int:
 
 
 def run(num_processes: int, bench: bool = False, iterations: int = 200, seed: int = 0, quick: bool = False,
-        bench_only: bool = False, shrink: bool = True) -> None:
+        bench_only: bool = False, shrink: bool = True, nvlink: bool = True) -> None:
     import torch.multiprocessing as mp
 
     for name, value in (("NVSHMEM_DISABLE_NVLS", "1"), ("NCCL_NVLS_ENABLE", "0"),
                         ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
         os.environ[name] = value
-    mp.spawn(_worker, args=(num_processes, _free_port(), bench, iterations, seed, quick, bench_only, shrink),
+    mp.spawn(_worker, args=(num_processes, _free_port(), bench, iterations, seed, quick, bench_only, shrink, nvlink),
              nprocs=num_processes, join=True)
 
 
@@ -823,6 +828,13 @@ try:
         if reason is not None:
             pytest.skip(reason)
         run(num_processes, seed=int(os.environ.get("DEEP_EP_TEST_SEED", "0")) % 100000, shrink=False)
+
+    @pytest.mark.parametrize("num_processes", [2, 4])
+    def test_low_latency_kernels_nvshmem_puts(num_processes: int) -> None:
+        reason = _skip_reason(num_processes)
+        if reason is not None:
+            pytest.skip(reason)
+        run(num_processes, seed=int(os.environ.get("DEEP_EP_TEST_SEED", "0")) % 100000, quick=True, nvlink=False)
 except ImportError:  # running as a script without pytest
     pass
 
@@ -837,10 +849,12 @@ if __name__ == "__main__":
     parser.add_argument("--bench-only", action="store_true", help="skip the checks, run the benchmark")
     parser.add_argument("--no-shrink", action="store_true",
                         help="a buffer without shrink mode (the scan-free dispatch receive); no shrink test")
+    parser.add_argument("--no-nvlink", action="store_true",
+                        help="allow_nvlink_for_low_latency_mode=False: every peer is written with NVSHMEM puts")
     cli = parser.parse_args()
     skip = _skip_reason(cli.num_processes)
     if skip is not None:
         print(f"test_low_latency: skipped ({skip})")
         sys.exit(0)
     run(cli.num_processes, bench=cli.bench, iterations=cli.iterations, seed=cli.seed, quick=cli.quick,
-        bench_only=cli.bench_only, shrink=not cli.no_shrink)
+        bench_only=cli.bench_only, shrink=not cli.no_shrink, nvlink=not cli.no_nvlink)
