@@ -541,6 +541,38 @@ def _time_calls(fn, iterations: int, warmup: int = 10) -> float:
     return _median_max([s.elapsed_time(e) * 1000 for s, e in zip(starts, ends)])
 
 
+def _host_time(fn, calls: int = 40, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the host wall time per call of ``calls`` back-to-back calls, us."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        dist.barrier()
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - begin) / calls * 1e6)
+    torch.cuda.synchronize()
+    dist.barrier()
+    return _median_max(times)
+
+
+def _print_host_profile(fn, calls: int = 200) -> None:
+    """DEEP_EP_LL_HOST_PROFILE=1: where the host time of ``calls`` calls goes (cProfile, top 25)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    print(f"host profile of {calls} dispatch + combine calls (rank 0):\n{text.getvalue()}", flush=True)
+
+
 _ALIGN_SLEEP_CYCLES = 1_000_000  # about 0.5 ms at Hopper clocks
 
 
@@ -669,6 +701,12 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
     results["call_dispatch_us"] = _time_calls(dispatch, iterations)
     results["call_combine_us"] = _time_calls(lambda: buffer.low_latency_combine(y, topk_idx, weights, handle), iterations)
     results["call_dispatch_combine_us"] = _time_calls(both, iterations)
+    # Host time per call: what the Python API, the backend and the runtime spend before the
+    # launch returns (the GPU never blocks the host here: launches are queued).
+    results["host_dispatch_us"] = _host_time(dispatch)
+    results["host_combine_us"] = _host_time(lambda: buffer.low_latency_combine(y, topk_idx, weights, handle))
+    if os.environ.get("DEEP_EP_LL_HOST_PROFILE", "0") == "1" and rank == 0:
+        _print_host_profile(both)
 
     # One CUDA graph of dispatch + combine (the decode step's communication), replayed back to back.
     graph = torch.cuda.CUDAGraph()
