@@ -191,6 +191,7 @@ class Buffer:
         # kernels promise no sync on their fast paths (num_worst_tokens, low-latency, layout) and
         # drop out-of-range expert ids there instead of writing out of bounds.
         self._value_checks = requested == "torch" or os.environ.get("DEEP_EP_STRICT_CHECKS", "0") == "1"
+        self._low_latency_sizes_ok: set = set()  # (num_max, hidden, num_experts) that passed the checks
 
     # ------------------------------------------------------------------ lifecycle and state
     def destroy(self) -> None:
@@ -486,6 +487,11 @@ class Buffer:
     def _check_low_latency(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         if not self.low_latency_mode:
             raise RuntimeError("low-latency calls need Buffer(..., low_latency_mode=True)")
+        # A decode step repeats the same sizes every call: checked once, they are remembered (the
+        # size hint alone is a few microseconds of host time per call).
+        key = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        if all(type(v) is int for v in key) and key in self._low_latency_sizes_ok:
+            return
         _check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
         self._check_num_experts(num_experts)
         if hidden % 128 != 0:
@@ -495,6 +501,7 @@ class Buffer:
             raise ValueError(f"num_rdma_bytes ({self.num_rdma_bytes}) is too small: "
                              f"get_low_latency_rdma_size_hint({num_max_dispatch_tokens_per_rank}, {hidden}, "
                              f"{self.group_size}, {num_experts}) = {need}")
+        self._low_latency_sizes_ok.add(key)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset the low-latency buffers' signals (collective; needed after a high-throughput call that

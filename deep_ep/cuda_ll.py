@@ -271,10 +271,14 @@ class LowLatencyKernelsMixin:
                 recv_scales = torch.empty((num_local, num_slots, hidden // 512), dtype=torch.int32, device=device)
             else:
                 recv_scales = torch.empty((num_local, num_slots, hidden // 128), dtype=torch.float32, device=device)
-        recv_count = torch.empty(num_local, dtype=torch.int32, device=device)
-        packed_src_info = torch.empty((num_local, num_slots), dtype=torch.int32, device=device)
-        layout_range = torch.empty((num_local, num_ranks), dtype=torch.int64, device=device)
-        slot_rows = torch.empty((num_slots, _MAX_TOPK), dtype=torch.int32, device=device)
+        # The handle's four tensors share one allocation (each allocation is host time per call).
+        # layout_range (int64) comes first, so it is 8-byte aligned.
+        sizes = (num_local * num_ranks * 2, num_local, num_local * num_slots, num_slots * _MAX_TOPK)
+        meta = torch.empty(sum(sizes), dtype=torch.int32, device=device)
+        layout_range_words, recv_count, packed_src_info, slot_rows = meta.split(sizes)
+        layout_range = layout_range_words.view(torch.int64).view(num_local, num_ranks)
+        packed_src_info = packed_src_info.view(num_local, num_slots)
+        slot_rows = slot_rows.view(num_slots, _MAX_TOPK)
         handle = CudaLowLatencyHandle(num_tokens, hidden, num_experts, num_max_dispatch_tokens_per_rank,
                                       topk_idx.shape[1], buffer_idx, packed_src_info, layout_range, recv_count,
                                       slot_rows)

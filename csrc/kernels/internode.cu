@@ -809,17 +809,8 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
             const bool valid = lane < kRailWarps && t < end;
             // batch - fill_base <= 31 * kRailWarps, so the index stays below kRailThreads.
             const unsigned node_mask = valid ? s_node_mask[batch - fill_base + lane] : 0u;
-            for (int m = 0; m < N; ++m) {
-                const bool in_node = ((node_mask >> m) & 1u) != 0;
-                const unsigned mask = __ballot_sync(0xffffffffu, in_node);
-                const int base = s_count[m];
-                if (lane < kRailWarps)
-                    s_index[lane][m] = in_node ? base + __popc(mask & ((1u << lane) - 1)) : -1;
-                __syncwarp();
-                if (lane == 0)
-                    s_count[m] = base + __popc(mask);
-                __syncwarp();
-            }
+            number_batch_in_streams(
+                N, kRailWarps, [&](int m) { return ((node_mask >> m) & 1u) != 0; }, s_count, s_index);
         }
         __syncthreads();
         const int token = batch + warp;

@@ -662,18 +662,10 @@ __device__ void combine_receive(const CombineArgs& args, int channel) {
         if (warp == 0) {
             const int t = batch + lane;
             const bool valid = lane < kIntranodeWarps && t < end;
-#pragma unroll
-            for (int peer = 0; peer < kRanks; ++peer) {
-                const bool in_rank = valid && args.is_token_in_rank[static_cast<int64_t>(t) * kRanks + peer];
-                const unsigned mask = __ballot_sync(0xffffffffu, in_rank);
-                const int base = s_count[peer];
-                if (lane < kIntranodeWarps)
-                    s_slot[lane][peer] = in_rank ? base + __popc(mask & ((1u << lane) - 1)) : -1;
-                __syncwarp();
-                if (lane == 0)
-                    s_count[peer] = base + __popc(mask);
-                __syncwarp();
-            }
+            number_batch_in_streams(
+                kRanks, kIntranodeWarps,
+                [&](int peer) { return valid && args.is_token_in_rank[static_cast<int64_t>(t) * kRanks + peer]; },
+                s_count, s_slot);
         }
         __syncthreads();
 

@@ -101,6 +101,30 @@ __device__ __forceinline__ int warp_sum(int value) {
 
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) % kWarpSize; }
 
+// One warp numbers a batch of tokens (lane i: the batch's token i) in each of num_streams streams,
+// in token order: lane i < num_lanes writes index[i][s] = count[s] + the number of earlier batch
+// tokens in stream s if its token is in s, else -1; count[s] then advances by the batch's tokens
+// in s. `in_stream(s)`: whether this lane's token is in stream s (false past the batch). Used
+// where a token's position in a peer's stream must be known before its warp moves it.
+template <int kIndexStride, typename InStream>
+__device__ __forceinline__ void number_batch_in_streams(int num_streams, int num_lanes, InStream in_stream, int* count,
+                                                        int (*index)[kIndexStride]) {
+    const int lane = lane_id();
+    const unsigned lanes_below = (1u << lane) - 1;
+#pragma unroll
+    for (int s = 0; s < num_streams; ++s) {
+        const bool in = in_stream(s);
+        const unsigned mask = __ballot_sync(0xffffffffu, in);
+        const int base = count[s];
+        if (lane < num_lanes)
+            index[lane][s] = in ? base + __popc(mask & lanes_below) : -1;
+        __syncwarp();
+        if (lane == 0)
+            count[s] = base + __popc(mask);
+        __syncwarp();
+    }
+}
+
 // ---------------------------------------------------------------- failure reporting
 // Records the first failure of this rank in host-mapped memory and raises the local abort flag,
 // so every other wait of this rank's kernels gives up at once instead of running to its own
