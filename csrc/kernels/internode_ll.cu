@@ -1111,8 +1111,13 @@ __device__ void combine_send(const Context& ctx, const Geometry& g, const Combin
     trace_mark(kTraceCombine, 3);
 }
 
-// Receive: wait for every rank's blocks, then one warp per token sums the weighted rows.
-__device__ void combine_recv(const Context& ctx, const Geometry& g, const CombineArgs& a, unsigned long long seq) {
+// The receive side of both combine modes: wait for every rank's blocks, then split the tokens'
+// rows over the grid's warps (up to kCombineWarpsPerToken parts per token). Each warp hands
+// `reduce` its token, part and slots, and per lane < num_topk the rank that holds that top-k
+// entry's expert (-1: none, out of range, or masked) and its weight.
+template <typename ReduceToken>
+__device__ void combine_recv_tokens(const Context& ctx, const Geometry& g, const CombineArgs& a, unsigned long long seq,
+                                    ReduceToken reduce) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int num_local = a.num_experts / ctx.num_ranks;
     const unsigned long long expected = seq * gridDim.x;
@@ -1126,22 +1131,34 @@ __device__ void combine_recv(const Context& ctx, const Geometry& g, const Combin
     const int num_tasks = a.num_tokens * parts;
     for (int task = blockIdx.x * kNumWarps + warp; task < num_tasks; task += gridDim.x * kNumWarps) {
         const int token = task / parts, part = task % parts;
-        bool valid = false;
+        int rank_of = -1;
         float weight = 0.f;
         if (lane < a.num_topk) {
             const int64_t expert = __ldg(a.topk_idx + static_cast<size_t>(token) * a.num_topk + lane);
             weight = __ldg(a.topk_weights + static_cast<size_t>(token) * a.num_topk + lane);
-            valid = expert >= 0 && expert < a.num_experts;
-            if (valid && ctx.enable_shrink)
-                valid = *reinterpret_cast<volatile int*>(ctx.mask + static_cast<int>(expert / num_local)) == 0;
+            if (expert >= 0 && expert < a.num_experts) {
+                rank_of = static_cast<int>(expert / num_local);
+                if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + rank_of) != 0) rank_of = -1;
+            }
         }
-        const unsigned int valid_mask = __ballot_sync(0xffffffffu, valid);
         const char* slots = g.buf + g.combine_recv_offset + static_cast<size_t>(token) * g.combine_slots * row_bytes;
         char* out = static_cast<char*>(a.out) + static_cast<size_t>(token) * row_bytes;
-        // Up to 8 top-k rows x 2 chunks per load round: one round at top-8 and 7168 channels.
-        reduce_rows<8, 2>(slots, row_bytes, part, parts, num_units, valid_mask, lane, weight, out);
+        reduce(slots, out, row_bytes, part, parts, num_units, rank_of, weight);
     }
     trace_mark(kTraceCombine, 6);
+}
+
+// Rows mode: the weighted sum of the token's top-k rows (slot k holds top-k entry k's row).
+__device__ void combine_recv(const Context& ctx, const Geometry& g, const CombineArgs& a, unsigned long long seq) {
+    const int lane = threadIdx.x % 32;
+    combine_recv_tokens(ctx, g, a, seq,
+                        [&](const char* slots, char* out, size_t row_bytes, int part, int parts, int num_units,
+                            int rank_of, float weight) {
+                            const unsigned int valid_mask = __ballot_sync(0xffffffffu, rank_of >= 0);
+                            // Up to 8 top-k rows x 2 chunks per load round: one round at top-8 and
+                            // 7168 channels.
+                            reduce_rows<8, 2>(slots, row_bytes, part, parts, num_units, valid_mask, lane, weight, out);
+                        });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1296,30 +1313,11 @@ __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, cons
     trace_mark(kTraceCombine, 3);
 }
 
+// Reduced mode: slot r holds rank r's partial row of the token; the home rank adds them.
 __device__ void combine_recv_reduced(const Context& ctx, const Geometry& g, const CombineArgs& a, unsigned long long seq) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int num_local = a.num_experts / ctx.num_ranks;
-    const unsigned long long expected = seq * gridDim.x;
-    if (!wait_every_source(ctx, g.signals, expected, kKernelCombine, a.wait_recv_cost_stats)) return;
-    trace_mark(kTraceCombine, 4);
-
-    const size_t row_bytes = static_cast<size_t>(a.hidden) * 2;
-    const int num_units = a.hidden / 8;
-    const int num_chunks = (num_units + 31) / 32;
-    const int parts = min(kCombineWarpsPerToken, num_chunks);
-    const int num_tasks = a.num_tokens * parts;
-    for (int task = blockIdx.x * kNumWarps + warp; task < num_tasks; task += gridDim.x * kNumWarps) {
-        const int token = task / parts, part = task % parts;
-        int rank_of = -1;
-        float weight = 0.f;
-        if (lane < a.num_topk) {
-            const int64_t expert = __ldg(a.topk_idx + static_cast<size_t>(token) * a.num_topk + lane);
-            weight = __ldg(a.topk_weights + static_cast<size_t>(token) * a.num_topk + lane);
-            if (expert >= 0 && expert < a.num_experts) {
-                rank_of = static_cast<int>(expert / num_local);
-                if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + rank_of) != 0) rank_of = -1;
-            }
-        }
+    const int lane = threadIdx.x % 32;
+    combine_recv_tokens(ctx, g, a, seq, [&](const char* slots, char* out, size_t row_bytes, int part, int parts,
+                                            int num_units, int rank_of, float weight) {
         // One partial row per distinct rank: the first top-k slot naming it leads.
         bool leader = rank_of >= 0;
         for (int k = 0; k < a.num_topk; ++k) {
@@ -1332,12 +1330,9 @@ __device__ void combine_recv_reduced(const Context& ctx, const Geometry& g, cons
         // applied here; a rank holding several sent their weighted sum (weight 1 here).
         const unsigned int same_rank = __match_any_sync(0xffffffffu, rank_of);
         const float row_weight = leader && __popc(same_rank) == 1 ? weight : 1.f;
-        const char* slots = g.buf + g.combine_recv_offset + static_cast<size_t>(token) * g.combine_slots * row_bytes;
-        char* out = static_cast<char*>(a.out) + static_cast<size_t>(token) * row_bytes;
         // Up to 4 ranks' partial rows x 2 chunks per load round: one round at 4 ranks.
         reduce_rows<4, 2>(slots, row_bytes, part, parts, num_units, leaders, rank_of, row_weight, out);
-    }
-    trace_mark(kTraceCombine, 6);
+    });
 }
 
 __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(Context ctx, Geometry g, CombineArgs a, int buffer_idx) {
