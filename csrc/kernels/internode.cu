@@ -630,29 +630,6 @@ __global__ void __launch_bounds__(kRailThreads, 1) rail_dispatch_kernel(Context 
 }
 
 // ================================================================ rail combine
-// First index in [lo, hi) of the ascending `values` that is >= target (whole warp).
-__device__ int warp_lower_bound(const int* values, int lo, int hi, int target) {
-    const int lane = lane_id();
-    while (hi - lo > kWarpSize) {
-        const int step = (hi - lo + kWarpSize - 1) / kWarpSize;
-        const int probe = lo + lane * step;
-        const bool valid = probe < hi;
-        const unsigned ge = __ballot_sync(0xffffffffu, valid && __ldg(values + probe) >= target);
-        const unsigned in_range = __ballot_sync(0xffffffffu, valid);
-        if (ge == 0) {
-            lo = lo + (kWarpSize - __clz(in_range) - 1) * step + 1;
-        } else {
-            const int first = __ffs(ge) - 1;
-            const int new_hi = lo + first * step;
-            lo = first > 0 ? lo + (first - 1) * step + 1 : lo;
-            hi = new_hi;
-        }
-    }
-    const int probe = lo + lane;
-    const unsigned ge = __ballot_sync(0xffffffffu, probe < hi && __ldg(values + probe) >= target);
-    return ge == 0 ? hi : lo + __ffs(ge) - 1;
-}
-
 // Sender warp w returns, through ring w, sub-stream r.sub of the rows staged for home node
 // r.node in this channel: the home's channel split of its tokens selects rows [first, last) of
 // that node's staging block, and row first + j goes down sub-stream j % subs.

@@ -522,29 +522,7 @@ __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(Dispatc
 // ================================================================ combine
 // Sender: the rows this rank received from `home` in dispatch go back to it, in the channels
 // of home's token split. Those rows are sorted by source token, so the rows of one channel are
-// a contiguous run, found by a warp-wide search.
-__device__ __forceinline__ int warp_lower_bound(const int* values, int lo, int hi, int target) {
-    const int lane = lane_id();
-    while (hi - lo > kWarpSize) {
-        const int step = (hi - lo + kWarpSize - 1) / kWarpSize;
-        const int probe = lo + lane * step;
-        const bool valid = probe < hi;
-        const unsigned ge = __ballot_sync(0xffffffffu, valid && __ldg(values + probe) >= target);
-        const unsigned in_range = __ballot_sync(0xffffffffu, valid);
-        if (ge == 0) {
-            const int last = kWarpSize - __clz(in_range) - 1;  // highest valid lane
-            lo = lo + last * step + 1;
-        } else {
-            const int first = __ffs(ge) - 1;
-            const int new_hi = lo + first * step;
-            lo = first > 0 ? lo + (first - 1) * step + 1 : lo;
-            hi = new_hi;
-        }
-    }
-    const int probe = lo + lane;
-    const unsigned ge = __ballot_sync(0xffffffffu, probe < hi && __ldg(values + probe) >= target);
-    return ge == 0 ? hi : lo + __ffs(ge) - 1;
-}
+// a contiguous run, found by a warp-wide search (warp_lower_bound).
 
 __device__ void combine_send(const CombineArgs& args, int channel) {
     const RingGeometry& ring = args.ring;

@@ -101,6 +101,32 @@ __device__ __forceinline__ int warp_sum(int value) {
 
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) % kWarpSize; }
 
+// First index in [lo, hi) of the ascending `values` that is >= target (hi if none), found by the
+// whole warp: each round probes 32 evenly spaced entries, so a range of n entries takes about
+// log32(n) rounds of one load per lane.
+__device__ __forceinline__ int warp_lower_bound(const int* values, int lo, int hi, int target) {
+    const int lane = lane_id();
+    while (hi - lo > kWarpSize) {
+        const int step = (hi - lo + kWarpSize - 1) / kWarpSize;
+        const int probe = lo + lane * step;
+        const bool valid = probe < hi;
+        const unsigned ge = __ballot_sync(0xffffffffu, valid && __ldg(values + probe) >= target);
+        const unsigned in_range = __ballot_sync(0xffffffffu, valid);
+        if (ge == 0) {
+            const int last = kWarpSize - __clz(in_range) - 1;  // highest valid lane
+            lo = lo + last * step + 1;
+        } else {
+            const int first = __ffs(ge) - 1;
+            const int new_hi = lo + first * step;
+            lo = first > 0 ? lo + (first - 1) * step + 1 : lo;
+            hi = new_hi;
+        }
+    }
+    const int probe = lo + lane;
+    const unsigned ge = __ballot_sync(0xffffffffu, probe < hi && __ldg(values + probe) >= target);
+    return ge == 0 ? hi : lo + __ffs(ge) - 1;
+}
+
 // One warp numbers a batch of tokens (lane i: the batch's token i) in each of num_streams streams,
 // in token order: lane i < num_lanes writes index[i][s] = count[s] + the number of earlier batch
 // tokens in stream s if its token is in s, else -1; count[s] then advances by the batch's tokens
