@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,24 @@ def skip_reason(num_processes: int) -> Optional[str]:
     if not extension_available():
         return "the deep_ep_cpp extension is not built"
     return None
+
+
+def fresh_seed() -> int:
+    """``DEEP_EP_TEST_SEED`` when set (to repeat a run), else a fresh random seed."""
+    value = os.environ.get("DEEP_EP_TEST_SEED")
+    return int(value) if value else int.from_bytes(os.urandom(3), "little")
+
+
+def script_seed(num_processes: int, seed: Optional[int]) -> Optional[int]:
+    """For a GPU test run as a script: None, after printing why, when it cannot run here with
+    ``num_processes`` ranks; else ``seed`` (or fresh_seed() when None), printed."""
+    reason = skip_reason(num_processes)
+    if reason is not None:
+        print(f"skipped: {reason}")
+        return None
+    seed = seed if seed is not None else fresh_seed()
+    print(f"seed {seed}", flush=True)
+    return seed
 
 
 def _free_port() -> int:
@@ -137,11 +155,12 @@ def assert_bitwise_equal(name: str, actual: Optional[torch.Tensor], expected: Op
 
 
 def assert_close_to_reference(name: str, actual: torch.Tensor, reference: torch.Tensor,
-                              magnitude: torch.Tensor) -> None:
-    """``actual`` (bf16) within one bf16 rounding of the float64 ``reference``, plus float32
-    accumulation error relative to ``magnitude`` (the sum of the absolute terms)."""
+                              magnitude: torch.Tensor, magnitude_tolerance: float = 2.0 ** -20) -> None:
+    """``actual`` (bf16) within one bf16 rounding of the float64 ``reference``, plus
+    ``magnitude_tolerance`` times ``magnitude`` (the sum of the absolute terms): by default float32
+    accumulation error; 2**-8 for one bf16 rounding of partial sums (the internode kernels)."""
     diff = (actual.double() - reference).abs()
-    tolerance = reference.abs() * 2.0 ** -8 + magnitude * 2.0 ** -20 + 1e-30
+    tolerance = reference.abs() * 2.0 ** -8 + magnitude * magnitude_tolerance + 1e-30
     bad = diff > tolerance
     if bool(torch.isnan(actual).any()):
         raise AssertionError(f"{name}: NaN in the result (an element was never written)")
@@ -175,3 +194,36 @@ def check_graph_replay(step: Callable[[], Tuple[torch.Tensor, ...]], static: dic
         for name, a, b in zip(names, outs, eager):
             assert_bitwise_equal(f"graph replay {replay} {name}", a, b)
     torch.cuda.synchronize()
+
+
+def cuda_event_times_us(fn: Callable[[int], Any], iters: int, warmup: int) -> List[float]:
+    """Device time (us, CUDA events on the current stream) of each of ``iters`` calls ``fn(i)``,
+    after ``warmup`` calls ``fn(i)``, a synchronize and a barrier of the default group."""
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    dist.barrier()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        starts[i].record()
+        fn(i)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends)]
+
+
+def _all_reduce_value(value: float, op: Any) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device="cuda")
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest ``value`` of all ranks (default group): the slowest rank's time."""
+    return _all_reduce_value(value, dist.ReduceOp.MAX)
+
+
+def min_over_ranks(value: float) -> float:
+    """The smallest ``value`` of all ranks (default group): the slowest rank's bandwidth."""
+    return _all_reduce_value(value, dist.ReduceOp.MIN)

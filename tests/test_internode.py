@@ -25,7 +25,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import pytest
 import torch
@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpu_utils  # noqa: E402
-from gpu_utils import assert_bitwise_equal, poison_allocator  # noqa: E402
-from test_intranode import (_log, _lowest, _slowest, _time_us, combine_input, combine_reference,  # noqa: E402
-                            compare_dispatch, make_case)
+from gpu_utils import assert_close_to_reference  # noqa: E402
+from test_intranode import (_log, _lowest, _slowest, _time_us, check_cuda_graph,  # noqa: E402
+                            check_dispatch_combine, check_repeatable, combine_input, layout_args, make_case)
 
 MAX_HIDDEN = 7168
 MAX_SMS = 32
@@ -68,14 +68,7 @@ def _make_buffers(group: Any, num_ranks: int, nvl_domain_size: int) -> Tuple[Any
 def assert_close_per_node(name: str, actual: torch.Tensor, reference: torch.Tensor, magnitude: torch.Tensor) -> None:
     """``actual`` within one bf16 rounding of the float64 ``reference`` plus one bf16 rounding of
     each node's partial sum (bounded by ``magnitude``, the sum of the absolute terms)."""
-    if bool(torch.isnan(actual).any()):
-        raise AssertionError(f"{name}: NaN in the result (an element was never written)")
-    diff = (actual.double() - reference).abs()
-    bad = diff > reference.abs() * 2.0 ** -8 + magnitude * 2.0 ** -8 + 1e-30
-    if bool(bad.any()):
-        index = bad.nonzero()[0].tolist()
-        raise AssertionError(f"{name}: {int(bad.sum())} elements off, e.g. at {index}: got "
-                             f"{float(actual[tuple(index)])}, reference {float(reference[tuple(index)])}")
+    assert_close_to_reference(name, actual, reference, magnitude, magnitude_tolerance=2.0 ** -8)
 
 
 def group_limited_case(rank: int, seed: int, num_tokens: int, hidden: int, num_topk: int, num_experts: int,
@@ -93,130 +86,15 @@ def group_limited_case(rank: int, seed: int, num_tokens: int, hidden: int, num_t
 
 def check_case(rank: int, num_ranks: int, group: Any, torch_buf: Any, cuda_buf: Any, case: Dict[str, torch.Tensor],
                tag: str, num_experts: int, config: Any, alignment: int, use_async: bool) -> None:
-    import deep_ep
-    x, topk_idx, topk_weights = case["x"], case["topk_idx"], case["topk_weights"]
-    ref_layout = torch_buf.get_dispatch_layout(topk_idx, num_experts)
-    got_layout = cuda_buf.get_dispatch_layout(topk_idx, num_experts)
-    for i, name in ((0, "num_tokens_per_rank"), (1, "num_tokens_per_rdma_rank"), (2, "num_tokens_per_expert"),
-                    (3, "is_token_in_rank")):
-        assert_bitwise_equal(f"{tag} layout {name}", got_layout[i], ref_layout[i])
-    per_rank, per_node, per_expert, in_rank, _ = got_layout
-    comm_stream = cuda_buf.get_comm_stream()
-
-    def run(buf: Any, x_in: Any, poison_as: Optional[Tuple] = None, **kw: Any) -> Tuple:
-        if poison_as is not None:
-            poison_allocator(comm_stream, *poison_as[:3])
-        extra: Dict[str, Any] = {}
-        if use_async:
-            extra = dict(previous_event=deep_ep.Buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
-        out = buf.dispatch(x_in, **kw, config=config, **extra)
-        if use_async:
-            out[-1].current_stream_wait()
-        return out
-
-    layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
-                  num_tokens_per_expert=per_expert)
-    ref = run(torch_buf, x, **layout, topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=alignment)
-    got = run(cuda_buf, x, poison_as=ref, **layout, topk_idx=topk_idx, topk_weights=topk_weights,
-              expert_alignment=alignment)
-    compare_dispatch(f"{tag} bf16", got, ref)
-    handle, ref_handle = got[4], ref[4]
-
-    x_fp8, scales = deep_ep.per_token_cast_to_fp8(x)
-    scales_cm = scales.t().contiguous().t()
-    ref8 = run(torch_buf, (x_fp8, scales_cm), **layout, topk_idx=topk_idx, topk_weights=topk_weights)
-    got8 = run(cuda_buf, (x_fp8, scales_cm), poison_as=ref8, **layout, topk_idx=topk_idx, topk_weights=topk_weights)
-    compare_dispatch(f"{tag} fp8", got8, ref8)
-
-    x2 = (x.float() * -0.5 + 1).to(torch.bfloat16)
-    ref_c = run(torch_buf, x2, handle=ref_handle)
-    compare_dispatch(f"{tag} cached", run(cuda_buf, x2, poison_as=ref_c, handle=handle), ref_c, cached=True)
-    ref_c8 = run(torch_buf, (x_fp8, scales), handle=ref_handle)
-    compare_dispatch(f"{tag} cached fp8", run(cuda_buf, (x_fp8, scales), poison_as=ref_c8, handle=handle), ref_c8,
-                     cached=True)
-
-    comb_in = combine_input(got[0], rank)
-    expected_weights = torch.where(topk_idx >= 0, topk_weights, torch.zeros_like(topk_weights))
-    for biases in ((case["bias0"], case["bias1"]), (case["bias0"], None), (None, None)):
-        bias_arg = biases if biases[1] is not None else biases[0]
-        extra: Dict[str, Any] = {}
-        if use_async:
-            extra = dict(previous_event=deep_ep.Buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
-        poison_allocator(comm_stream, x, topk_weights)
-        combined, combined_w, event = cuda_buf.combine(comb_in, handle, topk_weights=got[2], bias=bias_arg,
-                                                       config=config, **extra)
-        if use_async:
-            event.current_stream_wait()
-        ref_comb, magnitude = combine_reference(x, in_rank, num_ranks, biases)
-        assert_close_per_node(f"{tag} combine biases={sum(b is not None for b in biases)}", combined, ref_comb,
-                              magnitude)
-        assert_bitwise_equal(f"{tag} combined_topk_weights", combined_w, expected_weights)
-    poison_allocator(comm_stream, x)
-    combined_nw, none_w, _ = cuda_buf.combine(comb_in, handle, config=config)
-    assert none_w is None
-    ref_comb, magnitude = combine_reference(x, in_rank, num_ranks, (None, None))
-    assert_close_per_node(f"{tag} combine no weights", combined_nw, ref_comb, magnitude)
-
-    # num_worst_tokens: no host sync, fixed row count, padding rows zero / -1 / 0
-    total_tokens = torch.tensor([x.shape[0]], device="cuda")
-    dist.all_reduce(total_tokens, group=group)
-    worst = int(total_tokens.item()) + 7
-    ref_w = torch_buf.dispatch(x, **layout, topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=worst,
-                               config=config)
-    poison_allocator(comm_stream, *ref_w[:3])
-    got_w = cuda_buf.dispatch(x, **layout, topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=worst,
-                              config=config)
-    compare_dispatch(f"{tag} worst", got_w, ref_w)
-    comb_in_w = combine_input(got_w[0], rank)
-    comb_in_w[int(got[0].shape[0]):] = float("nan")  # must never be read
-    poison_allocator(comm_stream, x)
-    assert_close_per_node(f"{tag} worst combine", cuda_buf.combine(comb_in_w, got_w[4], config=config)[0], ref_comb,
-                          magnitude)
+    """test_intranode's check_dispatch_combine with the internode layout (per-node counts checked
+    and passed to dispatch) and combine tolerance (assert_close_per_node)."""
+    check_dispatch_combine(rank, num_ranks, group, torch_buf, cuda_buf, case, tag, num_experts, config, alignment,
+                           use_async, rdma_layout=True, assert_combine_close=assert_close_per_node,
+                           check_torch_combine=False)
 
 
 def _layout(buf: Any, topk_idx: torch.Tensor, num_experts: int) -> Dict[str, torch.Tensor]:
-    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
-    return dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
-                num_tokens_per_expert=per_expert)
-
-
-def check_cuda_graph(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config: Any) -> None:
-    """Layout + dispatch (num_worst_tokens) + combine captured in one CUDA graph, replayed."""
-    num_tokens, hidden, num_topk, num_experts = 256, 2048, 4, 8 * num_ranks
-    case = make_case(rank, num_ranks, seed, num_tokens, hidden, num_topk, num_experts, "uniform")
-    worst = num_tokens * num_ranks
-    static = {k: case[k].clone() for k in ("x", "topk_idx", "topk_weights")}
-
-    def step() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        layout = _layout(cuda_buf, static["topk_idx"], num_experts)
-        recv_x, recv_idx, _, _, handle, _ = cuda_buf.dispatch(static["x"], **layout, topk_idx=static["topk_idx"],
-                                                              topk_weights=static["topk_weights"],
-                                                              num_worst_tokens=worst, config=config)
-        return recv_x, recv_idx, cuda_buf.combine(recv_x, handle, config=config)[0]
-
-    gpu_utils.check_graph_replay(
-        step, static,
-        lambda replay: make_case(rank, num_ranks, seed + 100 + replay, num_tokens, hidden, num_topk, num_experts,
-                                 "uniform"),
-        ("recv_x", "recv_topk_idx", "combined"))
-
-
-def check_repeatable(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config: Any, repeats: int) -> None:
-    """The same inputs give the same bytes every time (no races)."""
-    num_tokens, hidden, num_topk, num_experts = 1024, 4096, 8, 16 * num_ranks
-    case = make_case(rank, num_ranks, seed, num_tokens, hidden, num_topk, num_experts, "hot")
-    layout = _layout(cuda_buf, case["topk_idx"], num_experts)
-    recv_x, _, recv_w, _, handle, _ = cuda_buf.dispatch(case["x"], **layout, topk_idx=case["topk_idx"],
-                                                        topk_weights=case["topk_weights"], config=config)
-    comb_in = combine_input(recv_x, rank)
-    first = cuda_buf.combine(comb_in, handle, topk_weights=recv_w, config=config)[0]
-    comm_stream = cuda_buf.get_comm_stream()
-    for i in range(repeats):
-        poison_allocator(comm_stream, recv_x, first)
-        assert_bitwise_equal(f"repeat {i} dispatch", cuda_buf.dispatch(case["x"], handle=handle, config=config)[0],
-                             recv_x)
-        assert_bitwise_equal(f"repeat {i} combine",
-                             cuda_buf.combine(comb_in, handle, topk_weights=recv_w, config=config)[0], first)
+    return layout_args(buf, topk_idx, num_experts, rdma_layout=True)
 
 
 def correctness_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_size: int, quick: bool) -> None:
@@ -251,10 +129,10 @@ def correctness_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_dom
                f"config={config} align={align} async={use_async}]")
         check_case(rank, num_ranks, group, torch_buf, cuda_buf, case, tag, e, config, align, use_async)
         _log(rank, f"case {i}: T~{t} H={h} K={k} E={e} {mode} sms={config.num_sms}: ok")
-    check_cuda_graph(rank, num_ranks, cuda_buf, seed + 7, deep_ep.Config(16, 4, 128, 4, 64))
+    check_cuda_graph(rank, num_ranks, cuda_buf, seed + 7, deep_ep.Config(16, 4, 128, 4, 64), rdma_layout=True)
     _log(rank, "cuda graph capture + replay: ok")
     check_repeatable(rank, num_ranks, cuda_buf, seed + 11, deep_ep.Config(24, 4, 256, 8, 128),
-                     repeats=5 if quick else 20)
+                     repeats=5 if quick else 20, rdma_layout=True)
     _log(rank, "repeated runs identical: ok")
     cuda_buf.destroy()
     torch_buf.destroy()
@@ -372,9 +250,7 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
 # ------------------------------------------------------------------------------------------------
 # entry points
 # ------------------------------------------------------------------------------------------------
-def _seed() -> int:
-    value = os.environ.get("DEEP_EP_TEST_SEED")
-    return int(value) if value else int.from_bytes(os.urandom(3), "little")
+_seed = gpu_utils.fresh_seed
 
 
 @pytest.mark.parametrize("num_nodes,nvl_domain_size", [(2, 2), (4, 1), (2, 4), (3, 2)])
@@ -442,12 +318,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.num_processes % args.nvl_domain_size != 0 or args.num_processes // args.nvl_domain_size < 2:
         parser.error("--nvl-domain-size must divide --num-processes into at least 2 nodes")
-    reason = gpu_utils.skip_reason(args.num_processes)
-    if reason is not None:
-        print(f"skipped: {reason}")
+    seed = gpu_utils.script_seed(args.num_processes, args.seed)
+    if seed is None:
         return
-    seed = args.seed if args.seed is not None else _seed()
-    print(f"seed {seed}", flush=True)
     start = time.time()
     if args.bench:
         gpu_utils.spawn(bench_worker, args.num_processes, seed, args.nvl_domain_size, args.iters)

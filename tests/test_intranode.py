@@ -144,42 +144,74 @@ def check_bad_values(rank: int, num_ranks: int, group: Any, torch_buf: Any, cuda
                "uniform", config, 1, False)
 
 
-def check_case(rank: int, num_ranks: int, group: Any, torch_buf: Any, cuda_buf: Any, seed: int, num_tokens: int,
-               hidden: int, num_topk: int, num_experts: int, mode: str, config: Any, alignment: int,
-               use_async: bool) -> None:
+def _layout_kwargs(layout: Tuple, rdma_layout: bool) -> Dict[str, Any]:
+    """get_dispatch_layout's outputs as dispatch keyword arguments; ``rdma_layout``: with the
+    per-node counts (``num_tokens_per_rdma_rank``, internode kernels)."""
+    per_rank, per_node, per_expert, in_rank, _ = layout
+    kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    if rdma_layout:
+        kwargs["num_tokens_per_rdma_rank"] = per_node
+    return kwargs
+
+
+def layout_args(buf: Any, topk_idx: torch.Tensor, num_experts: int, rdma_layout: bool = False) -> Dict[str, Any]:
+    """``buf``'s dispatch layout of ``topk_idx`` as dispatch keyword arguments (see _layout_kwargs)."""
+    return _layout_kwargs(buf.get_dispatch_layout(topk_idx, num_experts), rdma_layout)
+
+
+def _async_kwargs(use_async: bool) -> Dict[str, Any]:
+    """The keyword arguments of an async call (captured now), or none."""
     import deep_ep
-    tag = (f"[seed={seed} T={num_tokens} H={hidden} K={num_topk} E={num_experts} mode={mode} "
-           f"sms={config.num_sms} chunk={config.num_max_nvl_chunked_send_tokens} "
-           f"cap={config.num_max_nvl_chunked_recv_tokens} align={alignment} async={use_async}]")
-    case = make_case(rank, num_ranks, seed, num_tokens, hidden, num_topk, num_experts, mode)
+    if not use_async:
+        return {}
+    return dict(previous_event=deep_ep.Buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
+
+
+def check_dispatch_combine(rank: int, num_ranks: int, group: Any, torch_buf: Any, cuda_buf: Any,
+                           case: Dict[str, torch.Tensor], tag: str, num_experts: int, config: Any, alignment: int,
+                           use_async: bool, *, rdma_layout: bool,
+                           assert_combine_close: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None],
+                           check_torch_combine: bool) -> None:
+    """One case of the cuda backend against the torch backend (intranode and internode kernels):
+    layout, bf16 / FP8 / cached dispatch bit for bit, combine (two, one, no biases; no weights)
+    against a float64 reference, num_worst_tokens; every cuda-backend output poisoned first.
+
+    Args:
+        rdma_layout: the layout has per-node counts (internode): they must match and go to
+            dispatch; else both backends must return None for them.
+        assert_combine_close: the tolerance of the kernels' combine against the reference.
+        check_torch_combine: also hold the torch backend's combine to ``assert_close_to_reference``.
+    """
+    import deep_ep
     x, topk_idx, topk_weights = case["x"], case["topk_idx"], case["topk_weights"]
 
     # layout
     ref_layout = torch_buf.get_dispatch_layout(topk_idx, num_experts)
     got_layout = cuda_buf.get_dispatch_layout(topk_idx, num_experts)
-    for i, name in ((0, "num_tokens_per_rank"), (2, "num_tokens_per_expert"), (3, "is_token_in_rank")):
+    layout_names = [(0, "num_tokens_per_rank"), (2, "num_tokens_per_expert"), (3, "is_token_in_rank")]
+    if rdma_layout:
+        layout_names.insert(1, (1, "num_tokens_per_rdma_rank"))
+    for i, name in layout_names:
         assert_bitwise_equal(f"{tag} layout {name}", got_layout[i], ref_layout[i])
-    assert got_layout[1] is None and ref_layout[1] is None
-    per_rank, _, per_expert, in_rank, _ = got_layout
+    if not rdma_layout:
+        assert got_layout[1] is None and ref_layout[1] is None
+    layout = _layout_kwargs(got_layout, rdma_layout)
+    in_rank = layout["is_token_in_rank"]
 
     comm_stream = cuda_buf.get_comm_stream()
 
     def run_dispatch(buf: Any, x_in: Any, poison_as: Optional[Tuple] = None, **kw: Any) -> Tuple:
         if poison_as is not None:
             poison_allocator(comm_stream, *poison_as[:3])
-        extra: Dict[str, Any] = {}
-        if use_async:
-            extra = dict(previous_event=deep_ep.Buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
-        out = buf.dispatch(x_in, **kw, config=config, **extra)
+        out = buf.dispatch(x_in, **kw, config=config, **_async_kwargs(use_async))
         if use_async:
             out[-1].current_stream_wait()
         return out
 
-    layout_args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
     # bf16 dispatch with top-k
-    ref = run_dispatch(torch_buf, x, **layout_args, topk_idx=topk_idx, topk_weights=topk_weights,
+    ref = run_dispatch(torch_buf, x, **layout, topk_idx=topk_idx, topk_weights=topk_weights,
                        expert_alignment=alignment)
-    got = run_dispatch(cuda_buf, x, poison_as=ref, **layout_args, topk_idx=topk_idx, topk_weights=topk_weights,
+    got = run_dispatch(cuda_buf, x, poison_as=ref, **layout, topk_idx=topk_idx, topk_weights=topk_weights,
                        expert_alignment=alignment)
     compare_dispatch(f"{tag} bf16", got, ref)
     handle, ref_handle = got[4], ref[4]
@@ -187,8 +219,8 @@ def check_case(rank: int, num_ranks: int, group: Any, torch_buf: Any, cuda_buf: 
     # FP8 dispatch, scales in column-major strides
     x_fp8, scales = deep_ep.per_token_cast_to_fp8(x)
     scales_cm = scales.t().contiguous().t()
-    ref8 = run_dispatch(torch_buf, (x_fp8, scales_cm), **layout_args, topk_idx=topk_idx, topk_weights=topk_weights)
-    got8 = run_dispatch(cuda_buf, (x_fp8, scales_cm), poison_as=ref8, **layout_args, topk_idx=topk_idx,
+    ref8 = run_dispatch(torch_buf, (x_fp8, scales_cm), **layout, topk_idx=topk_idx, topk_weights=topk_weights)
+    got8 = run_dispatch(cuda_buf, (x_fp8, scales_cm), poison_as=ref8, **layout, topk_idx=topk_idx,
                         topk_weights=topk_weights)
     compare_dispatch(f"{tag} fp8", got8, ref8)
 
@@ -206,34 +238,33 @@ def check_case(rank: int, num_ranks: int, group: Any, torch_buf: Any, cuda_buf: 
     expected_weights = torch.where(topk_idx >= 0, topk_weights, torch.zeros_like(topk_weights))
     for biases in ((case["bias0"], case["bias1"]), (case["bias0"], None), (None, None)):
         bias_arg = biases if biases[1] is not None else biases[0]
-        extra: Dict[str, Any] = {}
-        if use_async:
-            extra = dict(previous_event=deep_ep.Buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
+        extra = _async_kwargs(use_async)
         poison_allocator(comm_stream, x, topk_weights)
         combined, combined_w, event = cuda_buf.combine(comb_in, handle, topk_weights=got[2], bias=bias_arg,
                                                        config=config, **extra)
         if use_async:
             event.current_stream_wait()
         ref_comb, magnitude = combine_reference(x, in_rank, num_ranks, biases)
-        assert_close_to_reference(f"{tag} combine biases={sum(b is not None for b in biases)}", combined, ref_comb,
-                                  magnitude)
+        assert_combine_close(f"{tag} combine biases={sum(b is not None for b in biases)}", combined, ref_comb,
+                             magnitude)
         assert_bitwise_equal(f"{tag} combined_topk_weights", combined_w, expected_weights)
-        torch_comb = torch_buf.combine(comb_in, ref_handle, topk_weights=ref[2], bias=bias_arg)[0]
-        assert_close_to_reference(f"{tag} torch-backend combine", torch_comb, ref_comb, magnitude)
+        if check_torch_combine:
+            torch_comb = torch_buf.combine(comb_in, ref_handle, topk_weights=ref[2], bias=bias_arg)[0]
+            assert_close_to_reference(f"{tag} torch-backend combine", torch_comb, ref_comb, magnitude)
     poison_allocator(comm_stream, x)
     combined_nw, none_w, _ = cuda_buf.combine(comb_in, handle, config=config)
     assert none_w is None
     ref_comb, magnitude = combine_reference(x, in_rank, num_ranks, (None, None))
-    assert_close_to_reference(f"{tag} combine no weights", combined_nw, ref_comb, magnitude)
+    assert_combine_close(f"{tag} combine no weights", combined_nw, ref_comb, magnitude)
 
-    # num_worst_tokens: fixed row count, padding rows zero / -1 / 0; combine ignores the padding
-    total_tokens = torch.tensor([num_tokens], device="cuda")
+    # num_worst_tokens: no host sync, fixed row count, padding rows zero / -1 / 0; combine ignores the padding
+    total_tokens = torch.tensor([x.shape[0]], device="cuda")
     dist.all_reduce(total_tokens, group=group)
     worst = int(total_tokens.item()) + 7
-    ref_w = torch_buf.dispatch(x, **layout_args, topk_idx=topk_idx, topk_weights=topk_weights,
+    ref_w = torch_buf.dispatch(x, **layout, topk_idx=topk_idx, topk_weights=topk_weights,
                                num_worst_tokens=worst, config=config)
     poison_allocator(comm_stream, *ref_w[:3])
-    got_w = cuda_buf.dispatch(x, **layout_args, topk_idx=topk_idx, topk_weights=topk_weights,
+    got_w = cuda_buf.dispatch(x, **layout, topk_idx=topk_idx, topk_weights=topk_weights,
                               num_worst_tokens=worst, config=config)
     compare_dispatch(f"{tag} worst", got_w, ref_w)
     comb_in_w = combine_input(got_w[0], rank)
@@ -241,21 +272,37 @@ def check_case(rank: int, num_ranks: int, group: Any, torch_buf: Any, cuda_buf: 
     comb_in_w[real:] = float("nan")  # must never be read
     poison_allocator(comm_stream, x)
     combined_w_out = cuda_buf.combine(comb_in_w, got_w[4], config=config)[0]
-    assert_close_to_reference(f"{tag} worst combine", combined_w_out, ref_comb, magnitude)
+    assert_combine_close(f"{tag} worst combine", combined_w_out, ref_comb, magnitude)
 
 
-def check_cuda_graph(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config: Any) -> None:
-    """Layout + dispatch (num_worst_tokens) + combine captured in one CUDA graph, replayed."""
+def check_case(rank: int, num_ranks: int, group: Any, torch_buf: Any, cuda_buf: Any, seed: int, num_tokens: int,
+               hidden: int, num_topk: int, num_experts: int, mode: str, config: Any, alignment: int,
+               use_async: bool) -> None:
+    """check_dispatch_combine on a make_case input: intranode layout, combine within one bf16
+    rounding (assert_close_to_reference), the torch backend's combine checked as well."""
+    tag = (f"[seed={seed} T={num_tokens} H={hidden} K={num_topk} E={num_experts} mode={mode} "
+           f"sms={config.num_sms} chunk={config.num_max_nvl_chunked_send_tokens} "
+           f"cap={config.num_max_nvl_chunked_recv_tokens} align={alignment} async={use_async}]")
+    case = make_case(rank, num_ranks, seed, num_tokens, hidden, num_topk, num_experts, mode)
+    check_dispatch_combine(rank, num_ranks, group, torch_buf, cuda_buf, case, tag, num_experts, config, alignment,
+                           use_async, rdma_layout=False, assert_combine_close=assert_close_to_reference,
+                           check_torch_combine=True)
+
+
+def check_cuda_graph(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config: Any,
+                     rdma_layout: bool = False) -> None:
+    """Layout + dispatch (num_worst_tokens) + combine captured in one CUDA graph, replayed.
+    ``rdma_layout``: dispatch gets the per-node counts too (internode kernels)."""
     num_tokens, hidden, num_topk, num_experts = 256, 2048, 4, 8 * num_ranks
     case = make_case(rank, num_ranks, seed, num_tokens, hidden, num_topk, num_experts, "uniform")
     worst = num_tokens * num_ranks
     static = {k: case[k].clone() for k in ("x", "topk_idx", "topk_weights")}
 
     def step() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        per_rank, _, per_expert, in_rank, _ = cuda_buf.get_dispatch_layout(static["topk_idx"], num_experts)
-        recv_x, recv_idx, recv_w, _, handle, _ = cuda_buf.dispatch(
-            static["x"], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=static["topk_idx"], topk_weights=static["topk_weights"], num_worst_tokens=worst, config=config)
+        layout = layout_args(cuda_buf, static["topk_idx"], num_experts, rdma_layout)
+        recv_x, recv_idx, _, _, handle, _ = cuda_buf.dispatch(static["x"], **layout, topk_idx=static["topk_idx"],
+                                                              topk_weights=static["topk_weights"],
+                                                              num_worst_tokens=worst, config=config)
         combined = cuda_buf.combine(recv_x, handle, config=config)[0]
         return recv_x, recv_idx, combined
 
@@ -266,14 +313,15 @@ def check_cuda_graph(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config
         ("recv_x", "recv_topk_idx", "combined"))
 
 
-def check_repeatable(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config: Any, repeats: int = 50) -> None:
-    """The same inputs give the same bytes every time (no races)."""
+def check_repeatable(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config: Any, repeats: int = 50,
+                     rdma_layout: bool = False) -> None:
+    """The same inputs give the same bytes every time (no races). ``rdma_layout``: dispatch gets
+    the per-node counts too (internode kernels)."""
     num_tokens, hidden, num_topk, num_experts = 1024, 4096, 8, 16 * num_ranks
     case = make_case(rank, num_ranks, seed, num_tokens, hidden, num_topk, num_experts, "hot")
-    per_rank, _, per_expert, in_rank, _ = cuda_buf.get_dispatch_layout(case["topk_idx"], num_experts)
-    recv_x, _, recv_w, _, handle, _ = cuda_buf.dispatch(
-        case["x"], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=case["topk_idx"], topk_weights=case["topk_weights"], config=config)
+    layout = layout_args(cuda_buf, case["topk_idx"], num_experts, rdma_layout)
+    recv_x, _, recv_w, _, handle, _ = cuda_buf.dispatch(case["x"], **layout, topk_idx=case["topk_idx"],
+                                                        topk_weights=case["topk_weights"], config=config)
     comb_in = combine_input(recv_x, rank)
     first_combined = cuda_buf.combine(comb_in, handle, topk_weights=recv_w, config=config)[0]
     comm_stream = cuda_buf.get_comm_stream()
@@ -384,30 +432,12 @@ def correctness_worker(rank: int, num_ranks: int, group: Any, seed: int, quick: 
 # benchmark
 # ------------------------------------------------------------------------------------------------
 def _time_us(fn: Callable[[int], Any], iters: int, warmup: int = 5) -> float:
-    for i in range(warmup):
-        fn(i)
-    torch.cuda.synchronize()
-    dist.barrier()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for i in range(iters):
-        starts[i].record()
-        fn(i)
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1000.0
+    """Median device time (us) on this rank of ``iters`` calls ``fn(i)``."""
+    return statistics.median(gpu_utils.cuda_event_times_us(fn, iters, warmup))
 
 
-def _slowest(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device="cuda")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def _lowest(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device="cuda")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return float(t.item())
+_slowest = gpu_utils.max_over_ranks
+_lowest = gpu_utils.min_over_ranks
 
 
 def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, json_path: Optional[str]) -> None:
@@ -508,9 +538,7 @@ def print_summary(results: List[Dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------------------
 # entry points
 # ------------------------------------------------------------------------------------------------
-def _seed() -> int:
-    value = os.environ.get("DEEP_EP_TEST_SEED")
-    return int(value) if value else int.from_bytes(os.urandom(3), "little")
+_seed = gpu_utils.fresh_seed
 
 
 @pytest.mark.parametrize("num_processes", [2, 4])
@@ -531,12 +559,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--json", default=None, help="benchmark results to this file")
     args = parser.parse_args()
-    reason = gpu_utils.skip_reason(args.num_processes)
-    if reason is not None:
-        print(f"skipped: {reason}")
+    seed = gpu_utils.script_seed(args.num_processes, args.seed)
+    if seed is None:
         return
-    seed = args.seed if args.seed is not None else _seed()
-    print(f"seed {seed}", flush=True)
     start = time.time()
     if args.bench:
         gpu_utils.spawn(bench_worker, args.num_processes, seed, args.iters, args.json)

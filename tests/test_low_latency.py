@@ -37,8 +37,12 @@ import torch
 import torch.distributed as dist
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+for _path in (_TESTS_DIR, _REPO_ROOT):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import gpu_utils  # noqa: E402
 
 # (num_max_dispatch_tokens_per_rank, hidden, num_experts per rank, num_topk)
 CONFIGS = [
@@ -521,24 +525,11 @@ def run_shrink(buffer, rank: int, num_ranks: int, seed: int) -> None:
 # ----------------------------------------------------------------------------------------------
 def _median_max(values_us: List[float]) -> float:
     """Median over iterations on this rank, then the slowest rank."""
-    t = torch.tensor([statistics.median(values_us)], dtype=torch.float64, device="cuda")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return gpu_utils.max_over_ranks(statistics.median(values_us))
 
 
 def _time_calls(fn, iterations: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iterations)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iterations)]
-    for i in range(iterations):
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return _median_max([s.elapsed_time(e) * 1000 for s, e in zip(starts, ends)])
+    return _median_max(gpu_utils.cuda_event_times_us(lambda _: fn(), iterations, warmup))
 
 
 def _host_time(fn, calls: int = 40, repeats: int = 5) -> float:
