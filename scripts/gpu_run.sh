@@ -17,6 +17,7 @@
 #   ll2put / llbench2put: the low-latency checks / benchmark on 2 GPUs with
 #   allow_nvlink_for_low_latency_mode=False (every peer through NVSHMEM puts);
 #   inter21 / interbench21: the internode checks / benchmark on 2 GPUs as 2 nodes x 1;
+#   ll2full / test2full: every low-latency / intranode check on 2 GPUs (ll2 / test2: --quick);
 #   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once).
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
@@ -35,7 +36,7 @@ PYTHON="${PYTHON:-python3}"
 if [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 4 ]; then
     DEFAULT_STEPS=build,ll4,llnoshrink,llbench,inter22,interbench,test4,bench,inter41,test2,ll2,ll2noshrink,foundation
 else
-    DEFAULT_STEPS=build,ll2,ll2noshrink,ll2put,llbench2,test2,inter21,bench2,interbench21,llbench2put,foundation
+    DEFAULT_STEPS=build,ll2full,ll2noshrink,ll2put,llbench2,test2full,inter21,bench2,interbench21,llbench2put,foundation
 fi
 STEPS="${GPU_STEPS:-$DEFAULT_STEPS}"
 summary=()
@@ -87,6 +88,7 @@ run_named() {
         "nvcc -O3 -arch=sm_90 -o /tmp/nvlink_probe scripts/nvlink_probe.cu && /tmp/nvlink_probe ${PROBE_MIB:-64}" ;;
     test4) run_step test4 "${TEST4_LIMIT:-420}" "$PYTHON tests/test_intranode.py --num-processes 4 ${TEST_ARGS:-}" ;;
     test2) run_step test2 "${TEST2_LIMIT:-240}" "$PYTHON tests/test_intranode.py --num-processes 2 --quick ${TEST_ARGS:-}" ;;
+    test2full) run_step test2full "${TEST2_LIMIT:-240}" "$PYTHON tests/test_intranode.py --num-processes 2 ${TEST_ARGS:-}" ;;
     ll4) run_step ll4 "${LL4_LIMIT:-240}" "$PYTHON tests/test_low_latency.py --num-processes 4 ${LL_ARGS:-}" ;;
     llnoshrink) run_step llnoshrink "${LL4_LIMIT:-240}" \
         "$PYTHON tests/test_low_latency.py --num-processes 4 --no-shrink ${LL_ARGS:-}" ;;
@@ -101,6 +103,7 @@ run_named() {
     interbench21) run_step interbench21 "${INTERBENCH_LIMIT:-240}" \
         "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 2 --nvl-domain-size 1 --bench" ;;
     ll2) run_step ll2 "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 --quick ${LL_ARGS:-}" ;;
+    ll2full) run_step ll2full "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 ${LL_ARGS:-}" ;;
     # The internode kernels are a first version: a short kernel timeout turns a hang into an error.
     inter22) run_step inter22 "${INTER_LIMIT:-300}" \
         "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 ${INTER_ARGS:-}" ;;
