@@ -27,11 +27,12 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
-from .cuda_internode import InternodeKernelsMixin
+from .cuda_internode import InternodeKernelsMixin, KernelDispatchHandle, open_nvl_buffer
 from .cuda_ll import LowLatencyKernelsMixin
 from .torch_backend import TorchBackend, view_bytes
-from .utils import (DeepEPTimeoutError, EventOverlap, describe_kernel_failure, raise_layout_value_errors,
-                    timeout_from_env)
+from .utils import (INTRANODE_TARGET_NAMES, DeepEPTimeoutError, EventOverlap, describe_kernel_failure,
+                    dispatch_result, empty_combine_rows, empty_dispatch_rows, empty_layout, host_wait_timeout_message,
+                    raise_layout_value_errors, split_bias, split_dispatch_x, timeout_from_env)
 
 try:  # the extension is optional; Buffer only picks this backend where it imports
     import deep_ep_cpp as _ext
@@ -44,14 +45,7 @@ _MAX_INTRANODE_RANKS = 8
 
 # Names of the codes in csrc/kernels/exception.cuh.
 _KERNEL_NAMES = {1: "notify_dispatch", 2: "intranode_dispatch", 3: "intranode_combine", 4: "intranode_barrier"}
-_TARGET_NAMES = {
-    1: "a barrier arrival",
-    2: "ring data (the sender's tail)",
-    3: "free ring slots (the receiver's head)",
-    4: "the sender's token count of a ring",
-    5: "the receiver's end-of-call acknowledgement",
-    6: "room in the output (num_worst_tokens too small)",
-}
+_TARGET_NAMES = INTRANODE_TARGET_NAMES
 
 
 def intranode_kernels_available() -> bool:
@@ -60,7 +54,7 @@ def intranode_kernels_available() -> bool:
 
 
 @dataclass
-class CudaDispatchHandle:
+class CudaDispatchHandle(KernelDispatchHandle):
     """Layout of one intranode dispatch on the kernels, reused by combine and cached dispatch.
 
     Attributes:
@@ -75,12 +69,6 @@ class CudaDispatchHandle:
         padded: outputs have ``num_worst_tokens`` rows (rows past the real count are padding).
     """
 
-    num_tokens: int
-    hidden: int
-    num_experts: int
-    num_output_rows: int
-    num_recv_tokens: Optional[int]
-    is_token_in_rank: torch.Tensor
     recv_rank_prefix: torch.Tensor
     recv_src_num_tokens: torch.Tensor
     recv_src_idx: torch.Tensor
@@ -108,11 +96,7 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
         self._failure: Optional[str] = None
         if (self.num_nodes == 1 and self.num_ranks <= _MAX_INTRANODE_RANKS and self.device.type == "cuda"
                 and intranode_kernels_available() and num_nvl_bytes > int(_ext.NVL_CONTROL_BYTES)):
-            runtime = _ext.Buffer(self.rank, self.num_ranks, num_nvl_bytes, self.timeout_s)
-            handles: List[Optional[bytes]] = [None] * self.num_ranks
-            dist.all_gather_object(handles, bytes(runtime.get_local_ipc_handle()), group=self.group)
-            runtime.sync([bytes(h) for h in handles])
-            self._runtime = runtime
+            self._runtime = open_nvl_buffer(self.group, 0, self.rank, self.num_ranks, num_nvl_bytes, self.timeout_s)
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -175,10 +159,8 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
             return super().get_dispatch_layout(topk_idx, num_experts, previous_event, async_finish,
                                                allocate_on_comm_stream)
         with self._on_comm_stream(previous_event):
-            num_tokens = topk_idx.shape[0]
-            per_rank = torch.empty(self.num_ranks, dtype=torch.int32, device=self.device)
-            per_expert = torch.empty(num_experts, dtype=torch.int32, device=self.device)
-            is_token_in_rank = torch.empty(num_tokens, self.num_ranks, dtype=torch.bool, device=self.device)
+            per_rank, per_expert, is_token_in_rank = empty_layout(topk_idx.shape[0], self.num_ranks, num_experts,
+                                                                  self.device)
             self._runtime.get_dispatch_layout(topk_idx, num_experts, per_rank, per_expert, is_token_in_rank)
         event = self._finish(async_finish, (topk_idx,), (per_rank, per_expert, is_token_in_rank))
         return per_rank, None, per_expert, is_token_in_rank, event
@@ -189,8 +171,7 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
         if ok:
             return total, list(per_expert), check_flags
         self.check_errors()  # a kernel recorded why
-        self._failure = (f"deep_ep: rank {self.rank}: the host waited more than {self.timeout_s:g} s for the "
-                         f"receive counts of notify_dispatch; the buffer is now unusable")
+        self._failure = host_wait_timeout_message(self.rank, self.timeout_s, "notify_dispatch")
         raise DeepEPTimeoutError(self._failure)
 
     def dispatch(self, x: Union[torch.Tensor, Fp8Pair], handle: Optional[Any],
@@ -203,9 +184,7 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
             return super().dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                                     num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
                                     num_worst_tokens, config, previous_event, async_finish, allocate_on_comm_stream)
-        is_fp8 = isinstance(x, tuple)
-        data = x[0] if is_fp8 else x
-        scales = x[1] if is_fp8 else None
+        is_fp8, data, scales = split_dispatch_x(x)
         num_tokens, hidden = data.shape
         cached = handle is not None
         device = self.device
@@ -237,14 +216,9 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
                         raise_layout_value_errors(bool(check_flags & _ext.CHECK_BAD_TOPK),
                                                   bool(check_flags & _ext.CHECK_BAD_COUNTS), topk_idx, num_experts)
                     rows = num_recv
-            recv_data = torch.empty(rows, hidden, dtype=data.dtype, device=device)
-            recv_scales = (torch.empty(rows, scales.shape[1], dtype=torch.float32, device=device)
-                           if is_fp8 else None)
+            recv_data, recv_scales, recv_topk_idx, recv_topk_weights = empty_dispatch_rows(
+                rows, hidden, data.dtype, scales, topk_idx, device)
             recv_src_idx = torch.empty(rows, dtype=torch.int32, device=device)
-            recv_topk_idx = recv_topk_weights = None
-            if topk_idx is not None:
-                recv_topk_idx = torch.empty(rows, topk_idx.shape[1], dtype=torch.int64, device=device)
-                recv_topk_weights = torch.empty(rows, topk_idx.shape[1], dtype=torch.float32, device=device)
             self._runtime.dispatch(data, scales, topk_idx, topk_weights, is_token_in_rank, recv_rank_prefix,
                                    recv_data, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx,
                                    num_experts, padded, config.num_sms, config.num_max_nvl_chunked_send_tokens,
@@ -256,9 +230,7 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
         event = self._finish(async_finish, (x, topk_idx, topk_weights, is_token_in_rank, recv_rank_prefix,
                                             recv_src_num_tokens, num_tokens_per_rank, num_tokens_per_expert),
                              (recv_data, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx))
-        if cached:
-            return recv_x, None, None, None, None, event
-        return recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event
+        return dispatch_result(cached, recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event)
 
     # ------------------------------------------------------------------ combine
     def combine(self, x: torch.Tensor, handle: Any, topk_weights: Optional[torch.Tensor],
@@ -267,13 +239,9 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
         if not self._intranode() or not isinstance(handle, CudaDispatchHandle):
             return super().combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
                                    allocate_on_comm_stream)
-        bias0, bias1 = bias if isinstance(bias, tuple) else (bias, None)
+        bias0, bias1 = split_bias(bias)
         with self._on_comm_stream(previous_event):
-            combined_x = torch.empty(handle.num_tokens, x.shape[1], dtype=torch.bfloat16, device=self.device)
-            combined_weights = None
-            if topk_weights is not None:
-                combined_weights = torch.empty(handle.num_tokens, topk_weights.shape[1], dtype=torch.float32,
-                                               device=self.device)
+            combined_x, combined_weights = empty_combine_rows(handle.num_tokens, x.shape[1], topk_weights, self.device)
             self._runtime.combine(x, topk_weights, bias0, bias1, handle.is_token_in_rank, handle.recv_src_idx,
                                   handle.recv_rank_prefix, handle.recv_src_num_tokens, combined_x, combined_weights,
                                   config.num_sms, config.num_max_nvl_chunked_send_tokens,

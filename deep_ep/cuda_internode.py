@@ -59,7 +59,9 @@ import torch.distributed as dist
 from . import cuda_ll
 from .config import Config
 from .torch_backend import _group_device, view_bytes
-from .utils import DeepEPTimeoutError, EventOverlap, describe_kernel_failure, timeout_from_env
+from .utils import (INTRANODE_TARGET_NAMES, DeepEPTimeoutError, EventOverlap, describe_kernel_failure,
+                    dispatch_result, empty_combine_rows, empty_dispatch_rows, empty_layout, host_wait_timeout_message,
+                    split_bias, split_dispatch_x, timeout_from_env)
 
 try:  # the extension is optional; without NVSHMEM it has no InternodeRuntime
     import deep_ep_cpp as _ext
@@ -78,12 +80,7 @@ _KERNEL_NAMES = {1: "notify_dispatch (NVLink leg)", 2: "intranode_dispatch (NVLi
                  3: "intranode_combine (NVLink leg)", 4: "intranode_barrier", 5: "internode_notify",
                  6: "internode_rail_dispatch", 7: "internode_rail_combine"}
 _TARGET_NAMES = {
-    1: "a barrier arrival",
-    2: "ring data (the sender's tail)",
-    3: "free ring slots (the receiver's head)",
-    4: "the sender's token count of a ring",
-    5: "the receiver's end-of-call acknowledgement",
-    6: "room in the output (num_worst_tokens too small)",
+    **INTRANODE_TARGET_NAMES,
     7: "every rank's counts of this call",
     8: "rail ring data (the rail peer's tail)",
     9: "free rail ring slots (the rail peer's head)",
@@ -101,6 +98,16 @@ def internode_kernels_available() -> bool:
     return _ext is not None and hasattr(_ext, "InternodeRuntime") and hasattr(_ext, "Buffer")
 
 
+def open_nvl_buffer(group: dist.ProcessGroup, first: int, local: int, num_local: int, num_nvl_bytes: int,
+                    timeout_s: float) -> Any:
+    """Collective over ``group``: the intranode runtime (``deep_ep_cpp.Buffer``) of the ``num_local``
+    ranks ``first`` to ``first + num_local - 1`` of ``group``, this rank being their ``local``-th,
+    with the buffers of those ranks mapped through CUDA IPC."""
+    buffer = _ext.Buffer(local, num_local, num_nvl_bytes, timeout_s)
+    handles: List[Optional[bytes]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(handles, bytes(buffer.get_local_ipc_handle()), group=group)
+    buffer.sync([bytes(h) for h in handles[first:first + num_local]])
+    return buffer
 
 
 def _single_host(group: dist.ProcessGroup) -> bool:
@@ -110,7 +117,20 @@ def _single_host(group: dist.ProcessGroup) -> bool:
 
 
 @dataclass
-class InternodeDispatchHandle:
+class KernelDispatchHandle:
+    """The fields that the dispatch handles of the kernels (intranode and internode) start with;
+    each subclass documents them with its own."""
+
+    num_tokens: int
+    hidden: int
+    num_experts: int
+    num_output_rows: int
+    num_recv_tokens: Optional[int]
+    is_token_in_rank: torch.Tensor
+
+
+@dataclass
+class InternodeDispatchHandle(KernelDispatchHandle):
     """Layout of one internode dispatch on the kernels, reused by combine and cached dispatch.
 
     Attributes:
@@ -133,12 +153,6 @@ class InternodeDispatchHandle:
         padded: outputs have ``num_worst_tokens`` rows.
     """
 
-    num_tokens: int
-    hidden: int
-    num_experts: int
-    num_output_rows: int
-    num_recv_tokens: Optional[int]
-    is_token_in_rank: torch.Tensor
     recv_from_rank: torch.Tensor
     rail_prefix: torch.Tensor
     rail_src_num_tokens: torch.Tensor
@@ -251,11 +265,7 @@ class InternodeKernelsMixin:
         """Collective: the node-local NVLink buffer, then the NVSHMEM runtime of the rail legs."""
         L = self.nvl_domain_size
         node, local = divmod(self.rank, L)
-        node_buffer = _ext.Buffer(local, L, num_nvl_bytes, self._internode_timeout_s)
-        handles: List[Optional[bytes]] = [None] * self.num_ranks
-        dist.all_gather_object(handles, bytes(node_buffer.get_local_ipc_handle()), group=self.group)
-        node_buffer.sync([bytes(h) for h in handles[node * L:(node + 1) * L]])
-        self._node_buffer = node_buffer
+        self._node_buffer = open_nvl_buffer(self.group, node * L, local, L, num_nvl_bytes, self._internode_timeout_s)
 
         ll_runtime = getattr(self, "_ll", None)
         if ll_runtime is not None:
@@ -326,9 +336,7 @@ class InternodeKernelsMixin:
         self.internode_check_errors()
         with self._on_comm_stream(previous_event):  # type: ignore[attr-defined]
             num_tokens = topk_idx.shape[0]
-            per_rank = torch.empty(self.num_ranks, dtype=torch.int32, device=self.device)
-            per_expert = torch.empty(num_experts, dtype=torch.int32, device=self.device)
-            is_token_in_rank = torch.empty(num_tokens, self.num_ranks, dtype=torch.bool, device=self.device)
+            per_rank, per_expert, is_token_in_rank = empty_layout(num_tokens, self.num_ranks, num_experts, self.device)
             self._internode.get_dispatch_layout(topk_idx, num_experts, per_rank, per_expert, is_token_in_rank)
             per_node = is_token_in_rank.view(num_tokens, self.num_nodes, self.nvl_domain_size).any(dim=2).sum(
                 dim=0, dtype=torch.int32)
@@ -342,9 +350,7 @@ class InternodeKernelsMixin:
         if ok:
             return rows, staged, list(per_expert)
         self.internode_check_errors()  # a kernel recorded why
-        self._internode_failure = (f"deep_ep: rank {self.rank}: the host waited more than "
-                                   f"{self._internode_timeout_s:g} s for the receive counts of internode_notify; "
-                                   f"the buffer is now unusable")
+        self._internode_failure = host_wait_timeout_message(self.rank, self._internode_timeout_s, "internode_notify")
         raise DeepEPTimeoutError(self._internode_failure)
 
     def _row_order(self, recv_from_rank: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
@@ -391,9 +397,7 @@ class InternodeKernelsMixin:
                                     expert_alignment, num_worst_tokens, config, previous_event, async_finish,
                                     allocate_on_comm_stream)
         self.internode_check_errors()
-        is_fp8 = isinstance(x, tuple)
-        data = x[0] if is_fp8 else x
-        scales = x[1] if is_fp8 else None
+        is_fp8, data, scales = split_dispatch_x(x)
         num_tokens, hidden = data.shape
         R, L, N = self.num_ranks, self.nvl_domain_size, self.num_nodes
         device = self.device
@@ -437,14 +441,8 @@ class InternodeKernelsMixin:
                 intra_rank_prefix, intra_src_num_tokens = i32(L + 1), i32(L)
 
             # Rail leg: into the staging area.
-            staging_x = torch.empty(staging_rows, hidden, dtype=data.dtype, device=device)
-            staging_scales = (torch.empty(staging_rows, scales.shape[1], dtype=torch.float32, device=device)
-                              if is_fp8 else None)
-            staging_topk_idx = staging_topk_weights = None
-            if topk_idx is not None:
-                staging_topk_idx = torch.empty(staging_rows, topk_idx.shape[1], dtype=torch.int64, device=device)
-                staging_topk_weights = torch.empty(staging_rows, topk_idx.shape[1], dtype=torch.float32,
-                                                   device=device)
+            staging_x, staging_scales, staging_topk_idx, staging_topk_weights = empty_dispatch_rows(
+                staging_rows, hidden, data.dtype, scales, topk_idx, device)
             self._internode.rail_dispatch(data, scales, topk_idx, topk_weights, is_token_in_rank, rail_prefix,
                                           staging_x, staging_scales, staging_topk_idx, staging_topk_weights,
                                           staging_src_token, staging_forward, num_experts, config.num_sms,
@@ -457,13 +455,9 @@ class InternodeKernelsMixin:
                                                   None, None)
 
             # NVLink leg: the intranode kernels over the ranks of this node.
-            leg_x = torch.empty(rows, hidden, dtype=data.dtype, device=device)
-            leg_scales = torch.empty(rows, scales.shape[1], dtype=torch.float32, device=device) if is_fp8 else None
+            leg_x, leg_scales, leg_topk_idx, leg_topk_weights = empty_dispatch_rows(rows, hidden, data.dtype, scales,
+                                                                                    topk_idx, device)
             leg_src_idx = i32(rows)
-            leg_topk_idx = leg_topk_weights = None
-            if topk_idx is not None:
-                leg_topk_idx = torch.empty(rows, topk_idx.shape[1], dtype=torch.int64, device=device)
-                leg_topk_weights = torch.empty(rows, topk_idx.shape[1], dtype=torch.float32, device=device)
             # Output order: source rank, then token; written so by the leg through the row map,
             # else permuted after it.
             if cached:
@@ -493,9 +487,7 @@ class InternodeKernelsMixin:
                 row_order, row_segments)
         event = self._finish(async_finish, keep,  # type: ignore[attr-defined]
                              (recv_data, recv_scales, recv_topk_idx, recv_topk_weights))
-        if cached:
-            return recv_x, None, None, None, None, event
-        return recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event
+        return dispatch_result(cached, recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event)
 
     # ------------------------------------------------------------------ combine
     def combine(self, x: torch.Tensor, handle: Any, topk_weights: Optional[torch.Tensor],
@@ -505,7 +497,7 @@ class InternodeKernelsMixin:
             return super().combine(x, handle, topk_weights, bias, config, previous_event,  # type: ignore[misc]
                                    async_finish, allocate_on_comm_stream)
         self.internode_check_errors()
-        bias0, bias1 = bias if isinstance(bias, tuple) else (bias, None)
+        bias0, bias1 = split_bias(bias)
         device = self.device
         hidden = x.shape[1]
         with self._on_comm_stream(previous_event):  # type: ignore[attr-defined]
@@ -515,21 +507,13 @@ class InternodeKernelsMixin:
             leg_weights = (_gather_rows(topk_weights, order) if order is not None or topk_weights is None
                            else topk_weights.contiguous())
             # NVLink leg: each staged token's rows from the ranks of this node, summed (fp32, one rounding).
-            partial = torch.empty(handle.staging_rows, hidden, dtype=torch.bfloat16, device=device)
-            partial_weights = None
-            if topk_weights is not None:
-                partial_weights = torch.empty(handle.staging_rows, topk_weights.shape[1], dtype=torch.float32,
-                                              device=device)
+            partial, partial_weights = empty_combine_rows(handle.staging_rows, hidden, topk_weights, device)
             self._node_buffer.combine(leg_x, leg_weights, None, None, handle.forward_in_rank, handle.intra_src_idx,
                                       handle.intra_rank_prefix, handle.intra_src_num_tokens, partial, partial_weights,
                                       config.num_sms, config.num_max_nvl_chunked_send_tokens,
                                       config.num_max_nvl_chunked_recv_tokens, handle.row_segments)
             # Rail leg: one partial row per (token, node) home, summed there with the biases.
-            combined_x = torch.empty(handle.num_tokens, hidden, dtype=torch.bfloat16, device=device)
-            combined_weights = None
-            if topk_weights is not None:
-                combined_weights = torch.empty(handle.num_tokens, topk_weights.shape[1], dtype=torch.float32,
-                                               device=device)
+            combined_x, combined_weights = empty_combine_rows(handle.num_tokens, hidden, topk_weights, device)
             self._internode.rail_combine(partial, partial_weights, handle.rail_prefix, handle.rail_src_num_tokens,
                                          handle.staging_src_token, handle.is_token_in_rank, bias0, bias1, combined_x,
                                          combined_weights, config.num_sms, config.num_max_rdma_chunked_send_tokens,

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
-from .utils import EventHandle, EventOverlap, per_token_cast_to_fp8, tensors_alive
+from .utils import (EventHandle, EventOverlap, dispatch_result, per_token_cast_to_fp8, split_dispatch_x,
+                    tensors_alive)
 
 Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
 
@@ -223,8 +224,7 @@ class TorchBackend:
                  topk_idx: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor],
                  expert_alignment: int, num_worst_tokens: int, config: Config,
                  previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool):
-        is_fp8 = isinstance(x, tuple)
-        data = x[0] if is_fp8 else x
+        is_fp8, data, scales = split_dispatch_x(x)
         num_tokens, hidden = data.shape
         cached = handle is not None
         with self._on_comm_stream(previous_event):
@@ -248,7 +248,7 @@ class TorchBackend:
                 handle = TorchDispatchHandle(num_tokens, hidden, is_token_in_rank, send_token_idx,
                                              send_counts, recv_counts, num_recv,
                                              num_worst_tokens if num_worst_tokens > 0 else num_recv)
-            parts = [data] + ([x[1].contiguous()] if is_fp8 else [])
+            parts = [data] + ([scales.contiguous()] if is_fp8 else [])
             with_topk = topk_idx is not None
             if with_topk:
                 parts += [topk_idx.contiguous(), topk_weights.contiguous()]
@@ -266,7 +266,7 @@ class TorchBackend:
             recv_data = padded(_from_bytes(received[0], data.dtype, (num_recv, hidden)), 0)
             recv_x: Union[torch.Tensor, Fp8Pair] = recv_data
             if is_fp8:
-                num_scales = x[1].shape[1]
+                num_scales = scales.shape[1]
                 recv_x = (recv_data, padded(_from_bytes(received[1], torch.float32, (num_recv, num_scales)), 0))
             recv_topk_idx = recv_topk_weights = None
             if with_topk:
@@ -277,9 +277,7 @@ class TorchBackend:
                 recv_topk_idx, recv_topk_weights = padded(recv_topk_idx, -1), padded(recv_topk_weights, 0)
         event = self._finish(async_finish, (x, topk_idx, topk_weights, is_token_in_rank),
                              (recv_x, recv_topk_idx, recv_topk_weights))
-        if cached:
-            return recv_x, None, None, None, None, event
-        return recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event
+        return dispatch_result(cached, recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event)
 
     def _check_worst_tokens(self, num_recv: int, num_worst_tokens: int) -> None:
         """Every rank learns every rank's receive count, so that all of them raise together

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -39,6 +39,17 @@ def timeout_from_env() -> float:
 
 
 KERNEL_ERROR_OVERFLOW = 2  # codes of csrc/kernels/exception.cuh: 1 = timeout, 2 = overflow
+
+# Names of the wait targets of csrc/kernels/exception.cuh (the intranode kernels; the internode
+# path adds its own after them).
+INTRANODE_TARGET_NAMES = {
+    1: "a barrier arrival",
+    2: "ring data (the sender's tail)",
+    3: "free ring slots (the receiver's head)",
+    4: "the sender's token count of a ring",
+    5: "the receiver's end-of-call acknowledgement",
+    6: "room in the output (num_worst_tokens too small)",
+}
 
 
 def describe_kernel_failure(record: Tuple[int, ...], kernel_names: dict, target_names: dict,
@@ -140,6 +151,73 @@ def raise_layout_value_errors(bad_range: bool, bad_counts: bool, topk_idx: Optio
         raise ValueError(f"topk_idx values must lie in [-1, {num_experts})")
     if bad_counts:
         raise ValueError("num_tokens_per_rank does not match is_token_in_rank (column sums)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Glue of the high-throughput backends (argument unpacking, output allocation, results)
+# ----------------------------------------------------------------------------------------------
+def split_dispatch_x(x: Any) -> Tuple[bool, torch.Tensor, Optional[torch.Tensor]]:
+    """A dispatch's ``x`` (a tensor, or an FP8 ``(data, scales)`` pair) as ``(is_fp8, data, scales)``,
+    ``scales`` being ``None`` without FP8."""
+    is_fp8 = isinstance(x, tuple)
+    return is_fp8, (x[0] if is_fp8 else x), (x[1] if is_fp8 else None)
+
+
+def split_bias(bias: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """A combine's ``bias`` (``None``, a tensor, or a pair of tensors) as a pair (``None`` where absent)."""
+    return bias if isinstance(bias, tuple) else (bias, None)
+
+
+def empty_layout(num_tokens: int, num_ranks: int, num_experts: int,
+                 device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The outputs of a layout kernel: int32 tokens per rank ``[num_ranks]``, int32 tokens per
+    expert ``[num_experts]`` and bool ``is_token_in_rank`` ``[num_tokens, num_ranks]``."""
+    per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
+    per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
+    is_token_in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device=device)
+    return per_rank, per_expert, is_token_in_rank
+
+
+def empty_dispatch_rows(rows: int, hidden: int, dtype: torch.dtype, scales: Optional[torch.Tensor],
+                        topk_idx: Optional[torch.Tensor], device: torch.device) -> Tuple[
+                            torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The rows a dispatch kernel writes: data ``[rows, hidden]`` of ``dtype``, fp32 FP8 scales
+    ``[rows, scales.shape[1]]`` (``None`` without ``scales``), int64 top-k ids and fp32 top-k
+    weights ``[rows, topk_idx.shape[1]]`` (both ``None`` without ``topk_idx``)."""
+    data = torch.empty(rows, hidden, dtype=dtype, device=device)
+    out_scales = (torch.empty(rows, scales.shape[1], dtype=torch.float32, device=device)
+                  if scales is not None else None)
+    out_topk_idx = out_topk_weights = None
+    if topk_idx is not None:
+        out_topk_idx = torch.empty(rows, topk_idx.shape[1], dtype=torch.int64, device=device)
+        out_topk_weights = torch.empty(rows, topk_idx.shape[1], dtype=torch.float32, device=device)
+    return data, out_scales, out_topk_idx, out_topk_weights
+
+
+def empty_combine_rows(rows: int, hidden: int, topk_weights: Optional[torch.Tensor],
+                       device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The rows a combine kernel writes: bf16 ``[rows, hidden]`` and fp32 top-k weights
+    ``[rows, topk_weights.shape[1]]`` (``None`` without ``topk_weights``)."""
+    combined_x = torch.empty(rows, hidden, dtype=torch.bfloat16, device=device)
+    combined_weights = None
+    if topk_weights is not None:
+        combined_weights = torch.empty(rows, topk_weights.shape[1], dtype=torch.float32, device=device)
+    return combined_x, combined_weights
+
+
+def dispatch_result(cached: bool, recv_x: Any, recv_topk_idx: Optional[torch.Tensor],
+                    recv_topk_weights: Optional[torch.Tensor], per_expert_list: List[int], handle: Any,
+                    event: Any) -> Tuple[Any, ...]:
+    """What a backend's ``dispatch`` returns: a cached call gives only ``recv_x`` and the event."""
+    if cached:
+        return recv_x, None, None, None, None, event
+    return recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event
+
+
+def host_wait_timeout_message(rank: int, timeout_s: float, kernel: str) -> str:
+    """The failure of a host wait for the receive counts of ``kernel`` that ran past ``timeout_s``."""
+    return (f"deep_ep: rank {rank}: the host waited more than {timeout_s:g} s for the receive counts of "
+            f"{kernel}; the buffer is now unusable")
 
 
 def _round_scale_up_to_pow2(scale: torch.Tensor) -> torch.Tensor:
