@@ -12,7 +12,9 @@
 #include <torch/extension.h>
 
 #include "config.hpp"
+#include "dispatch_combine_args.hpp"
 #include "event.hpp"
+#include "host_mapped.hpp"
 #include "kernels/api.cuh"
 #include "kernels/buffer.cuh"
 #include "kernels/exception.cuh"
@@ -35,10 +37,6 @@
 namespace py = pybind11;
 
 namespace deep_ep {
-namespace {
-
-
-}  // namespace
 
 Buffer::Buffer(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
     : rank_(rank), num_ranks_(num_ranks), num_nvl_bytes_(num_nvl_bytes) {
@@ -51,12 +49,8 @@ Buffer::Buffer(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
     DEEP_EP_CUDA_CHECK(cudaGetDevice(&device_));
     DEEP_EP_CUDA_CHECK(cudaMalloc(&local_buffer_, static_cast<size_t>(num_nvl_bytes)));
     DEEP_EP_CUDA_CHECK(cudaMemset(local_buffer_, 0, kDataOffset));
-    DEEP_EP_CUDA_CHECK(cudaHostAlloc(&error_host_, sizeof(ErrorRecord), cudaHostAllocMapped));
-    std::memset(error_host_, 0, sizeof(ErrorRecord));
-    DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
-    DEEP_EP_CUDA_CHECK(cudaHostAlloc(&counters_host_, sizeof(int) * kHostCounterInts, cudaHostAllocMapped));
-    std::memset(counters_host_, 0, sizeof(int) * kHostCounterInts);
-    DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&counters_device_), counters_host_, 0));
+    DEEP_EP_CUDA_CHECK(alloc_host_mapped(&error_host_, &error_device_, 1));
+    DEEP_EP_CUDA_CHECK(alloc_host_mapped(&counters_host_, &counters_device_, kHostCounterInts));
     DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
     for (auto& p : peers_.ptrs)
         p = nullptr;
@@ -115,7 +109,7 @@ FailureContext Buffer::failure_context() const {
 void Buffer::check_usable() const {
     DEEP_EP_HOST_ASSERT(!destroyed_, "the buffer has been destroyed");
     DEEP_EP_HOST_ASSERT(available_, "sync() has not been called");
-    if (reinterpret_cast<volatile ErrorRecord*>(error_host_)->code != 0)
+    if (error_recorded(error_host_))
         throw std::runtime_error("deep_ep: the buffer failed earlier (see the error record); it cannot be used");
 }
 
@@ -198,10 +192,7 @@ void Buffer::notify_dispatch(const torch::Tensor& num_tokens_per_rank, const tor
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (check_is_token_in_rank.has_value()) {
         DEEP_EP_HOST_ASSERT(write_host, "the value checks report through the host counters (write_host)");
-        const torch::Tensor& in_rank = *check_is_token_in_rank;
-        check_cuda_tensor(in_rank, "is_token_in_rank", torch::kBool);
-        DEEP_EP_HOST_ASSERT(in_rank.dim() == 2 && in_rank.size(0) == num_tokens && in_rank.size(1) == num_ranks_,
-                            "is_token_in_rank must be [num_tokens, num_ranks]");
+        check_token_rank_map(*check_is_token_in_rank, num_tokens, num_ranks_);
         DispatchCheckArgs check;
         check.topk_idx = nullptr;
         check.num_topk = 0;
@@ -212,7 +203,7 @@ void Buffer::notify_dispatch(const torch::Tensor& num_tokens_per_rank, const tor
             check.topk_idx = check_topk_idx->data_ptr<int64_t>();
             check.num_topk = static_cast<int>(check_topk_idx->size(1));
         }
-        check.is_token_in_rank = in_rank.data_ptr<bool>();
+        check.is_token_in_rank = check_is_token_in_rank->data_ptr<bool>();
         check.num_tokens = num_tokens;
         check.num_experts = num_experts;
         check.num_ranks = num_ranks_;
@@ -285,30 +276,15 @@ void Buffer::dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>
     DEEP_EP_HOST_ASSERT(recv_x.is_cuda() && recv_x.dim() == 2 && recv_x.is_contiguous() &&
                             recv_x.scalar_type() == x.scalar_type() && recv_x.size(1) == x.size(1),
                         "recv_x must be contiguous [rows, hidden] of x's dtype");
-    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
+    check_token_rank_map(is_token_in_rank, x.size(0), num_ranks_);
     check_cuda_tensor(recv_rank_prefix, "recv_rank_prefix", torch::kInt32);
     check_cuda_tensor(recv_src_idx, "recv_src_idx", torch::kInt32);
-    DEEP_EP_HOST_ASSERT(is_token_in_rank.dim() == 2 && is_token_in_rank.size(0) == x.size(0) &&
-                            is_token_in_rank.size(1) == num_ranks_,
-                        "is_token_in_rank must be [num_tokens, num_ranks]");
     DEEP_EP_HOST_ASSERT(recv_src_idx.numel() == recv_x.size(0), "recv_src_idx must have one entry per row");
-    DEEP_EP_HOST_ASSERT(topk_idx.has_value() == topk_weights.has_value() &&
-                            topk_idx.has_value() == recv_topk_idx.has_value() &&
-                            topk_idx.has_value() == recv_topk_weights.has_value(),
-                        "top-k inputs and outputs go together");
-    DEEP_EP_HOST_ASSERT(x_scales.has_value() == recv_x_scales.has_value(), "scales in and out go together");
-    DEEP_EP_HOST_ASSERT(num_experts >= num_ranks_ && num_experts % num_ranks_ == 0,
-                        "num_experts must be a multiple of num_ranks");
+    check_dispatch_options(x_scales, recv_x_scales, topk_idx, topk_weights, recv_topk_idx, recv_topk_weights,
+                           num_experts, num_ranks_);
 
     DispatchArgs args;
-    args.x = static_cast<const uint8_t*>(x.data_ptr());
-    args.num_tokens = static_cast<int>(x.size(0));
-    args.hidden_bytes = static_cast<int>(x.size(1) * x.element_size());
-    const StridedScales scales = read_strided_scales(x_scales, x.size(0));
-    args.x_scales = scales.data;
-    args.scale_token_stride = scales.token_stride;
-    args.scale_hidden_stride = scales.hidden_stride;
-    args.num_scales = scales.num_scales;
+    set_dispatch_source(args, x, x_scales, topk_idx, topk_weights, is_token_in_rank);
     args.recv_x_scales = nullptr;
     if (x_scales.has_value()) {
         check_cuda_tensor(*recv_x_scales, "recv_x_scales", torch::kFloat32);
@@ -317,18 +293,14 @@ void Buffer::dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>
                             "recv_x_scales must be [rows, num_scales]");
         args.recv_x_scales = recv_x_scales->data_ptr<float>();
     }
-    args.topk_idx = optional_ptr<const int64_t>(topk_idx, "topk_idx", torch::kInt64);
-    args.topk_weights = optional_ptr<const float>(topk_weights, "topk_weights", torch::kFloat32);
     args.recv_topk_idx = optional_ptr<int64_t>(recv_topk_idx, "recv_topk_idx", torch::kInt64);
     args.recv_topk_weights = optional_ptr<float>(recv_topk_weights, "recv_topk_weights", torch::kFloat32);
-    args.num_topk = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
     if (topk_idx.has_value()) {
         DEEP_EP_HOST_ASSERT(topk_idx->size(0) == x.size(0) && topk_weights->sizes() == topk_idx->sizes() &&
                                 recv_topk_idx->size(0) == recv_x.size(0) && recv_topk_idx->size(1) == args.num_topk &&
                                 recv_topk_weights->sizes() == recv_topk_idx->sizes(),
                             "top-k shapes disagree");
     }
-    args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
     args.recv_rank_prefix = recv_rank_prefix.data_ptr<int>();
     args.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
     args.recv_src_idx = recv_src_idx.data_ptr<int>();
@@ -353,31 +325,20 @@ void Buffer::combine(const torch::Tensor& x, const std::optional<torch::Tensor>&
                      int num_sms, int send_chunk, int ring_capacity,
                      const std::optional<torch::Tensor>& row_segments) {
     check_usable();
-    check_cuda_tensor(x, "x", torch::kBFloat16);
-    check_cuda_tensor(combined_x, "combined_x", torch::kBFloat16);
-    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
+    check_combine_rows(x, "x", combined_x);
     check_cuda_tensor(recv_src_idx, "recv_src_idx", torch::kInt32);
     check_cuda_tensor(recv_rank_prefix, "recv_rank_prefix", torch::kInt32);
     check_cuda_tensor(recv_src_num_tokens, "recv_src_num_tokens", torch::kInt32);
-    DEEP_EP_HOST_ASSERT(x.dim() == 2 && combined_x.dim() == 2 && x.size(1) == combined_x.size(1),
-                        "x and combined_x must be [rows, hidden] and [num_tokens, hidden]");
-    DEEP_EP_HOST_ASSERT(is_token_in_rank.dim() == 2 && is_token_in_rank.size(0) == combined_x.size(0) &&
-                            is_token_in_rank.size(1) == num_ranks_,
-                        "is_token_in_rank must be [num_tokens, num_ranks]");
+    check_token_rank_map(is_token_in_rank, combined_x.size(0), num_ranks_);
     DEEP_EP_HOST_ASSERT(recv_src_idx.numel() <= x.size(0), "x has fewer rows than the handle received");
     DEEP_EP_HOST_ASSERT(topk_weights.has_value() == combined_topk_weights.has_value(),
                         "topk_weights and combined_topk_weights go together");
-    for (const auto* bias : {&bias0, &bias1}) {
-        if (bias->has_value()) {
-            check_cuda_tensor(**bias, "bias", torch::kBFloat16);
-            DEEP_EP_HOST_ASSERT((*bias)->sizes() == combined_x.sizes(), "bias must be [num_tokens, hidden]");
-        }
-    }
+    check_biases(bias0, bias1, combined_x);
 
     CombineArgs args;
     args.x = static_cast<const uint8_t*>(x.data_ptr());
     args.topk_weights = optional_ptr<const float>(topk_weights, "topk_weights", torch::kFloat32);
-    args.combined_topk_weights = optional_ptr<float>(combined_topk_weights, "combined_topk_weights", torch::kFloat32);
+    set_combine_home(args, combined_x, combined_topk_weights, is_token_in_rank, bias0, bias1);
     args.num_topk = topk_weights.has_value() ? static_cast<int>(topk_weights->size(1)) : 0;
     if (topk_weights.has_value()) {
         DEEP_EP_HOST_ASSERT(topk_weights->dim() == 2 && topk_weights->size(0) >= recv_src_idx.numel() &&
@@ -386,15 +347,9 @@ void Buffer::combine(const torch::Tensor& x, const std::optional<torch::Tensor>&
                                 combined_topk_weights->size(1) == args.num_topk,
                             "top-k weight shapes disagree");
     }
-    args.bias0 = bias0.has_value() ? static_cast<const uint8_t*>(bias0->data_ptr()) : nullptr;
-    args.bias1 = bias1.has_value() ? static_cast<const uint8_t*>(bias1->data_ptr()) : nullptr;
-    args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
     args.recv_src_idx = recv_src_idx.data_ptr<int>();
     args.recv_rank_prefix = recv_rank_prefix.data_ptr<int>();
     args.recv_src_num_tokens = recv_src_num_tokens.data_ptr<int>();
-    args.num_tokens = static_cast<int>(combined_x.size(0));
-    args.hidden = static_cast<int>(x.size(1));
-    args.combined_x = static_cast<uint8_t*>(combined_x.data_ptr());
     args.weights_offset = (args.hidden * 2 + 15) / 16 * 16;
     set_row_map(row_segments, num_ranks_, args.row_segment_end, args.row_segment_delta, args.num_row_segments);
     args.rank = rank_;
@@ -428,11 +383,9 @@ void Buffer::destroy(bool leak_memory) {
         if (r != rank_ && peers_.ptrs[r] != nullptr)
             DEEP_EP_CUDA_CHECK(cudaIpcCloseMemHandle(peers_.ptrs[r]));
     DEEP_EP_CUDA_CHECK(cudaFree(local_buffer_));
-    DEEP_EP_CUDA_CHECK(cudaFreeHost(error_host_));
-    DEEP_EP_CUDA_CHECK(cudaFreeHost(counters_host_));
+    DEEP_EP_CUDA_CHECK(free_host_mapped(&error_host_, &error_device_));
+    DEEP_EP_CUDA_CHECK(free_host_mapped(&counters_host_, &counters_device_));
     local_buffer_ = nullptr;
-    error_host_ = error_device_ = nullptr;
-    counters_host_ = counters_device_ = nullptr;
     available_ = false;
 }
 

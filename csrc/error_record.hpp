@@ -14,6 +14,13 @@ namespace deep_ep {
 // (code, kernel, rank, peer, target, channel, value_seen, expected)
 using ErrorRecordTuple = std::tuple<int, int, int, int, int, int, int64_t, int64_t>;
 
+// Whether any kernel has written the record (a runtime refuses further work after that, as a peer
+// may have given up on this rank mid-call).
+inline bool error_recorded(const ErrorRecord* host_record) {
+    const volatile ErrorRecord* record = host_record;
+    return record->code != 0;
+}
+
 // A kernel fills the record, then publishes `code` last behind a system-scope fence; a positive
 // code means the fields before it are complete.
 inline std::optional<ErrorRecordTuple> read_error_record(const ErrorRecord* host_record) {

@@ -4,7 +4,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <cstring>
 #include <stdexcept>
 #include <thread>
 
@@ -13,6 +12,8 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include "dispatch_combine_args.hpp"
+#include "host_mapped.hpp"
 #include "kernels/exception.cuh"
 #include "layout_launch.hpp"
 #include "tensor_checks.hpp"
@@ -52,13 +53,8 @@ InternodeRuntime::InternodeRuntime(int rank, int num_ranks, int nvl_domain_size,
     DEEP_EP_CUDA_CHECK(cudaMemset(state_, 0, sizeof(internode::State)));
     DEEP_EP_CUDA_CHECK(cudaMalloc(&abort_flag_, sizeof(int)));
     DEEP_EP_CUDA_CHECK(cudaMemset(abort_flag_, 0, sizeof(int)));
-    DEEP_EP_CUDA_CHECK(cudaHostAlloc(&error_host_, sizeof(ErrorRecord), cudaHostAllocMapped));
-    std::memset(error_host_, 0, sizeof(ErrorRecord));
-    DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
-    DEEP_EP_CUDA_CHECK(
-        cudaHostAlloc(&counters_host_, sizeof(int) * internode::kHostCounterInts, cudaHostAllocMapped));
-    std::memset(counters_host_, 0, sizeof(int) * internode::kHostCounterInts);
-    DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&counters_device_), counters_host_, 0));
+    DEEP_EP_CUDA_CHECK(alloc_host_mapped(&error_host_, &error_device_, 1));
+    DEEP_EP_CUDA_CHECK(alloc_host_mapped(&counters_host_, &counters_device_, internode::kHostCounterInts));
     DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
     // Nobody writes into a peer before that peer has zeroed its control area.
     ll::nvshmem_barrier_all_host();
@@ -103,7 +99,7 @@ internode::Context InternodeRuntime::context() const {
 
 void InternodeRuntime::check_usable() const {
     DEEP_EP_HOST_ASSERT(!destroyed_, "the internode runtime has been destroyed");
-    if (reinterpret_cast<volatile ErrorRecord*>(error_host_)->code != 0)
+    if (error_recorded(error_host_))
         throw std::runtime_error("deep_ep: the internode buffer failed earlier (see the error record); it cannot be used");
 }
 
@@ -164,8 +160,7 @@ std::tuple<bool, int, int, std::vector<int>> InternodeRuntime::wait_notify(int n
     const auto start = std::chrono::steady_clock::now();
     const auto limit = std::chrono::nanoseconds(timeout_ns_);
     while (counters[0] == 0) {
-        if (reinterpret_cast<volatile ErrorRecord*>(error_host_)->code != 0 ||
-            std::chrono::steady_clock::now() - start > limit)
+        if (error_recorded(error_host_) || std::chrono::steady_clock::now() - start > limit)
             return std::make_tuple(false, 0, 0, std::vector<int>());
         std::this_thread::yield();
     }
@@ -190,44 +185,27 @@ void InternodeRuntime::rail_dispatch(const torch::Tensor& x, const std::optional
     DEEP_EP_HOST_ASSERT(staging_x.is_cuda() && staging_x.is_contiguous() && staging_x.dim() == 2 &&
                             staging_x.size(1) == x.size(1) && staging_x.scalar_type() == x.scalar_type(),
                         "staging_x must be [rows, H] like x");
-    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
+    check_token_rank_map(is_token_in_rank, x.size(0), num_ranks_);
     check_cuda_tensor(rail_prefix, "rail_prefix", torch::kInt32);
     check_cuda_tensor(staging_src_token, "staging_src_token", torch::kInt32);
     check_cuda_tensor(forward_in_rank, "forward_in_rank", torch::kBool);
-    DEEP_EP_HOST_ASSERT(is_token_in_rank.dim() == 2 && is_token_in_rank.size(0) == x.size(0) &&
-                            is_token_in_rank.size(1) == num_ranks_,
-                        "is_token_in_rank must be [num_tokens, num_ranks]");
     check_numel(rail_prefix, num_nodes_ + 1, "rail_prefix");
     const int64_t rows = staging_x.size(0);
     check_numel(staging_src_token, rows, "staging_src_token");
     check_numel(forward_in_rank, rows * nvl_size_, "forward_in_rank");
-    DEEP_EP_HOST_ASSERT(num_experts >= num_ranks_ && num_experts % num_ranks_ == 0,
-                        "num_experts must be a multiple of num_ranks");
-    DEEP_EP_HOST_ASSERT(x_scales.has_value() == staging_scales.has_value(), "scales in and out go together");
-    DEEP_EP_HOST_ASSERT(topk_idx.has_value() == topk_weights.has_value() &&
-                            topk_idx.has_value() == staging_topk_idx.has_value() &&
-                            topk_idx.has_value() == staging_topk_weights.has_value(),
-                        "top-k inputs and outputs go together");
+    check_dispatch_options(x_scales, staging_scales, topk_idx, topk_weights, staging_topk_idx, staging_topk_weights,
+                           num_experts, num_ranks_);
 
     internode::RailDispatchArgs args;
-    args.x = static_cast<const uint8_t*>(x.data_ptr());
-    args.hidden_bytes = static_cast<int>(x.size(1) * x.element_size());
-    const StridedScales scales = read_strided_scales(x_scales, x.size(0));
-    args.x_scales = scales.data;
-    args.scale_token_stride = scales.token_stride;
-    args.scale_hidden_stride = scales.hidden_stride;
-    args.num_scales = scales.num_scales;
+    set_dispatch_source(args, x, x_scales, topk_idx, topk_weights, is_token_in_rank);
     args.staging_scales = nullptr;
     if (x_scales.has_value()) {
         check_cuda_tensor(*staging_scales, "staging_scales", torch::kFloat32);
         check_numel(*staging_scales, rows * args.num_scales, "staging_scales");
         args.staging_scales = staging_scales->data_ptr<float>();
     }
-    args.topk_idx = optional_ptr<const int64_t>(topk_idx, "topk_idx", torch::kInt64);
-    args.topk_weights = optional_ptr<const float>(topk_weights, "topk_weights", torch::kFloat32);
     args.staging_topk_idx = optional_ptr<int64_t>(staging_topk_idx, "staging_topk_idx", torch::kInt64);
     args.staging_topk_weights = optional_ptr<float>(staging_topk_weights, "staging_topk_weights", torch::kFloat32);
-    args.num_topk = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
     if (topk_idx.has_value()) {
         DEEP_EP_HOST_ASSERT(topk_idx->dim() == 2 && topk_idx->size(0) == x.size(0) &&
                                 topk_weights->sizes() == topk_idx->sizes(),
@@ -235,8 +213,6 @@ void InternodeRuntime::rail_dispatch(const torch::Tensor& x, const std::optional
         check_numel(*staging_topk_idx, rows * args.num_topk, "staging_topk_idx");
         check_numel(*staging_topk_weights, rows * args.num_topk, "staging_topk_weights");
     }
-    args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
-    args.num_tokens = static_cast<int>(x.size(0));
     args.num_experts = num_experts;
     args.rail_prefix = rail_prefix.data_ptr<int>();
     args.staging_x = static_cast<uint8_t*>(staging_x.data_ptr());
@@ -258,33 +234,22 @@ void InternodeRuntime::rail_combine(const torch::Tensor& partial, const std::opt
                                     const std::optional<torch::Tensor>& combined_topk_weights, int num_sms,
                                     int send_chunk, int ring_capacity) {
     check_usable();
-    check_cuda_tensor(partial, "partial", torch::kBFloat16);
-    check_cuda_tensor(combined_x, "combined_x", torch::kBFloat16);
+    check_combine_rows(partial, "partial", combined_x);
     check_cuda_tensor(rail_prefix, "rail_prefix", torch::kInt32);
     check_cuda_tensor(rail_src_num_tokens, "rail_src_num_tokens", torch::kInt32);
     check_cuda_tensor(staging_src_token, "staging_src_token", torch::kInt32);
-    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
-    DEEP_EP_HOST_ASSERT(partial.dim() == 2 && combined_x.dim() == 2 && partial.size(1) == combined_x.size(1),
-                        "partial and combined_x must be [rows, hidden] and [num_tokens, hidden]");
     const int64_t rows = partial.size(0);
     check_numel(staging_src_token, rows, "staging_src_token");
     check_numel(rail_prefix, num_nodes_ + 1, "rail_prefix");
     check_numel(rail_src_num_tokens, num_nodes_, "rail_src_num_tokens");
-    DEEP_EP_HOST_ASSERT(is_token_in_rank.dim() == 2 && is_token_in_rank.size(0) == combined_x.size(0) &&
-                            is_token_in_rank.size(1) == num_ranks_,
-                        "is_token_in_rank must be [num_tokens, num_ranks]");
+    check_token_rank_map(is_token_in_rank, combined_x.size(0), num_ranks_);
     DEEP_EP_HOST_ASSERT(partial_weights.has_value() == combined_topk_weights.has_value(),
                         "partial_weights and combined_topk_weights go together");
-    for (const auto* bias : {&bias0, &bias1}) {
-        if (bias->has_value()) {
-            check_cuda_tensor(**bias, "bias", torch::kBFloat16);
-            DEEP_EP_HOST_ASSERT((*bias)->sizes() == combined_x.sizes(), "bias must be [num_tokens, hidden]");
-        }
-    }
+    check_biases(bias0, bias1, combined_x);
     internode::RailCombineArgs args;
     args.partial = static_cast<const uint8_t*>(partial.data_ptr());
     args.partial_weights = optional_ptr<const float>(partial_weights, "partial_weights", torch::kFloat32);
-    args.combined_topk_weights = optional_ptr<float>(combined_topk_weights, "combined_topk_weights", torch::kFloat32);
+    set_combine_home(args, combined_x, combined_topk_weights, is_token_in_rank, bias0, bias1);
     args.num_topk = partial_weights.has_value() ? static_cast<int>(partial_weights->size(1)) : 0;
     if (partial_weights.has_value()) {
         DEEP_EP_HOST_ASSERT(partial_weights->dim() == 2 && partial_weights->size(0) == rows &&
@@ -293,16 +258,10 @@ void InternodeRuntime::rail_combine(const torch::Tensor& partial, const std::opt
                                 combined_topk_weights->size(1) == args.num_topk,
                             "top-k weight shapes disagree");
     }
-    args.hidden = static_cast<int>(partial.size(1));
     args.rail_prefix = rail_prefix.data_ptr<int>();
     args.rail_src_num_tokens = rail_src_num_tokens.data_ptr<int>();
     args.staging_src_token = staging_src_token.data_ptr<int>();
     args.staging_rows = static_cast<int>(rows);
-    args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
-    args.num_tokens = static_cast<int>(combined_x.size(0));
-    args.bias0 = bias0.has_value() ? static_cast<const uint8_t*>(bias0->data_ptr()) : nullptr;
-    args.bias1 = bias1.has_value() ? static_cast<const uint8_t*>(bias1->data_ptr()) : nullptr;
-    args.combined_x = static_cast<uint8_t*>(combined_x.data_ptr());
     args.rail = internode::make_rail_geometry(layout_, internode::kRailCombine, num_nodes_, num_sms, send_chunk,
                                               ring_capacity, internode::combine_slot_bytes(args.hidden, args.num_topk));
     const c10::cuda::CUDAGuard guard(device_);
@@ -328,12 +287,10 @@ void InternodeRuntime::destroy(bool failed) {
         ll::nvshmem_finalize_runtime();
     DEEP_EP_CUDA_CHECK(cudaFree(state_));
     DEEP_EP_CUDA_CHECK(cudaFree(abort_flag_));
-    DEEP_EP_CUDA_CHECK(cudaFreeHost(error_host_));
-    DEEP_EP_CUDA_CHECK(cudaFreeHost(counters_host_));
+    DEEP_EP_CUDA_CHECK(free_host_mapped(&error_host_, &error_device_));
+    DEEP_EP_CUDA_CHECK(free_host_mapped(&counters_host_, &counters_device_));
     state_ = nullptr;
     abort_flag_ = nullptr;
-    error_host_ = error_device_ = nullptr;
-    counters_host_ = counters_device_ = nullptr;
 }
 
 void register_internode(pybind11::module_& m) {

@@ -7,9 +7,10 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
-#include <cstring>
 #include <sstream>
 #include <vector>
+
+#include "host_mapped.hpp"
 
 namespace deep_ep {
 
@@ -27,6 +28,50 @@ void check_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dt
     TORCH_CHECK(t.scalar_type() == dtype, "deep_ep low-latency: ", name, " has dtype ", t.scalar_type(),
                 ", expected ", dtype);
     TORCH_CHECK(t.is_contiguous(), "deep_ep low-latency: ", name, " must be contiguous");
+}
+
+// The symmetric allocation holds two alternating buffers (low_latency.hpp).
+void check_buffer_idx(int buffer_idx) {
+    TORCH_CHECK(buffer_idx == 0 || buffer_idx == 1, "deep_ep low-latency: buffer_idx must be 0 or 1");
+}
+
+// The kernels keep at most kMaxTopk entries per token (the columns of slot_rows).
+void check_num_topk(const torch::Tensor& topk_idx) {
+    TORCH_CHECK(topk_idx.size(1) >= 1 && topk_idx.size(1) <= ll::kMaxTopk, "deep_ep low-latency: num_topk must be in [1, ",
+                ll::kMaxTopk, "]");
+}
+
+// The dispatch's row map of each received slot, which the combine reads back.
+void check_slot_rows(const torch::Tensor& slot_rows, int num_ranks, int num_max_tokens) {
+    check_tensor(slot_rows, "slot_rows", torch::kInt32);
+    TORCH_CHECK(slot_rows.numel() == static_cast<int64_t>(num_ranks) * num_max_tokens * ll::kMaxTopk,
+                "deep_ep low-latency: slot_rows has the wrong size");
+}
+
+// An optional statistics output (checked by the caller): its data, or null when absent.
+template <typename T>
+T* data_or_null(const std::optional<torch::Tensor>& t) {
+    return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// The fields that ll::DispatchArgs and ll::CombineArgs share: the home rank's top-k choices, the
+// dispatch's receive bookkeeping, and the call's shape and phases.
+template <typename Args>
+void set_common_args(Args& args, const torch::Tensor& topk_idx, const torch::Tensor& recv_count,
+                     const torch::Tensor& src_info, const torch::Tensor& slot_rows,
+                     const std::optional<torch::Tensor>& wait_recv_cost_stats, int hidden, int num_experts,
+                     int num_max_tokens, int phases) {
+    args.topk_idx = topk_idx.data_ptr<int64_t>();
+    args.recv_count = recv_count.data_ptr<int>();
+    args.src_info = src_info.data_ptr<int>();
+    args.slot_rows = slot_rows.data_ptr<int>();
+    args.wait_recv_cost_stats = data_or_null<int64_t>(wait_recv_cost_stats);
+    args.num_tokens = static_cast<int>(topk_idx.size(0));
+    args.hidden = hidden;
+    args.num_topk = static_cast<int>(topk_idx.size(1));
+    args.num_experts = num_experts;
+    args.num_max_tokens = num_max_tokens;
+    args.phases = phases;
 }
 
 const char* kernel_name(int kernel) {
@@ -72,9 +117,7 @@ LowLatencyRuntime::LowLatencyRuntime(int rank, int num_ranks, const std::string&
     LL_CUDA_CHECK(cudaMemset(state_, 0, sizeof(ll::BufferState) * ll::kStateEntries));
     LL_CUDA_CHECK(cudaMalloc(&mask_, sizeof(int) * num_ranks));
     LL_CUDA_CHECK(cudaMemset(mask_, 0, sizeof(int) * num_ranks));
-    LL_CUDA_CHECK(cudaHostAlloc(&error_host_, sizeof(ll::ErrorRecord), cudaHostAllocMapped));
-    std::memset(error_host_, 0, sizeof(ll::ErrorRecord));
-    LL_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
+    LL_CUDA_CHECK(alloc_host_mapped(&error_host_, &error_device_, 1));
     LL_CUDA_CHECK(cudaDeviceSynchronize());
     ll::nvshmem_barrier_all_host();
 }
@@ -159,6 +202,17 @@ void LowLatencyRuntime::clean(int num_max_tokens, int hidden, int num_experts) {
     layout_key_ = std::make_tuple(num_max_tokens, hidden, num_experts);
 }
 
+template <typename Args>
+void LowLatencyRuntime::launch(const Args& args, int buffer_idx,
+                               cudaError_t (*kernel)(const ll::Context&, const ll::Layout&, int, const Args&,
+                                                     cudaStream_t)) {
+    const c10::cuda::CUDAGuard guard(device_);
+    // May re-lay out (and so clean, collectively) the buffers when the shape changed.
+    const ll::Context ctx = context(args.num_max_tokens, args.hidden, args.num_experts);
+    const ll::Layout layout = ll::make_layout(args.num_max_tokens, args.hidden, num_ranks_, args.num_experts);
+    LL_CUDA_CHECK(kernel(ctx, layout, buffer_idx, args, at::cuda::getCurrentCUDAStream()));
+}
+
 void LowLatencyRuntime::dispatch(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& recv_x,
                                  const std::optional<torch::Tensor>& recv_scales, const torch::Tensor& recv_count,
                                  const torch::Tensor& src_info, const torch::Tensor& layout_range,
@@ -171,10 +225,9 @@ void LowLatencyRuntime::dispatch(const torch::Tensor& x, const torch::Tensor& to
     check_tensor(topk_idx, "topk_idx", torch::kInt64);
     TORCH_CHECK(x.dim() == 2 && topk_idx.dim() == 2 && topk_idx.size(0) == x.size(0),
                 "deep_ep low-latency: x must be [T, H] and topk_idx [T, K]");
-    TORCH_CHECK(topk_idx.size(1) >= 1 && topk_idx.size(1) <= ll::kMaxTopk, "deep_ep low-latency: num_topk must be in [1, ",
-                ll::kMaxTopk, "]");
+    check_num_topk(topk_idx);
     TORCH_CHECK(x.size(0) <= num_max_tokens, "deep_ep low-latency: more tokens than num_max_dispatch_tokens_per_rank");
-    TORCH_CHECK(buffer_idx == 0 || buffer_idx == 1, "deep_ep low-latency: buffer_idx must be 0 or 1");
+    check_buffer_idx(buffer_idx);
     const int hidden = static_cast<int>(x.size(1));
     const int num_local = num_experts / num_ranks_;
     check_tensor(recv_x, "recv_x", use_fp8 ? torch::kFloat8_e4m3fn : torch::kBFloat16);
@@ -188,36 +241,22 @@ void LowLatencyRuntime::dispatch(const torch::Tensor& x, const torch::Tensor& to
     check_tensor(recv_count, "recv_count", torch::kInt32);
     check_tensor(src_info, "src_info", torch::kInt32);
     check_tensor(layout_range, "layout_range", torch::kInt64);
-    check_tensor(slot_rows, "slot_rows", torch::kInt32);
-    TORCH_CHECK(slot_rows.numel() == static_cast<int64_t>(num_ranks_) * num_max_tokens * ll::kMaxTopk,
-                "deep_ep low-latency: slot_rows has the wrong size");
+    check_slot_rows(slot_rows, num_ranks_, num_max_tokens);
     if (cumulative_recv_stats.has_value()) check_tensor(*cumulative_recv_stats, "cumulative_local_expert_recv_stats", torch::kInt32);
     if (wait_recv_cost_stats.has_value()) check_tensor(*wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", torch::kInt64);
 
-    const c10::cuda::CUDAGuard guard(device_);
-    const ll::Context ctx = context(num_max_tokens, hidden, num_experts);
-    const ll::Layout layout = ll::make_layout(num_max_tokens, hidden, num_ranks_, num_experts);
     ll::DispatchArgs args;
+    set_common_args(args, topk_idx, recv_count, src_info, slot_rows, wait_recv_cost_stats, hidden, num_experts,
+                    num_max_tokens, phases);
     args.x = x.data_ptr();
-    args.topk_idx = topk_idx.data_ptr<int64_t>();
     args.recv_x = recv_x.data_ptr();
     args.recv_scales = use_fp8 ? recv_scales->data_ptr() : nullptr;
-    args.recv_count = recv_count.data_ptr<int>();
-    args.src_info = src_info.data_ptr<int>();
     args.layout_range = layout_range.data_ptr<int64_t>();
-    args.slot_rows = slot_rows.data_ptr<int>();
-    args.cumulative_recv_stats = cumulative_recv_stats.has_value() ? cumulative_recv_stats->data_ptr<int>() : nullptr;
-    args.wait_recv_cost_stats = wait_recv_cost_stats.has_value() ? wait_recv_cost_stats->data_ptr<int64_t>() : nullptr;
-    args.num_tokens = static_cast<int>(x.size(0));
-    args.hidden = hidden;
-    args.num_topk = static_cast<int>(topk_idx.size(1));
-    args.num_experts = num_experts;
-    args.num_max_tokens = num_max_tokens;
+    args.cumulative_recv_stats = data_or_null<int>(cumulative_recv_stats);
     args.use_fp8 = use_fp8;
     args.round_scale = round_scale || use_ue8m0;
     args.use_ue8m0 = use_ue8m0;
-    args.phases = phases;
-    LL_CUDA_CHECK(ll::launch_dispatch(ctx, layout, buffer_idx, args, at::cuda::getCurrentCUDAStream()));
+    launch(args, buffer_idx, ll::launch_dispatch);
 }
 
 void LowLatencyRuntime::combine(const std::optional<torch::Tensor>& x, const torch::Tensor& topk_idx,
@@ -236,45 +275,30 @@ void LowLatencyRuntime::combine(const std::optional<torch::Tensor>& x, const tor
     check_tensor(topk_weights, "topk_weights", torch::kFloat32);
     TORCH_CHECK(topk_idx.sizes() == topk_weights.sizes() && topk_idx.dim() == 2,
                 "deep_ep low-latency: topk_idx and topk_weights must both be [T, K]");
-    TORCH_CHECK(topk_idx.size(1) >= 1 && topk_idx.size(1) <= ll::kMaxTopk, "deep_ep low-latency: num_topk must be in [1, ",
-                ll::kMaxTopk, "]");
+    check_num_topk(topk_idx);
     check_tensor(src_info, "src_info", torch::kInt32);
     check_tensor(recv_count, "recv_count", torch::kInt32);
-    check_tensor(slot_rows, "slot_rows", torch::kInt32);
-    TORCH_CHECK(slot_rows.numel() == static_cast<int64_t>(num_ranks_) * num_max_tokens * ll::kMaxTopk,
-                "deep_ep low-latency: slot_rows has the wrong size");
+    check_slot_rows(slot_rows, num_ranks_, num_max_tokens);
     check_tensor(out, "out", torch::kBFloat16);
     TORCH_CHECK(out.dim() == 2 && out.size(0) == topk_idx.size(0) && out.size(1) == hidden,
                 "deep_ep low-latency: out must be [T, H]");
     if (wait_recv_cost_stats.has_value()) check_tensor(*wait_recv_cost_stats, "combine_wait_recv_cost_stats", torch::kInt64);
-    TORCH_CHECK(buffer_idx == 0 || buffer_idx == 1, "deep_ep low-latency: buffer_idx must be 0 or 1");
+    check_buffer_idx(buffer_idx);
 
-    const c10::cuda::CUDAGuard guard(device_);
-    const ll::Context ctx = context(num_max_tokens, hidden, num_experts);
-    const ll::Layout layout = ll::make_layout(num_max_tokens, hidden, num_ranks_, num_experts);
     ll::CombineArgs args;
+    set_common_args(args, topk_idx, recv_count, src_info, slot_rows, wait_recv_cost_stats, hidden, num_experts,
+                    num_max_tokens, phases);
     args.x = zero_copy ? nullptr : x->data_ptr();
-    args.topk_idx = topk_idx.data_ptr<int64_t>();
     args.topk_weights = topk_weights.data_ptr<float>();
-    args.src_info = src_info.data_ptr<int>();
-    args.recv_count = recv_count.data_ptr<int>();
-    args.slot_rows = slot_rows.data_ptr<int>();
     args.out = out.data_ptr();
-    args.wait_recv_cost_stats = wait_recv_cost_stats.has_value() ? wait_recv_cost_stats->data_ptr<int64_t>() : nullptr;
-    args.num_tokens = static_cast<int>(topk_idx.size(0));
-    args.hidden = hidden;
-    args.num_topk = static_cast<int>(topk_idx.size(1));
-    args.num_experts = num_experts;
-    args.num_max_tokens = num_max_tokens;
     args.zero_copy = zero_copy;
     args.reduced = reduced;
-    args.phases = phases;
-    LL_CUDA_CHECK(ll::launch_combine(ctx, layout, buffer_idx, args, at::cuda::getCurrentCUDAStream()));
+    launch(args, buffer_idx, ll::launch_combine);
 }
 
 torch::Tensor LowLatencyRuntime::combine_buffer(int buffer_idx, int num_max_tokens, int hidden, int num_experts) {
     TORCH_CHECK(!destroyed_, "deep_ep low-latency: the runtime has been destroyed");
-    TORCH_CHECK(buffer_idx == 0 || buffer_idx == 1, "deep_ep low-latency: buffer_idx must be 0 or 1");
+    check_buffer_idx(buffer_idx);
     const ll::Layout layout = ll::make_layout(num_max_tokens, hidden, num_ranks_, num_experts);
     TORCH_CHECK(static_cast<int64_t>(layout.total_bytes) <= num_rdma_bytes_, "deep_ep low-latency: num_rdma_bytes too small");
     char* base = static_cast<char*>(heap_) + layout.buffer_offset[buffer_idx] + layout.combine_send_offset;
@@ -343,8 +367,7 @@ void LowLatencyRuntime::destroy() {
     LL_CUDA_CHECK(cudaFree(peer_bases_));
     LL_CUDA_CHECK(cudaFree(state_));
     LL_CUDA_CHECK(cudaFree(mask_));
-    LL_CUDA_CHECK(cudaFreeHost(error_host_));
-    error_host_ = error_device_ = nullptr;
+    LL_CUDA_CHECK(free_host_mapped(&error_host_, &error_device_));
 }
 
 void register_low_latency(pybind11::module_& m) {

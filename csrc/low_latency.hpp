@@ -59,6 +59,11 @@ public:
 
 private:
     ll::Context context(int num_max_tokens, int hidden, int num_experts);
+    // Launches `kernel` (ll::launch_dispatch or ll::launch_combine) on this runtime's device and
+    // current stream, with the buffers laid out for the shape in `args`.
+    template <typename Args>
+    void launch(const Args& args, int buffer_idx,
+                cudaError_t (*kernel)(const ll::Context&, const ll::Layout&, int, const Args&, cudaStream_t));
     void ensure_layout(int num_max_tokens, int hidden, int num_experts);
 
     int rank_, num_ranks_;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
@@ -29,6 +30,25 @@ T* optional_ptr(const std::optional<torch::Tensor>& t, const char* name, torch::
 
 inline void check_numel(const torch::Tensor& t, int64_t numel, const char* name) {
     DEEP_EP_HOST_ASSERT(t.numel() == numel, std::string(name) + " must have " + std::to_string(numel) + " elements");
+}
+
+// The routing map of a dispatch or combine: bool [num_tokens, num_ranks].
+inline void check_token_rank_map(const torch::Tensor& is_token_in_rank, int64_t num_tokens, int num_ranks) {
+    check_cuda_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool);
+    DEEP_EP_HOST_ASSERT(is_token_in_rank.dim() == 2 && is_token_in_rank.size(0) == num_tokens &&
+                            is_token_in_rank.size(1) == num_ranks,
+                        "is_token_in_rank must be [num_tokens, num_ranks]");
+}
+
+// The optional bf16 biases a combine adds to its output rows, each shaped like `combined_x`.
+inline void check_biases(const std::optional<torch::Tensor>& bias0, const std::optional<torch::Tensor>& bias1,
+                         const torch::Tensor& combined_x) {
+    for (const auto* bias : {&bias0, &bias1}) {
+        if (bias->has_value()) {
+            check_cuda_tensor(**bias, "bias", torch::kBFloat16);
+            DEEP_EP_HOST_ASSERT((*bias)->sizes() == combined_x.sizes(), "bias must be [num_tokens, hidden]");
+        }
+    }
 }
 
 // FP8 scales as the kernels read them: any strides, element (t, g) at
