@@ -99,17 +99,24 @@ def spawn(fn: Callable, num_processes: int, *args: Any) -> None:
         RuntimeError: a rank failed; the message carries every failed rank's traceback.
     """
     context = mp.get_context("spawn")
-    errors = context.SimpleQueue()
-    port = _free_port()
-    try:
-        mp.start_processes(_worker, args=(num_processes, port, fn, args, errors), nprocs=num_processes,
-                           join=True, start_method="spawn")
-    except Exception as error:
-        reports = []
-        while not errors.empty():
-            rank, text = errors.get()
-            reports.append(f"--- rank {rank} ---\n{text}")
-        raise RuntimeError("GPU test failed:\n" + "\n".join(reports)) from error
+    # The port is free when chosen but may be taken before rank 0 listens on it: then (and only
+    # then) the whole run starts again on another port.
+    for attempt in range(3):
+        errors = context.SimpleQueue()
+        port = _free_port()
+        try:
+            mp.start_processes(_worker, args=(num_processes, port, fn, args, errors), nprocs=num_processes,
+                               join=True, start_method="spawn")
+            return
+        except Exception as error:
+            reports = []
+            while not errors.empty():
+                rank, text = errors.get()
+                reports.append(f"--- rank {rank} ---\n{text}")
+            if attempt < 2 and any("EADDRINUSE" in text for text in reports):
+                print(f"port {port} was taken before the rendezvous; again on another port", flush=True)
+                continue
+            raise RuntimeError("GPU test failed:\n" + "\n".join(reports)) from error
 
 
 def poison_(t: Optional[torch.Tensor]) -> None:

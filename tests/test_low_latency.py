@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -547,18 +546,24 @@ def _host_time(fn, calls: int = 40, repeats: int = 5) -> float:
     return _median_max(times)
 
 
-def _print_host_profile(fn, calls: int = 200) -> None:
-    """DEEP_EP_LL_HOST_PROFILE=1: where the host time of ``calls`` calls goes (cProfile, top 25)."""
+def _print_host_profile(fn, rank: int, calls: int = 200) -> None:
+    """DEEP_EP_LL_HOST_PROFILE=1: where the host time of ``calls`` calls goes (cProfile, top 25 of
+    rank 0). Every rank must call it: the kernels of one call wait for every rank's."""
     import cProfile
     import io
     import pstats
 
+    torch.cuda.synchronize()
+    dist.barrier()
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(calls):
         fn()
     profiler.disable()
     torch.cuda.synchronize()
+    dist.barrier()
+    if rank != 0:
+        return
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
     print(f"host profile of {calls} dispatch + combine calls (rank 0):\n{text.getvalue()}", flush=True)
@@ -696,8 +701,8 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
     # launch returns (the GPU never blocks the host here: launches are queued).
     results["host_dispatch_us"] = _host_time(dispatch)
     results["host_combine_us"] = _host_time(lambda: buffer.low_latency_combine(y, topk_idx, weights, handle))
-    if os.environ.get("DEEP_EP_LL_HOST_PROFILE", "0") == "1" and rank == 0:
-        _print_host_profile(both)
+    if os.environ.get("DEEP_EP_LL_HOST_PROFILE", "0") == "1":
+        _print_host_profile(both, rank)  # every rank calls (the kernels wait for each other)
 
     # One CUDA graph of dispatch + combine (the decode step's communication), replayed back to back.
     graph = torch.cuda.CUDAGraph()
@@ -774,16 +779,12 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
 # ----------------------------------------------------------------------------------------------
 # Process entry
 # ----------------------------------------------------------------------------------------------
-def _worker(local_rank: int, num_processes: int, port: int, bench: bool, iterations: int, seed: int,
-            quick: bool, bench_only: bool = False, shrink: bool = True, nvlink: bool = True) -> None:
+def _worker(rank: int, num_ranks: int, group, bench: bool, iterations: int, seed: int, quick: bool,
+            bench_only: bool = False, shrink: bool = True, nvlink: bool = True) -> None:
+    """One rank of the run (gpu_utils.spawn has set up the NCCL group)."""
     os.environ.setdefault("DEEP_EP_TIMEOUT_S", "60")
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=local_rank, world_size=num_processes,
-                            device_id=torch.device("cuda", local_rank))
     from deep_ep import Buffer
 
-    rank, num_ranks = dist.get_rank(), dist.get_world_size()
-    group = dist.group.WORLD
     configs = CONFIGS[:1] if quick or bench_only else CONFIGS + [MAX_TOKENS_LIMIT_CONFIG]
     # The benchmark's shape (256 experts) needs more room than the checks' on fewer ranks.
     bench_m, bench_hidden, bench_experts, bench_topk = BENCH_CONFIG
@@ -818,24 +819,11 @@ def _worker(local_rank: int, num_processes: int, port: int, bench: bool, iterati
         torch.cuda.synchronize()
         buffer.destroy()
         ref.destroy()
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(num_processes: int, bench: bool = False, iterations: int = 200, seed: int = 0, quick: bool = False,
         bench_only: bool = False, shrink: bool = True, nvlink: bool = True) -> None:
-    import torch.multiprocessing as mp
-
-    for name, value in (("NVSHMEM_DISABLE_NVLS", "1"), ("NCCL_NVLS_ENABLE", "0"),
-                        ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
-        os.environ[name] = value
-    mp.spawn(_worker, args=(num_processes, _free_port(), bench, iterations, seed, quick, bench_only, shrink, nvlink),
-             nprocs=num_processes, join=True)
+    gpu_utils.spawn(_worker, num_processes, bench, iterations, seed, quick, bench_only, shrink, nvlink)
 
 
 # ----------------------------------------------------------------------------------------------
