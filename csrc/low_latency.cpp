@@ -213,6 +213,27 @@ void LowLatencyRuntime::launch(const Args& args, int buffer_idx,
     LL_CUDA_CHECK(kernel(ctx, layout, buffer_idx, args, at::cuda::getCurrentCUDAStream()));
 }
 
+std::tuple<torch::Tensor, std::optional<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>
+LowLatencyRuntime::dispatch_outputs(int num_max_tokens, int hidden, int num_experts, bool use_fp8, bool use_ue8m0) const {
+    TORCH_CHECK(num_max_tokens > 0 && hidden > 0 && num_experts > 0 && num_experts % num_ranks_ == 0,
+                "deep_ep low-latency: bad dispatch output sizes");
+    const int64_t num_local = num_experts / num_ranks_;
+    const int64_t num_slots = static_cast<int64_t>(num_ranks_) * num_max_tokens;
+    const auto on_device = torch::TensorOptions().device(torch::kCUDA, device_);
+    torch::Tensor recv_x =
+        torch::empty({num_local, num_slots, hidden}, on_device.dtype(use_fp8 ? torch::kFloat8_e4m3fn : torch::kBFloat16));
+    std::optional<torch::Tensor> recv_scales;
+    if (use_fp8)
+        recv_scales = use_ue8m0 ? torch::empty({num_local, num_slots, hidden / 512}, on_device.dtype(torch::kInt32))
+                                : torch::empty({num_local, num_slots, hidden / 128}, on_device.dtype(torch::kFloat32));
+    return {recv_x,
+            recv_scales,
+            torch::empty({num_local}, on_device.dtype(torch::kInt32)),
+            torch::empty({num_local, num_slots}, on_device.dtype(torch::kInt32)),
+            torch::empty({num_local, static_cast<int64_t>(num_ranks_)}, on_device.dtype(torch::kInt64)),
+            torch::empty({num_slots, static_cast<int64_t>(ll::kMaxTopk)}, on_device.dtype(torch::kInt32))};
+}
+
 void LowLatencyRuntime::dispatch(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& recv_x,
                                  const std::optional<torch::Tensor>& recv_scales, const torch::Tensor& recv_count,
                                  const torch::Tensor& src_info, const torch::Tensor& layout_range,
@@ -378,6 +399,7 @@ void register_low_latency(pybind11::module_& m) {
              py::arg("enable_shrink"), py::arg("timeout_s"))
         .def_static("get_unique_id", &LowLatencyRuntime::get_unique_id)
         .def_static("required_bytes", &LowLatencyRuntime::required_bytes)
+        .def("dispatch_outputs", &LowLatencyRuntime::dispatch_outputs)
         .def("dispatch", &LowLatencyRuntime::dispatch)
         .def("combine", &LowLatencyRuntime::combine)
         .def("clean", &LowLatencyRuntime::clean)

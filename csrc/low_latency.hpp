@@ -31,6 +31,14 @@ public:
                   const std::optional<torch::Tensor>& wait_recv_cost_stats, int num_max_tokens, int num_experts,
                   int buffer_idx, bool use_fp8, bool round_scale, bool use_ue8m0, int phases);
 
+    // The tensors one dispatch writes, allocated here (from Python each allocation costs several
+    // microseconds of host time per call): recv_x (FP8 or bf16) [num_local, num_ranks * M, hidden],
+    // recv_scales (FP8 only: fp32 [.., hidden / 128], or int32 [.., hidden / 512] with ue8m0),
+    // recv_count [num_local], src_info [num_local, num_ranks * M], layout_range (int64)
+    // [num_local, num_ranks], slot_rows [num_ranks * M, kMaxTopk].
+    std::tuple<torch::Tensor, std::optional<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>
+    dispatch_outputs(int num_max_tokens, int hidden, int num_experts, bool use_fp8, bool use_ue8m0) const;
+
     // Launches the combine phases on the current stream. `x` may be empty with zero_copy.
     void combine(const std::optional<torch::Tensor>& x, const torch::Tensor& topk_idx,
                  const torch::Tensor& topk_weights, const torch::Tensor& src_info, const torch::Tensor& recv_count,

@@ -44,7 +44,6 @@ try:  # the extension is optional: without it (or without NVSHMEM) the torch pat
 except ImportError:  # pragma: no cover - depends on the build
     _ext = None
 
-_MAX_TOPK = 16
 _COMBINE_MODES = ("reduced", "rows")
 _HEAP_HEADROOM_BYTES = 1 << 29
 # NVSHMEM is initialized once per process; a second low-latency Buffer must wait for destroy().
@@ -255,30 +254,13 @@ class LowLatencyKernelsMixin:
                 dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
         self.low_latency_check_errors()
         num_tokens, hidden = x.shape
-        num_ranks = self.num_ranks
-        num_local = num_experts // num_ranks
-        num_slots = num_ranks * num_max_dispatch_tokens_per_rank
-        device = x.device
         x = x.contiguous()
         topk_idx = topk_idx.contiguous()
         buffer_idx = self._next_ll_buffer()  # type: ignore[attr-defined]
 
-        recv_data = torch.empty((num_local, num_slots, hidden),
-                                dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=device)
-        recv_scales = None
-        if use_fp8:
-            if use_ue8m0:
-                recv_scales = torch.empty((num_local, num_slots, hidden // 512), dtype=torch.int32, device=device)
-            else:
-                recv_scales = torch.empty((num_local, num_slots, hidden // 128), dtype=torch.float32, device=device)
-        # The handle's four tensors share one allocation (each allocation is host time per call).
-        # layout_range (int64) comes first, so it is 8-byte aligned.
-        sizes = (num_local * num_ranks * 2, num_local, num_local * num_slots, num_slots * _MAX_TOPK)
-        meta = torch.empty(sum(sizes), dtype=torch.int32, device=device)
-        layout_range_words, recv_count, packed_src_info, slot_rows = meta.split(sizes)
-        layout_range = layout_range_words.view(torch.int64).view(num_local, num_ranks)
-        packed_src_info = packed_src_info.view(num_local, num_slots)
-        slot_rows = slot_rows.view(num_slots, _MAX_TOPK)
+        # Allocated in C++: six torch.empty calls from Python cost more host time than the launch.
+        recv_data, recv_scales, recv_count, packed_src_info, layout_range, slot_rows = self._ll.dispatch_outputs(
+            num_max_dispatch_tokens_per_rank, hidden, num_experts, use_fp8, use_ue8m0)
         handle = CudaLowLatencyHandle(num_tokens, hidden, num_experts, num_max_dispatch_tokens_per_rank,
                                       topk_idx.shape[1], buffer_idx, packed_src_info, layout_range, recv_count,
                                       slot_rows)

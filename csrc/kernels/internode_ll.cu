@@ -488,7 +488,11 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     // memory pipeline, and NVLink drains those stores slowly: before this, every destination of a
     // token cost a dependent load of ctx.peer_bases behind the previous destination's stores, and
     // every header three rounds of top-k loads.
-    const int first_task = blockIdx.x * kNumWarps + warp;
+    // A put-staged token is one task (one warp): 128 tokens would fill only the first 8 blocks,
+    // which then send everything (25 us at 2 ranks, the other blocks idle). Those tasks go
+    // round the blocks first instead, one token per block; the P2P split keeps a token's parts
+    // in one block.
+    const int first_task = ctx.any_remote ? warp * gridDim.x + blockIdx.x : blockIdx.x * kNumWarps + warp;
     const int num_pairs = a.num_tokens * a.num_topk;
     const bool ids_shared = num_pairs <= kSendIdsMax;  // block-uniform
     const bool lane_bases = ctx.num_ranks <= 32;       // block-uniform
@@ -661,7 +665,8 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     }
     trace_mark(kTraceDispatch, 1);
     // The per-expert counts the scan-free receive needs, from one block (the last: at 128 tokens
-    // it has no token of its own), before that block's signals. After the tokens, not before:
+    // on the P2P split it has no token of its own; with puts it has one), before that block's
+    // signals. After the tokens, not before:
     // `raw` would be live across it (spills), and the histogram reads the shared ids anyway.
     if (a.num_experts <= kMaxFastExperts && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, ids);
     trace_mark(kTraceDispatch, 2);
@@ -1179,8 +1184,11 @@ __device__ __forceinline__ unsigned long long tagged_weight(unsigned long long c
 // counter took ~6 us of the combine's critical path). A destination reached by puts gets a
 // "weights arrived" count per warp after the put, so a call adds kWeightWarps there.
 __device__ void broadcast_weights(const Context& ctx, const Geometry& g, const CombineArgs& a, unsigned long long call) {
-    const int lane = threadIdx.x % 32;
-    const int global_warp = blockIdx.x * kNumWarps + threadIdx.x / 32, num_warps = gridDim.x * kNumWarps;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    // A put destination costs a put, a fence and a signal per item: those items go round the
+    // blocks first, so no block's own sends wait behind several of them.
+    const int global_warp = ctx.any_remote ? warp * gridDim.x + blockIdx.x : blockIdx.x * kNumWarps + warp;
+    const int num_warps = gridDim.x * kNumWarps;
     const int num_ranks = ctx.num_ranks, num_max = a.num_max_tokens;
     unsigned long long* own_inbox =
         reinterpret_cast<unsigned long long*>(g.buf + g.weights_offset) + static_cast<size_t>(ctx.rank) * num_max * kMaxTopk;
@@ -1219,7 +1227,10 @@ __device__ void broadcast_weights(const Context& ctx, const Geometry& g, const C
 __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, const CombineArgs& a,
                                      unsigned long long weights_call, unsigned long long dispatch_call) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int global_warp = blockIdx.x * kNumWarps + warp, num_warps = gridDim.x * kNumWarps;
+    // With puts a slot is one task: those go round the blocks first (as in dispatch_send), so
+    // every block sends a share instead of the first few sending all.
+    const int global_warp = ctx.any_remote ? warp * gridDim.x + blockIdx.x : blockIdx.x * kNumWarps + warp;
+    const int num_warps = gridDim.x * kNumWarps;
     const int num_ranks = ctx.num_ranks, num_max = a.num_max_tokens;
     const int num_local = a.num_experts / num_ranks;
     const size_t num_slots = static_cast<size_t>(num_ranks) * num_max;
