@@ -193,7 +193,12 @@ void LowLatencyRuntime::clean(int num_max_tokens, int hidden, int num_experts) {
     for (int b = 0; b < 2; ++b)
         LL_CUDA_CHECK(cudaMemsetAsync(heap + layout.buffer_offset[b] + layout.dispatch_recv_offset, 0, dispatch_recv_bytes,
                                       stream));
-    // The combine weights carry their call's number (tagged words): none may match the restarted calls.
+    // Staged dispatch messages count their tasks' arrivals in a call-tagged word (stage_arrive), and
+    // the combine weights carry their call's number (tagged words): none may match the restarted calls.
+    const size_t dispatch_send_bytes = layout.combine_recv_offset - layout.dispatch_send_offset;
+    for (int b = 0; b < 2; ++b)
+        LL_CUDA_CHECK(cudaMemsetAsync(heap + layout.buffer_offset[b] + layout.dispatch_send_offset, 0, dispatch_send_bytes,
+                                      stream));
     for (int b = 0; b < 2; ++b)
         LL_CUDA_CHECK(cudaMemsetAsync(heap + layout.buffer_offset[b] + layout.weights_offset, 0,
                                       layout.stage_offset - layout.weights_offset, stream));

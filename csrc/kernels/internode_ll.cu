@@ -455,6 +455,27 @@ __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, c
     }
 }
 
+// The staged message's arrival count (stage_arrive): a 64-bit word at the end of the header,
+// past every field a receiver reads (it travels with the put, unread).
+constexpr int kStageArrivalOffset = kHeaderBytes - 8;
+static_assert((kHeaderInts + kHeaderPosInts) * 4 <= kStageArrivalOffset, "the arrival word overlaps the header fields");
+
+// Counts one arrival at a staged message for call `call` (the call in the word's high half, the
+// count in its low half, so a count an earlier call left unfinished, e.g. when a destination was
+// masked mid-call, cannot carry over) and returns whether it was the `expected`-th. A CAS retry
+// loop, not a wait: each failed attempt means another task's arrival succeeded, so at most one
+// retry per task of the token.
+__device__ __forceinline__ int stage_arrive(unsigned long long* word, unsigned long long call, int expected) {
+    const unsigned long long tag = static_cast<unsigned long long>(static_cast<unsigned int>(call)) << 32;
+    unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(word);
+    while (true) {
+        const unsigned long long next = (seen & 0xFFFFFFFF00000000ull) == tag ? seen + 1 : (tag | 1ull);
+        const unsigned long long old = atomicCAS(word, seen, next);
+        if (old == seen) return (next & 0xFFFFFFFFull) == static_cast<unsigned long long>(expected) ? 1 : 0;
+        seen = old;
+    }
+}
+
 template <bool kUseFP8>
 __device__ void dispatch_send(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
     __shared__ int s_ids[kSendIdsMax];
@@ -467,16 +488,14 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     // A unit is what one lane moves at a time: 16 channels (fp8 out) or 8 channels (bf16).
     const int num_units = kUseFP8 ? hidden / 16 : hidden / 8;
     const int num_chunks = (num_units + 31) / 32;
-    // Tokens with a peer reached through puts are handled by one warp, which then puts the
-    // whole staged message.
-    const int parts = ctx.any_remote ? 1 : min(kWarpsPerToken, num_chunks);
+    // A token's data is split over `parts` warps; for a peer reached through puts they all stage
+    // their share and the last to finish puts the whole message (stage_arrive).
+    const int parts = min(kWarpsPerToken, num_chunks);
     const size_t data_bytes = kUseFP8 ? static_cast<size_t>(hidden) + hidden / 32 : static_cast<size_t>(hidden) * 2;
     // The header (with its positions, header_position_word: a few load rounds) is a task of its
     // own, on a warp that would otherwise idle (15 tasks per token fit the 16 warps per token the
-    // grid is sized for), so it does not lengthen the data warps. A put-staged token keeps one
-    // warp: its header must be staged before that warp's put.
-    const int header_part = ctx.any_remote ? 0 : parts;
-    const int task_parts = ctx.any_remote ? 1 : parts + 1;
+    // grid is sized for), so it does not lengthen the data warps: part `parts` of a token.
+    const int task_parts = parts + 1;
     const int num_tasks = a.num_tokens * task_parts;
     const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
 
@@ -488,11 +507,7 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     // memory pipeline, and NVLink drains those stores slowly: before this, every destination of a
     // token cost a dependent load of ctx.peer_bases behind the previous destination's stores, and
     // every header three rounds of top-k loads.
-    // A put-staged token is one task (one warp): 128 tokens would fill only the first 8 blocks,
-    // which then send everything (25 us at 2 ranks, the other blocks idle). Those tasks go
-    // round the blocks first instead, one token per block; the P2P split keeps a token's parts
-    // in one block.
-    const int first_task = ctx.any_remote ? warp * gridDim.x + blockIdx.x : blockIdx.x * kNumWarps + warp;
+    const int first_task = blockIdx.x * kNumWarps + warp;
     const int num_pairs = a.num_tokens * a.num_topk;
     const bool ids_shared = num_pairs <= kSendIdsMax;  // block-uniform
     const bool lane_bases = ctx.num_ranks <= 32;       // block-uniform
@@ -591,8 +606,28 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
             }
             if (has_remote && writes) reinterpret_cast<int*>(staging)[lane] = value;
         };
+        // For destinations reached by puts every task stages its share of the message; the task
+        // that completes the message (data parts and header: task_parts arrivals) puts it, once
+        // per such destination. One put per (token, destination), as a NIC wants, while the
+        // cast and staging stay split over the token's warps.
+        auto arrive_and_put = [&]() {
+            __syncwarp();  // every lane's staging stores before lane 0's fence
+            int last = 0;
+            if (lane == 0) {
+                __threadfence();  // this task's share, before its arrival is counted
+                last = stage_arrive(reinterpret_cast<unsigned long long*>(staging + kStageArrivalOffset), tag, task_parts);
+                if (last) __threadfence();  // the other tasks' shares, before this warp's put reads them
+            }
+            if (__shfl_sync(0xffffffffu, last, 0) == 0) return;
+            for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
+                const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
+                if (__shfl_sync(0xffffffffu, dst_base, __ffs(bits) - 1) != 0ull) continue;
+                nvshmemx_putmem_nbi_warp(slot, staging, kHeaderBytes + data_bytes, d);
+            }
+        };
         if (!has_data) {  // the token's separate header task
             write_header();
+            if (has_remote) arrive_and_put();
             // `raw` flows round the loop (the first task's was loaded before it); overwriting it
             // here shows the compiler it is dead during write_header (16 registers, else spills).
 #pragma unroll
@@ -649,24 +684,11 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
             }
         }
 
-        // A put-staged token's header, after its data (the staged row's registers are free by
-        // then; the put below reads both).
-        if (part == header_part) write_header();
-
-        if (has_remote) {
-            __threadfence();
-            __syncwarp();
-            for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
-                const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
-                if (__shfl_sync(0xffffffffu, dst_base, __ffs(bits) - 1) != 0ull) continue;
-                nvshmemx_putmem_nbi_warp(slot, staging, kHeaderBytes + data_bytes, d);
-            }
-        }
+        if (has_remote) arrive_and_put();
     }
     trace_mark(kTraceDispatch, 1);
     // The per-expert counts the scan-free receive needs, from one block (the last: at 128 tokens
-    // on the P2P split it has no token of its own; with puts it has one), before that block's
-    // signals. After the tokens, not before:
+    // it has no token of its own), before that block's signals. After the tokens, not before:
     // `raw` would be live across it (spills), and the histogram reads the shared ids anyway.
     if (a.num_experts <= kMaxFastExperts && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, ids);
     trace_mark(kTraceDispatch, 2);
