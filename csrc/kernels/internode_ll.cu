@@ -463,8 +463,8 @@ static_assert((kHeaderInts + kHeaderPosInts) * 4 <= kStageArrivalOffset, "the ar
 // Counts one arrival at a staged message for call `call` (the call in the word's high half, the
 // count in its low half, so a count an earlier call left unfinished, e.g. when a destination was
 // masked mid-call, cannot carry over) and returns whether it was the `expected`-th. A CAS retry
-// loop, not a wait: each failed attempt means another task's arrival succeeded, so at most one
-// retry per task of the token.
+// loop, not a wait: each failed attempt means another task's arrival succeeded, so it retries at
+// most once per other task of the token. The 32-bit tag wraps after 2^32 calls, as the header's.
 __device__ __forceinline__ int stage_arrive(unsigned long long* word, unsigned long long call, int expected) {
     const unsigned long long tag = static_cast<unsigned long long>(static_cast<unsigned int>(call)) << 32;
     unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(word);
@@ -619,6 +619,7 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
                 if (last) __threadfence();  // the other tasks' shares, before this warp's put reads them
             }
             if (__shfl_sync(0xffffffffu, last, 0) == 0) return;
+            __syncwarp();  // a shuffle orders no memory: lane 0's acquire before every lane's put loads
             for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
                 const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
                 if (__shfl_sync(0xffffffffu, dst_base, __ffs(bits) - 1) != 0ull) continue;
@@ -1249,7 +1250,7 @@ __device__ void broadcast_weights(const Context& ctx, const Geometry& g, const C
 __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, const CombineArgs& a,
                                      unsigned long long weights_call, unsigned long long dispatch_call) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    // With puts a slot is one task: those go round the blocks first (as in dispatch_send), so
+    // With puts a slot is one task: those go round the blocks first, so
     // every block sends a share instead of the first few sending all.
     const int global_warp = ctx.any_remote ? warp * gridDim.x + blockIdx.x : blockIdx.x * kNumWarps + warp;
     const int num_warps = gridDim.x * kNumWarps;
