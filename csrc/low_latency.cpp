@@ -188,20 +188,17 @@ void LowLatencyRuntime::clean(int num_max_tokens, int hidden, int num_experts) {
     // Nobody may still be writing into our buffers, nor start before we are clean.
     ll::nvshmem_barrier_on_stream(stream);
     char* heap = static_cast<char*>(heap_);
-    const size_t dispatch_recv_bytes = layout.dispatch_send_offset - layout.dispatch_recv_offset;
     LL_CUDA_CHECK(cudaMemsetAsync(heap + layout.signal_offset, 0, layout.buffer_offset[0] - layout.signal_offset, stream));
-    for (int b = 0; b < 2; ++b)
-        LL_CUDA_CHECK(cudaMemsetAsync(heap + layout.buffer_offset[b] + layout.dispatch_recv_offset, 0, dispatch_recv_bytes,
+    // Everything that says which call wrote it must match none of the restarted calls: the received
+    // messages' tags and the staged messages' arrival words (stage_arrive), two adjacent regions,
+    // and the combine weights (tagged words).
+    for (int b = 0; b < 2; ++b) {
+        char* buffer = heap + layout.buffer_offset[b];
+        LL_CUDA_CHECK(cudaMemsetAsync(buffer + layout.dispatch_recv_offset, 0,
+                                      layout.combine_recv_offset - layout.dispatch_recv_offset, stream));
+        LL_CUDA_CHECK(cudaMemsetAsync(buffer + layout.weights_offset, 0, layout.stage_offset - layout.weights_offset,
                                       stream));
-    // Staged dispatch messages count their tasks' arrivals in a call-tagged word (stage_arrive), and
-    // the combine weights carry their call's number (tagged words): none may match the restarted calls.
-    const size_t dispatch_send_bytes = layout.combine_recv_offset - layout.dispatch_send_offset;
-    for (int b = 0; b < 2; ++b)
-        LL_CUDA_CHECK(cudaMemsetAsync(heap + layout.buffer_offset[b] + layout.dispatch_send_offset, 0, dispatch_send_bytes,
-                                      stream));
-    for (int b = 0; b < 2; ++b)
-        LL_CUDA_CHECK(cudaMemsetAsync(heap + layout.buffer_offset[b] + layout.weights_offset, 0,
-                                      layout.stage_offset - layout.weights_offset, stream));
+    }
     LL_CUDA_CHECK(cudaMemsetAsync(state_, 0, sizeof(ll::BufferState) * ll::kStateEntries, stream));
     ll::nvshmem_barrier_on_stream(stream);
     layout_key_ = std::make_tuple(num_max_tokens, hidden, num_experts);

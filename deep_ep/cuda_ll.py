@@ -15,8 +15,8 @@ each rank sends the weighted sum of its experts' rows for the token (fp32 sum, o
 rounding; a rank with just one of the token's experts sends that row as is, without waiting for
 the weights, and the home rank applies its weight), and the home rank adds those partial rows;
 ``DEEP_EP_LL_COMBINE=rows`` (and every hook-mode combine, whose send must not wait for peers)
-sends one row per (token, expert) and sums with the weights on the home rank. ``use_logfmt`` is accepted and ignored: rows always
-travel as bf16 (the documented fallback, no extra error).
+sends one row per (token, expert) and sums with the weights on the home rank. ``use_logfmt`` is
+accepted and ignored: rows always travel as bf16 (the documented fallback, no extra error).
 
 Environment: ``DEEP_EP_TIMEOUT_S`` (default 100) bounds every wait inside the kernels;
 ``DEEP_EP_LL_COMBINE`` (``reduced`` or ``rows``) picks the combine.

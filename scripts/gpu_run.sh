@@ -77,6 +77,14 @@ run_step() {
 nvidia-smi --query-gpu=index,name,memory.total,clocks.sm --format=csv >"$LOGS/gpus.txt" 2>&1
 nvidia-smi topo -m >>"$LOGS/gpus.txt" 2>&1
 
+# The test scripts' command lines: NPROCS [NVL_DOMAIN_SIZE] then the script's own arguments.
+intranode() { echo "$PYTHON tests/test_intranode.py --num-processes $1 ${*:2}"; }
+low_latency() { echo "$PYTHON tests/test_low_latency.py --num-processes $1 ${*:2} ${LL_ARGS:-}"; }
+# The internode kernels are a first version: a short kernel timeout turns a hang into an error.
+internode() {
+    echo "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes $1 --nvl-domain-size $2 ${*:3}"
+}
+
 # run_named NAME: one step of the list (in the order GPU_STEPS gives).
 run_named() {
     case "$1" in
@@ -86,39 +94,25 @@ run_named() {
             || { printf '%s\n' "${summary[@]}"; exit 1; } ;;
     probe) run_step probe "${PROBE_LIMIT:-90}" \
         "nvcc -O3 -arch=sm_90 -o /tmp/nvlink_probe scripts/nvlink_probe.cu && /tmp/nvlink_probe ${PROBE_MIB:-64}" ;;
-    test4) run_step test4 "${TEST4_LIMIT:-420}" "$PYTHON tests/test_intranode.py --num-processes 4 ${TEST_ARGS:-}" ;;
-    test2) run_step test2 "${TEST2_LIMIT:-240}" "$PYTHON tests/test_intranode.py --num-processes 2 --quick ${TEST_ARGS:-}" ;;
-    test2full) run_step test2full "${TEST2_LIMIT:-240}" "$PYTHON tests/test_intranode.py --num-processes 2 ${TEST_ARGS:-}" ;;
-    ll4) run_step ll4 "${LL4_LIMIT:-240}" "$PYTHON tests/test_low_latency.py --num-processes 4 ${LL_ARGS:-}" ;;
-    llnoshrink) run_step llnoshrink "${LL4_LIMIT:-240}" \
-        "$PYTHON tests/test_low_latency.py --num-processes 4 --no-shrink ${LL_ARGS:-}" ;;
-    ll2noshrink) run_step ll2noshrink "${LL2_LIMIT:-150}" \
-        "$PYTHON tests/test_low_latency.py --num-processes 2 --quick --no-shrink ${LL_ARGS:-}" ;;
-    ll2put) run_step ll2put "${LL2_LIMIT:-150}" \
-        "$PYTHON tests/test_low_latency.py --num-processes 2 --quick --no-nvlink ${LL_ARGS:-}" ;;
-    llbench2put) run_step llbench2put "${LLBENCH_LIMIT:-180}" \
-        "$PYTHON tests/test_low_latency.py --num-processes 2 --bench-only --no-nvlink ${LL_ARGS:-}" ;;
-    inter21) run_step inter21 "${INTER_LIMIT:-300}" \
-        "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 2 --nvl-domain-size 1 ${INTER_ARGS:-}" ;;
-    interbench21) run_step interbench21 "${INTERBENCH_LIMIT:-240}" \
-        "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 2 --nvl-domain-size 1 --bench" ;;
-    ll2) run_step ll2 "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 --quick ${LL_ARGS:-}" ;;
-    ll2full) run_step ll2full "${LL2_LIMIT:-150}" "$PYTHON tests/test_low_latency.py --num-processes 2 ${LL_ARGS:-}" ;;
-    # The internode kernels are a first version: a short kernel timeout turns a hang into an error.
-    inter22) run_step inter22 "${INTER_LIMIT:-300}" \
-        "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 ${INTER_ARGS:-}" ;;
-    inter41) run_step inter41 "${INTER_LIMIT:-300}" \
-        "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 1 ${INTER_ARGS:-}" ;;
-    bench) run_step bench "${BENCH_LIMIT:-300}" \
-        "$PYTHON tests/test_intranode.py --num-processes 4 --bench --json $LOGS/bench.json ${BENCH_ARGS:-}" ;;
-    bench2) run_step bench2 "${BENCH_LIMIT:-300}" \
-        "$PYTHON tests/test_intranode.py --num-processes 2 --bench --json $LOGS/bench2.json ${BENCH_ARGS:-}" ;;
-    llbench) run_step llbench "${LLBENCH_LIMIT:-180}" \
-        "$PYTHON tests/test_low_latency.py --num-processes 4 --bench-only ${LL_ARGS:-}" ;;
-    llbench2) run_step llbench2 "${LLBENCH_LIMIT:-180}" \
-        "$PYTHON tests/test_low_latency.py --num-processes 2 --bench-only ${LL_ARGS:-}" ;;
-    interbench) run_step interbench "${INTERBENCH_LIMIT:-240}" \
-        "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes 4 --nvl-domain-size 2 --bench" ;;
+    test4) run_step test4 "${TEST4_LIMIT:-420}" "$(intranode 4 "${TEST_ARGS:-}")" ;;
+    test2) run_step test2 "${TEST2_LIMIT:-240}" "$(intranode 2 --quick "${TEST_ARGS:-}")" ;;
+    test2full) run_step test2full "${TEST2_LIMIT:-240}" "$(intranode 2 "${TEST_ARGS:-}")" ;;
+    bench) run_step bench "${BENCH_LIMIT:-300}" "$(intranode 4 --bench --json "$LOGS/bench.json" "${BENCH_ARGS:-}")" ;;
+    bench2) run_step bench2 "${BENCH_LIMIT:-300}" "$(intranode 2 --bench --json "$LOGS/bench2.json" "${BENCH_ARGS:-}")" ;;
+    ll4) run_step ll4 "${LL4_LIMIT:-240}" "$(low_latency 4)" ;;
+    llnoshrink) run_step llnoshrink "${LL4_LIMIT:-240}" "$(low_latency 4 --no-shrink)" ;;
+    llbench) run_step llbench "${LLBENCH_LIMIT:-180}" "$(low_latency 4 --bench-only)" ;;
+    ll2) run_step ll2 "${LL2_LIMIT:-150}" "$(low_latency 2 --quick)" ;;
+    ll2full) run_step ll2full "${LL2_LIMIT:-150}" "$(low_latency 2)" ;;
+    ll2noshrink) run_step ll2noshrink "${LL2_LIMIT:-150}" "$(low_latency 2 --quick --no-shrink)" ;;
+    ll2put) run_step ll2put "${LL2_LIMIT:-150}" "$(low_latency 2 --quick --no-nvlink)" ;;
+    llbench2) run_step llbench2 "${LLBENCH_LIMIT:-180}" "$(low_latency 2 --bench-only)" ;;
+    llbench2put) run_step llbench2put "${LLBENCH_LIMIT:-180}" "$(low_latency 2 --bench-only --no-nvlink)" ;;
+    inter22) run_step inter22 "${INTER_LIMIT:-300}" "$(internode 4 2 "${INTER_ARGS:-}")" ;;
+    inter41) run_step inter41 "${INTER_LIMIT:-300}" "$(internode 4 1 "${INTER_ARGS:-}")" ;;
+    inter21) run_step inter21 "${INTER_LIMIT:-300}" "$(internode 2 1 "${INTER_ARGS:-}")" ;;
+    interbench) run_step interbench "${INTERBENCH_LIMIT:-240}" "$(internode 4 2 --bench)" ;;
+    interbench21) run_step interbench21 "${INTERBENCH_LIMIT:-240}" "$(internode 2 1 --bench)" ;;
     foundation)
         run_named foundation_torch
         run_named foundation_cuda ;;

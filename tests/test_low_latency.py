@@ -17,10 +17,10 @@ torch backend, the packed layout (contiguous source blocks, layout ranges); both
 then hook mode, async_finish, zero_copy, ``out=``, the stats tensors, CUDA-graph replay, 100
 repeated runs with identical results, and shrink mode (one rank skips a call; the others mask
 it after the timeout). Without shrink mode the dispatch receive takes another path (scan-free:
-rows placed from the senders' counts and positions), so ``--no-shrink`` (and the pytest case
-``test_low_latency_kernels_no_shrink``) run every check but the shrink one on such a buffer. ``--no-nvlink``
-(``allow_nvlink_for_low_latency_mode=False``; pytest ``test_low_latency_kernels_nvshmem_puts``) sends
-to every peer with NVSHMEM's device puts and signals, the path that peers across hosts take.
+rows placed from the senders' counts and positions), so ``--no-shrink`` (and the pytest variant
+``no_shrink``) run every check but the shrink one on such a buffer. ``--no-nvlink``
+(``allow_nvlink_for_low_latency_mode=False``; the pytest variant ``nvshmem_puts``) sends to every
+peer with NVSHMEM's device puts and signals, the path that peers across hosts take.
 """
 
 from __future__ import annotations
@@ -60,12 +60,10 @@ def _set_combine_mode(buffer, mode: str) -> None:
 
 
 def _skip_reason(num_processes: int) -> Optional[str]:
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if torch.cuda.device_count() < num_processes:
-        return f"needs {num_processes} GPUs, found {torch.cuda.device_count()}"
-    if torch.cuda.get_device_capability(0) != (9, 0):
-        return "needs Hopper (sm_90) GPUs"
+    """gpu_utils.skip_reason, and the extension must have the NVSHMEM kernels."""
+    reason = gpu_utils.skip_reason(num_processes)
+    if reason is not None:
+        return reason
     try:
         from deep_ep.cuda_ll import low_latency_kernels_available
     except ImportError as error:
@@ -832,26 +830,17 @@ def run(num_processes: int, bench: bool = False, iterations: int = 200, seed: in
 try:
     import pytest
 
-    @pytest.mark.parametrize("num_processes", [2, 4])
-    def test_low_latency_kernels(num_processes: int) -> None:
-        reason = _skip_reason(num_processes)
-        if reason is not None:
-            pytest.skip(reason)
-        run(num_processes, seed=int(os.environ.get("DEEP_EP_TEST_SEED", "0")) % 100000)
+    # The buffer variants, each with its own dispatch receive or send path: the default (shrink
+    # mode), no shrink mode (the scan-free receive) and every peer through NVSHMEM puts.
+    _VARIANTS = {"shrink": {}, "no_shrink": {"shrink": False}, "nvshmem_puts": {"quick": True, "nvlink": False}}
 
+    @pytest.mark.parametrize("variant", list(_VARIANTS))
     @pytest.mark.parametrize("num_processes", [2, 4])
-    def test_low_latency_kernels_no_shrink(num_processes: int) -> None:
+    def test_low_latency_kernels(num_processes: int, variant: str) -> None:
         reason = _skip_reason(num_processes)
         if reason is not None:
             pytest.skip(reason)
-        run(num_processes, seed=int(os.environ.get("DEEP_EP_TEST_SEED", "0")) % 100000, shrink=False)
-
-    @pytest.mark.parametrize("num_processes", [2, 4])
-    def test_low_latency_kernels_nvshmem_puts(num_processes: int) -> None:
-        reason = _skip_reason(num_processes)
-        if reason is not None:
-            pytest.skip(reason)
-        run(num_processes, seed=int(os.environ.get("DEEP_EP_TEST_SEED", "0")) % 100000, quick=True, nvlink=False)
+        run(num_processes, seed=int(os.environ.get("DEEP_EP_TEST_SEED", "0")) % 100000, **_VARIANTS[variant])
 except ImportError:  # running as a script without pytest
     pass
 

@@ -1250,8 +1250,8 @@ __device__ void broadcast_weights(const Context& ctx, const Geometry& g, const C
 __device__ void combine_send_reduced(const Context& ctx, const Geometry& g, const CombineArgs& a,
                                      unsigned long long weights_call, unsigned long long dispatch_call) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    // With puts a slot is one task: those go round the blocks first, so
-    // every block sends a share instead of the first few sending all.
+    // With puts a slot is one task: those go round the blocks first, so every block sends a share
+    // instead of the first few sending all.
     const int global_warp = ctx.any_remote ? warp * gridDim.x + blockIdx.x : blockIdx.x * kNumWarps + warp;
     const int num_warps = gridDim.x * kNumWarps;
     const int num_ranks = ctx.num_ranks, num_max = a.num_max_tokens;
