@@ -7,7 +7,7 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
-#include <sstream>
+#include <atomic>
 #include <vector>
 
 #include "host_mapped.hpp"
@@ -357,15 +357,14 @@ void LowLatencyRuntime::clean_mask() {
     LL_CUDA_CHECK(cudaMemsetAsync(mask_, 0, sizeof(int) * num_ranks_, at::cuda::getCurrentCUDAStream()));
 }
 
-std::string LowLatencyRuntime::check_error() const {
-    if (error_host_ == nullptr) return "";
+std::optional<std::tuple<int, std::string, int, int64_t, int64_t, int64_t>> LowLatencyRuntime::error_record() const {
+    if (error_host_ == nullptr) return std::nullopt;
     const volatile ll::ErrorRecord* record = error_host_;
-    if (record->flag != 1) return "";
-    std::ostringstream message;
-    message << "deep_ep low-latency: rank " << record->rank << " timed out in " << kernel_name(record->kernel)
-            << " waiting for rank " << record->peer << " (counter " << record->seen << ", expected >= "
-            << record->expected << ", waited " << record->waited_ns / 1000000ull << " ms)";
-    return message.str();
+    if (record->flag != 1) return std::nullopt;  // the kernel sets it to 1 after the fields
+    std::atomic_thread_fence(std::memory_order_acquire);
+    return std::make_tuple(static_cast<int>(record->rank), std::string(kernel_name(record->kernel)),
+                           static_cast<int>(record->peer), static_cast<int64_t>(record->seen),
+                           static_cast<int64_t>(record->expected), static_cast<int64_t>(record->waited_ns));
 }
 
 void LowLatencyRuntime::set_timeout(double timeout_s) {
@@ -410,7 +409,7 @@ void register_low_latency(pybind11::module_& m) {
         .def("update_mask", &LowLatencyRuntime::update_mask)
         .def("query_mask", &LowLatencyRuntime::query_mask)
         .def("clean_mask", &LowLatencyRuntime::clean_mask)
-        .def("check_error", &LowLatencyRuntime::check_error)
+        .def("error_record", &LowLatencyRuntime::error_record)
         .def("set_timeout", &LowLatencyRuntime::set_timeout)
         .def("is_direct_peer", &LowLatencyRuntime::is_direct_peer)
         .def("destroy", &LowLatencyRuntime::destroy);

@@ -58,8 +58,9 @@ public:
     void query_mask(const torch::Tensor& mask_status);
     void clean_mask();
 
-    // "" when no kernel reported a timeout, else a description (rank, kernel, peer, counts).
-    std::string check_error() const;
+    // None when no kernel reported a timeout, else (rank, kernel name, peer, counter seen,
+    // expected, waited ns) of the first one; the Python layer words the message.
+    std::optional<std::tuple<int, std::string, int, int64_t, int64_t, int64_t>> error_record() const;
     void set_timeout(double timeout_s);
     bool is_direct_peer(int pe) const;
     static int64_t required_bytes(int num_max_tokens, int hidden, int num_ranks, int num_experts);

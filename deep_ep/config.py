@@ -13,6 +13,8 @@ _CONTROL_BYTES = 1 << 20
 # Header of one low-latency dispatch message (source token, top-k ids, call tag; 80 bytes used),
 # padded to a 128-byte line (kHeaderBytes in csrc/kernels/internode_ll_api.cuh).
 _LL_HEADER_BYTES = 128
+# ll::kMaxBlocks: the low-latency kernels' largest grid (one dispatch delivery flag per sending block).
+_LL_MAX_BLOCKS = 128
 _ALIGN = 128
 
 
@@ -140,9 +142,10 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     Mirrors ``ll::make_layout`` in ``csrc/kernels/internode_ll.cu`` (tests/test_low_latency.py checks
     that the two agree): a signal area, then two buffers, each holding the dispatch receive slots
     (one message per source rank and token: a 128-byte header plus the token at its widest, bf16),
-    the dispatch send staging, the combine receive slots (max(16, ranks) per token), the combine
-    send rows, the top-k weights, a staging area and the dispatch's per-(rank, expert) token counts
-    (received, and staged for puts).
+    the dispatch send staging, the dispatch's delivery flags (one per source rank and sending
+    block, and one per source rank for its counts), the combine receive slots (max(16, ranks) per
+    token), the combine send rows, the top-k weights, a staging area and the dispatch's
+    per-(rank, expert) token counts (received, and staged for puts).
     """
     for name, v in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
                     ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
@@ -156,6 +159,7 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     combine_slots_per_token = max(MAX_TOPK, r)
     offset = _align(r * m * msg_bytes, page)                                 # dispatch receive
     offset = _align(offset + m * msg_bytes, page)                            # dispatch send
+    offset = _align(offset + r * (_LL_MAX_BLOCKS + 1) * 8, page)             # dispatch flags
     offset = _align(offset + m * combine_slots_per_token * h * 2, page)      # combine receive
     offset = _align(offset + num_local * r * m * h * 2, page)                # combine send
     offset = _align(offset + r * m * MAX_TOPK * 8, page)                     # weights (tagged words)

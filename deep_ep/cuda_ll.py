@@ -195,9 +195,12 @@ class LowLatencyKernelsMixin:
         in the receive hook, and can be called after a synchronization to check the last call.
         """
         if self._ll is not None:
-            message = self._ll.check_error()
-            if message:
-                raise DeepEPTimeoutError(message)
+            record = self._ll.error_record()
+            if record is not None:
+                rank, kernel, peer, seen, expected, waited_ns = record
+                raise DeepEPTimeoutError(
+                    f"deep_ep low-latency: rank {rank} timed out in {kernel} waiting for rank {peer} "
+                    f"(counter {seen}, expected >= {expected}, waited {waited_ns // 1_000_000} ms)")
 
     def low_latency_set_combine_mode(self, mode: str) -> None:
         """``"reduced"`` (default): each rank sends one weighted partial row per (token, rank);

@@ -15,7 +15,8 @@
 #   low-latency checks on a buffer without shrink mode, i.e. the direct receive path);
 #   llbench2: the low-latency benchmark on 2 GPUs;
 #   ll2put / llbench2put: the low-latency checks / benchmark on 2 GPUs with
-#   allow_nvlink_for_low_latency_mode=False (every peer through NVSHMEM puts);
+#   allow_nvlink_for_low_latency_mode=False (every peer through NVSHMEM puts; ll2putnoshrink: the
+#   checks on a buffer without shrink mode, the scan-free receive over puts);
 #   inter21 / interbench21: the internode checks / benchmark on 2 GPUs as 2 nodes x 1;
 #   ll2full / test2full: every low-latency / intranode check on 2 GPUs (ll2 / test2: --quick);
 #   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once).
@@ -36,7 +37,7 @@ PYTHON="${PYTHON:-python3}"
 if [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 4 ]; then
     DEFAULT_STEPS=build,ll4,llnoshrink,llbench,inter22,interbench,test4,bench,inter41,test2,ll2,ll2noshrink,foundation
 else
-    DEFAULT_STEPS=build,ll2full,ll2noshrink,ll2put,llbench2,test2full,inter21,bench2,interbench21,llbench2put,foundation
+    DEFAULT_STEPS=build,ll2full,ll2noshrink,ll2put,ll2putnoshrink,llbench2,test2full,inter21,bench2,interbench21,llbench2put,foundation
 fi
 STEPS="${GPU_STEPS:-$DEFAULT_STEPS}"
 summary=()
@@ -106,6 +107,7 @@ run_named() {
     ll2full) run_step ll2full "${LL2_LIMIT:-150}" "$(low_latency 2)" ;;
     ll2noshrink) run_step ll2noshrink "${LL2_LIMIT:-150}" "$(low_latency 2 --quick --no-shrink)" ;;
     ll2put) run_step ll2put "${LL2_LIMIT:-150}" "$(low_latency 2 --quick --no-nvlink)" ;;
+    ll2putnoshrink) run_step ll2putnoshrink "${LL2_LIMIT:-150}" "$(low_latency 2 --quick --no-nvlink --no-shrink)" ;;
     llbench2) run_step llbench2 "${LLBENCH_LIMIT:-180}" "$(low_latency 2 --bench-only)" ;;
     llbench2put) run_step llbench2put "${LLBENCH_LIMIT:-180}" "$(low_latency 2 --bench-only --no-nvlink)" ;;
     inter22) run_step inter22 "${INTER_LIMIT:-300}" "$(internode 4 2 "${INTER_ARGS:-}")" ;;

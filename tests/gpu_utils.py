@@ -6,6 +6,7 @@ skips it with a reason when there are fewer GPUs than it needs or no extension.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import traceback
@@ -76,6 +77,9 @@ def _worker(local_rank: int, num_processes: int, port: int, fn: Callable, args: 
             errors: Any) -> None:
     for key, value in SAFE_ENV.items():
         os.environ[key] = value
+    # A rank that dies of a signal (SIGSEGV in an extension) leaves no traceback in `errors`:
+    # this prints its Python stack on stderr instead.
+    faulthandler.enable(all_threads=True)
     torch.cuda.set_device(local_rank)
     try:
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=local_rank,

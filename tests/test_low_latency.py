@@ -517,6 +517,31 @@ def run_shrink(buffer, rank: int, num_ranks: int, seed: int) -> None:
     log(rank, "  ok  calls work again after clean_mask + clean")
 
 
+def run_timeout(buffer, rank: int, num_ranks: int, seed: int) -> None:
+    """Without shrink mode, one rank skips a dispatch: the others' waits end after the timeout with
+    DeepEPTimeoutError naming the rank they waited for (the buffer is then unusable: run last)."""
+    from deep_ep import DeepEPTimeoutError
+
+    num_max, hidden, per_rank, num_topk = 64, 1024, 4, 4
+    num_experts = per_rank * num_ranks
+    victim = num_ranks - 1
+    x, topk_idx, _ = make_inputs(rank, num_max, hidden, num_experts, num_topk, seed + 9)
+    buffer.clean_low_latency_buffer(num_max, hidden, num_experts)
+    buffer._backend.low_latency_set_timeout(2.0)
+    if rank != victim:
+        start = time.time()
+        buffer.low_latency_dispatch(x, topk_idx, num_max, num_experts)
+        torch.cuda.synchronize()
+        try:
+            _check_errors(buffer)
+        except DeepEPTimeoutError as error:
+            assert f"waiting for rank {victim}" in str(error), f"timeout names the wrong rank: {error}"
+            log(rank, f"  ok  timeout without shrink mode after {time.time() - start:.1f} s: {error}")
+        else:
+            raise AssertionError("a dispatch whose peer skipped the call did not time out")
+    dist.barrier()
+
+
 # ----------------------------------------------------------------------------------------------
 # Benchmark
 # ----------------------------------------------------------------------------------------------
@@ -609,7 +634,7 @@ def _kernel_durations(fn, iterations: int, keys: Optional[List[str]] = None) -> 
 
 
 _TRACE_POINTS = {
-    "dispatch": ["ids in smem", "send tasks done", "counts published", "send signalled", "sources arrived",
+    "dispatch": ["ids in smem", "send tasks done", "counts published", "send signalled", "counts/sources in",
                  "recv offsets ready", "rows placed", "end", "header read (sum)", "row loaded (sum)", "send fenced",
                  "send-only end"],
     "combine": ["weights sent", "send tasks done", "", "send signalled", "sources arrived", "", "rows reduced", "end",
@@ -802,6 +827,8 @@ def _worker(rank: int, num_ranks: int, group, bench: bool, iterations: int, seed
             if not quick and shrink:
                 run_shrink(buffer, rank, num_ranks, seed)
             dist.barrier()
+            if not shrink and not bench:
+                run_timeout(buffer, rank, num_ranks, seed)  # last: the buffer is unusable after it
             log(rank, f"[{num_ranks} ranks] all low-latency checks passed")
         if bench or bench_only:
             results = run_bench(buffer, ref, rank, num_ranks, seed, iterations)

@@ -75,6 +75,11 @@ struct Geometry {
     char* buf;                       // this call's buffer
     unsigned long long* signals;     // this call's counters [num_ranks] (dispatch or combine)
     unsigned long long* weight_signals;  // combine only: "weights arrived" counters [num_ranks]
+    // Dispatch with the scan-free receive: [num_ranks src][kMaxBlocks] delivery flags (the call a
+    // source's sending block has delivered all its data to this rank in), then [num_ranks src]
+    // count flags (the call whose per-expert counts the source has written here).
+    unsigned long long* block_flags;
+    unsigned long long* count_flags;
     size_t msg_bytes;
     size_t dispatch_recv_offset, dispatch_send_offset, combine_recv_offset, combine_send_offset;
     size_t weights_offset, stage_offset, count_offset;
@@ -109,13 +114,40 @@ __device__ void signal_all_ranks(const Context& ctx, unsigned long long* signals
     }
 }
 
-// The end of every send phase, by the whole block: NVSHMEM puts complete (quiet, one lane per
-// warp), then this block's signal to every rank.
-__device__ __forceinline__ void finish_send(const Context& ctx, unsigned long long* signals, int trace_kernel) {
+// Sets `flag` (a local symmetric address; its copy on every unmasked rank) to `call`: everything
+// this block wrote there before is visible first. Called by the whole block after its stores; the
+// barrier and the cumulative release as in signal_all_ranks, the releases by the first
+// `num_setters` threads (the others go on at once). A set, not an add: a flag holds a call number,
+// so a receiver can wait for one sending block (or the counts) of one source.
+__device__ void flag_all_ranks(const Context& ctx, unsigned long long* flag, unsigned long long call, int trace_kernel,
+                               int num_setters) {
+    trace_mark(trace_kernel, kTraceFenced);
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) >= num_setters) return;
+    for (int pe = threadIdx.x; pe < ctx.num_ranks; pe += num_setters) {
+        if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + pe) != 0) continue;
+        char* direct = peer_address(ctx, flag, pe);
+        if (direct != nullptr) {
+            st_release_sys_u64(reinterpret_cast<unsigned long long*>(direct), call);
+        } else {
+            nvshmem_fence();
+            nvshmemx_signal_op(reinterpret_cast<uint64_t*>(flag), call, NVSHMEM_SIGNAL_SET, pe);
+        }
+    }
+}
+
+// Lane 0 of every warp completes its NVSHMEM puts (before the block's signal).
+__device__ __forceinline__ void quiet_warp_puts(const Context& ctx) {
     if (ctx.any_remote) {
         __syncwarp();
         if (threadIdx.x % 32 == 0) nvshmem_quiet();
     }
+}
+
+// The end of every send phase, by the whole block: NVSHMEM puts complete (quiet, one lane per
+// warp), then this block's signal to every rank.
+__device__ __forceinline__ void finish_send(const Context& ctx, unsigned long long* signals, int trace_kernel) {
+    quiet_warp_puts(ctx);
     signal_all_ranks(ctx, signals, trace_kernel);
 }
 
@@ -413,12 +445,20 @@ __device__ __forceinline__ int header_position_word(const int64_t* topk_idx, con
     return static_cast<int>(word);
 }
 
+// Whether a dispatch uses the scan-free receive (dispatch_recv_direct) and so the delivery and
+// count flags instead of the per-source counters. The same on every rank and for every call of
+// one layout: enable_shrink is the buffer's, and num_experts is part of the layout's key.
+__device__ __forceinline__ bool scan_free_receive(const Context& ctx, const DispatchArgs& a) {
+    return !ctx.enable_shrink && a.num_experts <= kMaxFastExperts;
+}
+
 // This rank's number of (token, top-k slot) pairs per expert, written into every destination's
-// count table row [this rank] (its local experts only): the scan-free receive's block offsets.
+// count table row [this rank] (its local experts only), then its count flag set to `call`: the
+// scan-free receive's block offsets, which it computes while the tokens are still on the way.
 // Ids outside [0, num_experts) count as none, as in the send. Called by one whole block; `s_ids`
 // is the block's narrowed shared copy of the ids, or null (read them from global memory).
-__device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, const DispatchArgs& a,
-                                        const int* s_ids) {
+__device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, const DispatchArgs& a, const int* s_ids,
+                                        unsigned long long call) {
     __shared__ int s_hist[kMaxFastExperts];
     const int warp = threadIdx.x / 32;
     const int num_experts = a.num_experts, num_local = num_experts / ctx.num_ranks;
@@ -441,16 +481,21 @@ __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, c
         else
             staging[i] = s_hist[i];
     }
+    if (ctx.any_remote) __threadfence();  // the staged counts before the puts that read them
+    // Every thread's count stores before the flags (a cumulative release after the barrier, as
+    // in signal_all_ranks); a peer reached through puts gets its flag with its counts' put.
+    __syncthreads();
+    unsigned long long* flag = g.count_flags + ctx.rank;
+    for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x) {
+        char* peer = peer_address(ctx, flag, d);
+        if (peer != nullptr) st_release_sys_u64(reinterpret_cast<unsigned long long*>(peer), call);
+    }
     if (ctx.any_remote) {
-        __threadfence();  // the staged counts before the puts that read them
-        __syncthreads();
         for (int d = warp; d < ctx.num_ranks; d += kNumWarps) {
             if (ctx.peer_bases[d] != 0ull) continue;
-            // One lane's view of the mask for the whole warp: the put is a warp-collective call.
-            const int masked = ctx.enable_shrink ? *reinterpret_cast<volatile int*>(ctx.mask + d) : 0;
-            if (__shfl_sync(0xffffffffu, masked, 0) != 0) continue;
-            nvshmemx_putmem_nbi_warp(counts + static_cast<size_t>(ctx.rank) * num_local,
-                                     staging + static_cast<size_t>(d) * num_local, num_local * sizeof(int), d);
+            nvshmemx_putmem_signal_nbi_warp(counts + static_cast<size_t>(ctx.rank) * num_local,
+                                            staging + static_cast<size_t>(d) * num_local, num_local * sizeof(int),
+                                            reinterpret_cast<uint64_t*>(flag), call, NVSHMEM_SIGNAL_SET, d);
         }
     }
 }
@@ -476,6 +521,17 @@ __device__ __forceinline__ int stage_arrive(unsigned long long* word, unsigned l
     }
 }
 
+// Sending tasks per token: its data split over `parts` warps (a chunk is 32 units; a unit is 16
+// channels cast to fp8, or 8 bf16 channels) plus one header task. Token t's tasks are
+// t * task_parts ... t * task_parts + task_parts - 1, and task q runs on block (q / kNumWarps) %
+// gridDim.x (the send's grid-stride loop): the scan-free receive knows from this which sending
+// blocks' flags a token waits for.
+template <bool kUseFP8>
+__device__ __forceinline__ int dispatch_data_parts(int hidden) {
+    const int num_units = kUseFP8 ? hidden / 16 : hidden / 8;
+    return min(kWarpsPerToken, (num_units + 31) / 32);
+}
+
 template <bool kUseFP8>
 __device__ void dispatch_send(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
     __shared__ int s_ids[kSendIdsMax];
@@ -490,7 +546,7 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     const int num_chunks = (num_units + 31) / 32;
     // A token's data is split over `parts` warps; for a peer reached through puts they all stage
     // their share and the last to finish puts the whole message (stage_arrive).
-    const int parts = min(kWarpsPerToken, num_chunks);
+    const int parts = dispatch_data_parts<kUseFP8>(hidden);
     const size_t data_bytes = kUseFP8 ? static_cast<size_t>(hidden) + hidden / 32 : static_cast<size_t>(hidden) * 2;
     // The header (with its positions, header_position_word: a few load rounds) is a task of its
     // own, on a warp that would otherwise idle (15 tasks per token fit the 16 warps per token the
@@ -498,6 +554,14 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     const int task_parts = parts + 1;
     const int num_tasks = a.num_tokens * task_parts;
     const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
+
+    // The counts first, from the last block (at 128 tokens it has no token of its own), so the
+    // receivers turn them into row offsets while the tokens travel. Before anything below is
+    // loaded (its ids from global memory): nothing of the send is live across it, so it costs
+    // the other blocks no registers.
+    const bool scan_free = scan_free_receive(ctx, a);  // block-uniform
+    if (scan_free && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, nullptr, tag);
+    trace_mark(kTraceDispatch, 2);
 
     // Every global load the send needs goes out in one round before any store: the first task's
     // input chunks, the block's copy of all top-k ids (the data warps' routing, the header
@@ -688,12 +752,17 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
         if (has_remote) arrive_and_put();
     }
     trace_mark(kTraceDispatch, 1);
-    // The per-expert counts the scan-free receive needs, from one block (the last: at 128 tokens
-    // it has no token of its own), before that block's signals. After the tokens, not before:
-    // `raw` would be live across it (spills), and the histogram reads the shared ids anyway.
-    if (a.num_experts <= kMaxFastExperts && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, ids);
-    trace_mark(kTraceDispatch, 2);
-    finish_send(ctx, g.signals, kTraceDispatch);
+    if (scan_free) {
+        // This block's delivery flag on every rank: a receiver places a token once the blocks
+        // that sent it have flagged (wait_sending_blocks), not once every block has. When this
+        // launch receives too, warp 0 alone sets them (each release waits for the block's NVLink
+        // stores to land, microseconds) and the other warps start the receive meanwhile.
+        quiet_warp_puts(ctx);
+        flag_all_ranks(ctx, g.block_flags + static_cast<size_t>(ctx.rank) * kMaxBlocks + blockIdx.x, tag, kTraceDispatch,
+                       (a.phases & kPhaseRecv) ? 32 : static_cast<int>(blockDim.x));
+    } else {
+        finish_send(ctx, g.signals, kTraceDispatch);
+    }
     trace_mark(kTraceDispatch, 3);
 }
 
@@ -878,40 +947,114 @@ __device__ void dispatch_recv(const Context& ctx, const Geometry& g, const Dispa
         __syncthreads();
     }
 }
-// Scan-free receive (no shrink mode, at most kMaxFastExperts experts). Every block waits for every
-// source, then turns the sources' published counts into the first row of each (source, expert)
-// block, in source order (the rows of expert e from source s start at the sum of the counts of
-// sources < s); the sender's header gives each (token, slot) pair its position inside that block.
-// Rows come out exactly where the header scan puts them: by (source, token, top-k slot). Then
-// every warp of the grid takes a share of one received message: it reads the header and its
-// share of the row once and stores it into every local expert the token chose. Shrink mode keeps
-// the scan: a source timing out there is decided by each block on its own, and blocks that
-// disagreed would place other sources' rows differently.
+// Scan-free receive (no shrink mode, at most kMaxFastExperts experts). Every block waits for
+// every source's counts (published first by one sending block, so they arrive while the tokens
+// travel) and turns them into the first row of each (source, expert) block, in source order (the
+// rows of expert e from source s start at the sum of the counts of sources < s); the sender's
+// header gives each (token, slot) pair its position inside that block. Rows come out exactly where
+// the header scan puts them: by (source, token, top-k slot). Then every warp of the grid takes a
+// share of one received message: it waits for the delivery flags of the one or two sending blocks
+// that wrote the token (not for every block of every source, so tokens are placed while later ones
+// still arrive), reads the header and its share of the row once and stores it into every local
+// expert the token chose. Shrink mode keeps the scan: a source timing out there is decided by each
+// block on its own, and blocks that disagreed would place other sources' rows differently.
 constexpr int kRecvMaxParts = 8;  // warps per message when the grid has that many per message
 // Loads in flight per lane in the scan-free receive: with two or more warps per message a whole
 // FP8 row of 7168 channels (at most 7 units per lane) is one round; 16 would spill.
 constexpr int kDirectUnroll = 8;
+
+// Barrier of the block's warps [first_warp, kNumWarps): the whole block's, or named barrier 1 for
+// the receiving warps while warp 0 still sets the block's delivery flags. Orders shared memory
+// (and, after acquires, global reads) like __syncthreads among the threads taking part.
+__device__ __forceinline__ void recv_barrier(int first_warp) {
+    if (first_warp == 0)
+        __syncthreads();
+    else
+        asm volatile("bar.sync 1, %0;" ::"r"((kNumWarps - first_warp) * 32) : "memory");
+}
+
+// Whole warp: waits until source `src`'s sending blocks first_block ... first_block + count - 1
+// (modulo the grid) have set their delivery flags to `seq` (a lane per flag). Returns the longest
+// wait (ns) of the warp, or -1 after a timeout (recorded for the host). The barrier after the
+// lanes' acquires orders every lane's later reads of the data those blocks delivered.
+__device__ long long wait_sending_blocks(const Context& ctx, const Geometry& g, int src, int first_block, int count,
+                                         unsigned long long seq) {
+    const int lane = threadIdx.x % 32;
+    const int span = min(count, static_cast<int>(gridDim.x));
+    long long waited_max = 0;
+    bool failed = false;
+    for (int i = lane; i < span; i += 32) {
+        const int block = (first_block + i) % static_cast<int>(gridDim.x);
+        const unsigned long long* flag = g.block_flags + static_cast<size_t>(src) * kMaxBlocks + block;
+        unsigned long long seen = 0, waited = 0;
+        if (wait_counter_at_least(flag, seq, ctx.timeout_ns, &seen, &waited) != kWaitOk) {
+            report_timeout(ctx.error, ctx.rank, kKernelDispatch, src, seq, seen, waited);
+            failed = true;
+        }
+        waited_max = max(waited_max, static_cast<long long>(waited));
+    }
+    __syncwarp();
+    if (__any_sync(0xffffffffu, failed)) return -1;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+        waited_max = max(waited_max, __shfl_xor_sync(0xffffffffu, waited_max, offset));
+    return waited_max;
+}
+
 template <bool kUseFP8>
-__device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long seq) {
+__device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long seq,
+                                     int first_warp) {
     __shared__ int s_offset[kMaxFastExperts];  // [source][local expert]: first row of the block
     __shared__ int s_total[kMaxFastExperts];   // [local expert]: rows (before the num_slots clamp)
+    __shared__ int s_abort;
+    __shared__ int s_counts_abort;
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    // The receiving warps: [first_warp, kNumWarps) of the block (warp 0 may still be setting the
+    // block's delivery flags, see dispatch_kernel); tid / warp count from the first of them.
+    const int tid = static_cast<int>(threadIdx.x) - first_warp * 32;
+    const int num_threads = (kNumWarps - first_warp) * 32;
+    const int num_warps = kNumWarps - first_warp;
+    const int warp = tid / 32, lane = tid % 32;
+    const int marker = first_warp * 32;  // the thread that records trace marks
     const int num_ranks = ctx.num_ranks;
     const int num_local = a.num_experts / num_ranks;
     const int hidden = a.hidden;
     const int num_max = a.num_max_tokens;
     const int num_slots = num_ranks * num_max;
-    const unsigned long long expected = seq * gridDim.x;
 
-    // Without shrink mode (this path's condition) a wait either succeeds or times out.
-    if (!wait_every_source(ctx, g.signals, expected, kKernelDispatch, a.wait_recv_cost_stats)) return;
-    trace_mark(kTraceDispatch, 4);
+    // Every source's counts (without shrink mode, this path's condition, a wait either succeeds
+    // or times out). The barrier after the waiting threads' acquires orders every thread's reads.
+    // A receive-only launch (the hook) comes when the data is most likely in already: it waits for
+    // every delivery flag here too, in the same load round, so its tasks need no wait of their own
+    // (a dependent round trip each). After this launch's own send, tasks wait for their token's
+    // senders only, to place tokens while others still travel.
+    const bool flags_first = first_warp == 0;
+    if (tid == 0) {
+        s_counts_abort = 0;
+        s_abort = 0;  // read only after the barrier below the scan
+    }
+    recv_barrier(first_warp);
+    const int num_flags = num_ranks + (flags_first ? num_ranks * static_cast<int>(gridDim.x) : 0);
+    for (int i = tid; i < num_flags; i += num_threads) {
+        // [0, num_ranks): count flags; then the delivery flags [source][sending block].
+        const int src = i < num_ranks ? i : (i - num_ranks) / static_cast<int>(gridDim.x);
+        const unsigned long long* flag =
+            i < num_ranks ? g.count_flags + i
+                          : g.block_flags + static_cast<size_t>(src) * kMaxBlocks + (i - num_ranks) % static_cast<int>(gridDim.x);
+        unsigned long long seen = 0, waited = 0;
+        if (wait_counter_at_least(flag, seq, ctx.timeout_ns, &seen, &waited) != kWaitOk) {
+            report_timeout(ctx.error, ctx.rank, kKernelDispatch, src, seq, seen, waited);
+            s_counts_abort = 1;
+        }
+    }
+    recv_barrier(first_warp);
+    if (s_counts_abort != 0) return;  // the host raises
+    trace_mark(kTraceDispatch, 4, marker);
 
     const int row_bytes = kUseFP8 ? hidden : hidden * 2;
     const int num_units = row_bytes / 16;
     const int num_groups = hidden / 128;
-    const int total_warps = static_cast<int>(gridDim.x) * kNumWarps;
+    const int total_warps = static_cast<int>(gridDim.x) * num_warps;
     const int parts = max(1, min(kRecvMaxParts, total_warps / num_slots));
     const int num_tasks = num_slots * parts;
     const int expert_begin = ctx.rank * num_local;
@@ -927,7 +1070,7 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         }
     };
 
-    // Each source's last sending block wrote its counts before its signal (publish_dispatch_counts).
+    // Each source's last sending block wrote its counts before its count flag (publish_dispatch_counts).
     // The exclusive scan over the sources, per local expert. Up to kScanInRegisters ranks: one
     // thread per expert, the loads of all sources in one round, the sums in registers (no
     // barrier between load and scan: the warp-per-expert scan below took ~3 us at 2 ranks).
@@ -936,7 +1079,7 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     const int num_pairs = num_ranks * num_local;
     constexpr int kScanInRegisters = 16;
     if (num_ranks <= kScanInRegisters) {
-        for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
+        for (int e = tid; e < num_local; e += num_threads) {
             int c[kScanInRegisters];
 #pragma unroll
             for (int i = 0; i < kScanInRegisters; ++i)
@@ -950,9 +1093,9 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             s_total[e] = running;
         }
     } else {
-        for (int i = threadIdx.x; i < num_pairs; i += blockDim.x) s_offset[i] = __ldcg(counts + i);
-        __syncthreads();
-        for (int e = warp; e < num_local; e += kNumWarps) {
+        for (int i = tid; i < num_pairs; i += num_threads) s_offset[i] = __ldcg(counts + i);
+        recv_barrier(first_warp);
+        for (int e = warp; e < num_local; e += num_warps) {
             int running = 0;
             for (int s0 = 0; s0 < num_ranks; s0 += 32) {
                 // Each lane reads and rewrites only its own entry.
@@ -966,29 +1109,51 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             if (lane == 0) s_total[e] = running;
         }
     }
-    __syncthreads();
-    trace_mark(kTraceDispatch, 5);
+    recv_barrier(first_warp);
+    trace_mark(kTraceDispatch, 5, marker);
 
     // Block 0 writes the per-expert bookkeeping (the same values as the scan: counts and block
     // starts unclamped, recv_count clamped to the slots).
     if (blockIdx.x == 0) {
-        for (int i = threadIdx.x; i < num_pairs; i += blockDim.x) {
+        for (int i = tid; i < num_pairs; i += num_threads) {
             const int src = i / num_local, e = i % num_local;
             const int begin = s_offset[i];
             const int end = src + 1 < num_ranks ? s_offset[i + num_local] : s_total[e];
             a.layout_range[static_cast<size_t>(e) * num_ranks + src] =
                 (static_cast<int64_t>(begin) << 32) | static_cast<int64_t>(end - begin);
         }
-        for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
+        for (int e = tid; e < num_local; e += num_threads) {
             a.recv_count[e] = min(s_total[e], num_slots);
             if (a.cumulative_recv_stats != nullptr) atomicAdd(a.cumulative_recv_stats + e, s_total[e]);
         }
+        // The wait per source: how long until all its data was here, a warp per source (block 0
+        // only, and only when asked: its own tasks then start after every source's data is in,
+        // no later than the last token's placement anyway).
+        if (a.wait_recv_cost_stats != nullptr) {
+            for (int src = warp; src < num_ranks; src += num_warps) {
+                const long long waited = wait_sending_blocks(ctx, g, src, 0, static_cast<int>(gridDim.x), seq);
+                if (waited < 0) s_abort = 1;
+                else if (lane == 0) atomicAdd(reinterpret_cast<unsigned long long*>(a.wait_recv_cost_stats + src),
+                                              static_cast<unsigned long long>(waited));
+            }
+        }
     }
 
-    for (int task = blockIdx.x * kNumWarps + warp; task < num_tasks; task += total_warps) {
+    const int send_parts = dispatch_data_parts<kUseFP8>(hidden) + 1;  // the sender's tasks per token
+    for (int task = blockIdx.x * num_warps + warp; task < num_tasks; task += total_warps) {
         const int slot = task / parts, part = task % parts;
         const int src = slot / num_max, token = slot % num_max;
         const char* msg = regions + static_cast<size_t>(slot) * g.msg_bytes;
+        // A timed-out wait ends the receive (the host raises); this warp's next tasks wait no more.
+        if (*reinterpret_cast<volatile int*>(&s_abort) != 0) break;  // warp-uniform
+        const int first_send_task = token * send_parts;
+        const int first_block = first_send_task / kNumWarps;
+        if (!flags_first &&
+            wait_sending_blocks(ctx, g, src, first_block, (first_send_task + send_parts - 1) / kNumWarps - first_block + 1,
+                                seq) < 0) {
+            if (lane == 0) s_abort = 1;
+            break;
+        }
         // One load round: the header (lane k < kMaxTopk reads slot k's expert and position word)
         // and this share of the row, loaded before the header says whether any of the token's
         // experts is here (a wasted load for a skipped slot costs less than a second round). Not
@@ -1006,7 +1171,7 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         const bool mine = tag == static_cast<int>(static_cast<unsigned int>(seq)) && lane < min(num_topk, kMaxTopk) &&
                           id >= expert_begin && id < expert_begin + num_local;
         const unsigned int kmask = __ballot_sync(0xffffffffu, mine);
-        trace_mark(kTraceDispatch, 8);
+        trace_mark(kTraceDispatch, 8, marker);
         if (kmask == 0u) continue;  // warp-uniform
         int local_e = 0, row = num_slots;
         if (mine) {
@@ -1029,7 +1194,7 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         for (int c0 = part * 32; c0 < num_units; c0 += stride * kDirectUnroll) {
             const int u0 = c0 + lane;
             if (c0 != part * 32) load_chunk(msg, c0);
-            trace_mark_loaded(kTraceDispatch, 9, v[0].x);
+            trace_mark_loaded(kTraceDispatch, 9, v[0].x, marker);
             for (unsigned int bits = smask; bits != 0u; bits &= bits - 1u) {  // warp-uniform
                 const int k = __ffs(static_cast<int>(bits)) - 1;
                 const size_t out_row = static_cast<size_t>(__shfl_sync(0xffffffffu, local_e, k)) * num_slots +
@@ -1057,7 +1222,7 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             a.slot_rows[static_cast<size_t>(slot) * kMaxTopk + lane] = static_cast<int>(out_row);
         }
     }
-    trace_mark(kTraceDispatch, 6);
+    trace_mark(kTraceDispatch, 6, marker);
 }
 
 template <bool kUseFP8>
@@ -1069,11 +1234,16 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Context ctx, G
     trace_start();
     if (a.phases & kPhaseSend) dispatch_send<kUseFP8>(ctx, g, a, send_call);
     if (a.phases & kPhaseRecv) {
-        // The senders publish counts whenever num_experts <= kMaxFastExperts, whatever the mode.
-        if (!ctx.enable_shrink && a.num_experts <= kMaxFastExperts)
-            dispatch_recv_direct<kUseFP8>(ctx, g, a, recv_call);
-        else
+        // The senders publish counts and delivery flags exactly when the receive is scan-free.
+        // After this launch's send, warp 0 is still setting the block's delivery flags: the
+        // other warps receive without it (named barriers); a receive-only launch uses them all.
+        if (scan_free_receive(ctx, a)) {
+            const int first_warp = (a.phases & kPhaseSend) ? 1 : 0;
+            if (static_cast<int>(threadIdx.x) >= first_warp * 32)
+                dispatch_recv_direct<kUseFP8>(ctx, g, a, recv_call, first_warp);
+        } else {
             dispatch_recv<kUseFP8>(ctx, g, a, recv_call);
+        }
     }
     finish_call(states, (a.phases & kPhaseSend) ? &BufferState::dispatch_send_calls : nullptr, send_call,
                 (a.phases & kPhaseRecv) ? &BufferState::dispatch_recv_calls : nullptr, recv_call);
@@ -1406,6 +1576,8 @@ Geometry make_geometry(const Context& ctx, const Layout& layout, int buffer_idx,
     unsigned long long* signal_base = reinterpret_cast<unsigned long long*>(g.heap + layout.signal_offset);
     g.signals = signal_base + static_cast<size_t>(buffer_idx * 3 + kind) * ctx.num_ranks;
     g.weight_signals = signal_base + static_cast<size_t>(buffer_idx * 3 + 2) * ctx.num_ranks;
+    g.block_flags = reinterpret_cast<unsigned long long*>(g.buf + layout.dispatch_flag_offset);
+    g.count_flags = g.block_flags + static_cast<size_t>(ctx.num_ranks) * kMaxBlocks;
     g.msg_bytes = layout.msg_bytes;
     g.dispatch_recv_offset = layout.dispatch_recv_offset;
     g.dispatch_send_offset = layout.dispatch_send_offset;
@@ -1433,7 +1605,9 @@ Layout make_layout(int num_max_tokens, int hidden, int num_ranks, int num_expert
     layout.combine_slots_per_token = std::max(kMaxTopk, num_ranks);
     layout.dispatch_recv_offset = 0;
     layout.dispatch_send_offset = align_up(layout.dispatch_recv_offset + r * m * layout.msg_bytes, kAlign);
-    layout.combine_recv_offset = align_up(layout.dispatch_send_offset + m * layout.msg_bytes, kAlign);
+    layout.dispatch_flag_offset = align_up(layout.dispatch_send_offset + m * layout.msg_bytes, kAlign);
+    layout.combine_recv_offset =
+        align_up(layout.dispatch_flag_offset + r * (kMaxBlocks + 1) * sizeof(unsigned long long), kAlign);
     layout.combine_send_offset =
         align_up(layout.combine_recv_offset + m * static_cast<size_t>(layout.combine_slots_per_token) * h * 2, kAlign);
     layout.weights_offset = align_up(layout.combine_send_offset + num_local * r * m * h * 2, kAlign);

@@ -37,9 +37,9 @@ constexpr int kMaxBlocks = 128;
 
 // Phase trace (phase_trace.cuh; development only): per kernel kind, block and point, the summed
 // SM cycles from the block's start to the point. Dispatch points: 0 top-k ids in shared memory,
-// 1 this warp's send tasks done, 2 counts published, 3 send signalled, 4 every source arrived,
-// 5 receive offsets ready, 6 rows placed, 7 end, 8 (receive, summed over this warp's tasks)
-// header read, 9 row loaded. Combine points: 0 weights broadcast, 1 send tasks done, 3 send
+// 1 this warp's send tasks done, 2 counts published, 3 send signalled, 4 every source's counts
+// (scan-free receive) or signals (scan) arrived, 5 receive offsets ready, 6 rows placed, 7 end,
+// 8 (receive, summed over this warp's tasks) header read, 9 row loaded. Combine points: 0 weights broadcast, 1 send tasks done, 3 send
 // signalled, 4 every source arrived, 6 rows reduced, 7 end. Both: 10 send fenced, 11 end of a
 // send-only launch (hook mode; point 7 is then the receive launch's end).
 constexpr int kTraceKernels = 2;  // 0 dispatch, 1 combine
@@ -89,6 +89,9 @@ struct Layout {
     size_t buffer_offset[2];      // start of each alternating buffer
     size_t dispatch_recv_offset;  // within a buffer: [num_ranks src][max tokens] messages
     size_t dispatch_send_offset;  // within a buffer: [max tokens] messages (staging for puts)
+    size_t dispatch_flag_offset;  // within a buffer: uint64 [ranks src][kMaxBlocks] the call whose data the source's
+                                  // sending block has delivered, then [ranks src] the call whose counts are in
+                                  // (the scan-free receive's flags; call numbers, so never cleaned between calls)
     size_t combine_recv_offset;   // within a buffer: [max tokens][max(kMaxTopk, ranks)] bf16 rows
     size_t combine_send_offset;   // within a buffer: [local experts][ranks * max tokens] bf16 rows
     size_t weights_offset;        // within a buffer: [ranks][max tokens][kMaxTopk] uint64 call << 32 | fp32 bits

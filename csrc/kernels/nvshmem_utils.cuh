@@ -46,6 +46,12 @@ __device__ __forceinline__ void red_add_release_sys(unsigned long long* ptr, uns
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
 }
 
+// Stores a flag (a call number) in a peer's memory (mapped through nvshmem_ptr) with release
+// semantics: this thread's earlier stores, and those it synchronized with, are visible first.
+__device__ __forceinline__ void st_release_sys_u64(unsigned long long* ptr, unsigned long long v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
+}
+
 // Orders this thread's earlier stores (to peers too) before its later ones, at system scope.
 // A release fence is all the "data, then counter" pattern needs; __threadfence_system() is
 // fence.sc.sys, a heavier sequentially consistent fence, on the critical path of every signal.

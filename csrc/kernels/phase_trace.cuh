@@ -30,14 +30,14 @@ __device__ __forceinline__ void trace_start() {
     if (threadIdx.x == 0) s_trace_start = clock64();
 }
 
-__device__ __forceinline__ void trace_mark(int kernel, int point) {
-    if (threadIdx.x == 0 && g_trace_enabled != 0)
+__device__ __forceinline__ void trace_mark(int kernel, int point, int marker = 0) {
+    if (static_cast<int>(threadIdx.x) == marker && g_trace_enabled != 0)
         g_trace_cycles[kernel][blockIdx.x][point] += static_cast<unsigned long long>(clock64() - s_trace_start);
 }
 
 // A mark that waits for a load: `value` must be used for the time to include its arrival.
-__device__ __forceinline__ void trace_mark_loaded(int kernel, int point, int value) {
-    if (threadIdx.x == 0 && g_trace_enabled != 0) {
+__device__ __forceinline__ void trace_mark_loaded(int kernel, int point, int value, int marker = 0) {
+    if (static_cast<int>(threadIdx.x) == marker && g_trace_enabled != 0) {
         asm volatile("" ::"r"(value));
         g_trace_cycles[kernel][blockIdx.x][point] += static_cast<unsigned long long>(clock64() - s_trace_start);
     }
