@@ -8,7 +8,8 @@
 #   Steps run in the order given: the default list measures the issues' targets first (low-latency,
 #   internode 2 x 2, intranode), so a call cut short by DEADLINE_S keeps what matters most.
 #   (inter22 / inter41: internode kernels, opt-in DEEP_EP_INTERNODE_KERNELS=1, on 4 GPUs as 2 nodes x 2 and
-#   4 nodes x 1; interbench: their benchmark as 2 x 2)
+#   4 nodes x 1; interbench: their benchmark as 2 x 2; intersweep, not in the default list: that
+#   benchmark over the internode chunk sizes)
 #   (foundation = foundation_torch + foundation_cuda; each can be named alone)
 #   Not in the default list:
 #   bench2: the intranode benchmark on 2 GPUs (llnoshrink / ll2noshrink, in the default list: the
@@ -114,6 +115,7 @@ run_named() {
     inter41) run_step inter41 "${INTER_LIMIT:-300}" "$(internode 4 1 "${INTER_ARGS:-}")" ;;
     inter21) run_step inter21 "${INTER_LIMIT:-300}" "$(internode 2 1 "${INTER_ARGS:-}")" ;;
     interbench) run_step interbench "${INTERBENCH_LIMIT:-240}" "$(internode 4 2 --bench)" ;;
+    intersweep) run_step intersweep "${INTERBENCH_LIMIT:-240}" "$(internode 4 2 --bench --sweep)" ;;
     interbench21) run_step interbench21 "${INTERBENCH_LIMIT:-240}" "$(internode 2 1 --bench)" ;;
     foundation)
         run_named foundation_torch

@@ -186,7 +186,9 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
     _, cuda_buf = _make_buffers(group, num_ranks, nvl_domain_size)
     nvl_bytes, _ = _buffer_bytes(num_ranks, num_ranks)
     intra_buf = deep_ep.Buffer(group, nvl_bytes, backend="cuda", explicitly_destroy=True, nvl_domain_size=num_ranks)
-    config = deep_ep.Config(24, 4, 256, 8, 128)
+    # The best chunk sizes of the sweep (--sweep, 4 x H200 as 2 x 2): NVLink leg chunk 2 with a
+    # 512-token ring, rail chunk 16 (the same NVLink chunk as the intranode kernels compared here).
+    config = deep_ep.Config(24, 2, 512, 16, 128)
     intra_config = deep_ep.Config(24, 2, 256)
     _log(rank, f"bench: {num_ranks} ranks as {num_nodes} nodes x {nvl_domain_size}, {torch.cuda.get_device_name()}, "
                f"{num_tokens} tokens x {hidden} top-{num_topk} of {num_experts}; {config}; median of {iters}, "
@@ -243,6 +245,68 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
                        f"(ratio {logical / intra:.2f}) | all_to_all_single {base:6.1f} GB/s")
             if name == "uniform" and op in ("dispatch_bf16", "combine_bf16"):
                 kernel_breakdown(rank, op, fn, iters)
+    intra_buf.destroy()
+    cuda_buf.destroy()
+
+
+def sweep_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_size: int, iters: int) -> None:
+    """Chunk sizes of the internode kernels at 24 SMs (the benchmark's workload): for each Config,
+    dispatch (bf16, FP8) and combine against the intranode kernels (24 SMs, chunk 2) in the same
+    run, as ratios of logical bandwidth (the issue's measure), slowest rank."""
+    import deep_ep
+    num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
+    num_nodes = num_ranks // nvl_domain_size
+    gen = torch.Generator().manual_seed(seed + rank)
+    xs = [torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).cuda() for _ in range(3)]
+    x8s = [deep_ep.per_token_cast_to_fp8(x) for x in xs]
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    routings = {"uniform": (scores.topk(num_topk, dim=-1).indices, torch.rand(num_tokens, num_topk, generator=gen)),
+                "group-limited": deep_ep.utils.group_limited_topk(scores, num_nodes, max(1, num_nodes // 2),
+                                                                  num_topk)}
+    _, cuda_buf = _make_buffers(group, num_ranks, nvl_domain_size)
+    nvl_bytes, _ = _buffer_bytes(num_ranks, num_ranks)
+    intra_buf = deep_ep.Buffer(group, nvl_bytes, backend="cuda", explicitly_destroy=True, nvl_domain_size=num_ranks)
+    intra_config = deep_ep.Config(24, 2, 256)
+    configs = [deep_ep.Config(24, nvl_send, nvl_recv, rdma_send, 128)
+               for nvl_send in (2, 4, 8) for nvl_recv in (256, 512) for rdma_send in (4, 8, 16)]
+    fp8_row = hidden + hidden // 128 * 4
+    _log(rank, f"sweep: {num_ranks} ranks as {num_nodes} nodes x {nvl_domain_size}, {torch.cuda.get_device_name()}; "
+               f"ratios to the intranode kernels ({intra_config}); median of {iters}, slowest rank")
+    for name, (topk_idx, topk_weights) in routings.items():
+        topk_idx, topk_weights = topk_idx.cuda(), topk_weights.float().cuda()
+        layout = _layout(cuda_buf, topk_idx, num_experts)
+        intra_layout = intra_buf.get_dispatch_layout(topk_idx, num_experts)
+        intra_recv, _, _, _, intra_handle, _ = intra_buf.dispatch(
+            xs[0], num_tokens_per_rank=intra_layout[0], is_token_in_rank=intra_layout[3],
+            num_tokens_per_expert=intra_layout[2], topk_idx=topk_idx, topk_weights=topk_weights, config=intra_config)
+        intra_in = [combine_input(intra_recv, rank), combine_input(intra_recv, rank + 1)]
+        rows = intra_recv.shape[0]
+        intra = {
+            "bf16": _slowest(_time_us(lambda i: intra_buf.dispatch(xs[i % 3], handle=intra_handle,
+                                                                    config=intra_config), iters)),
+            "fp8": _slowest(_time_us(lambda i: intra_buf.dispatch(x8s[i % 3], handle=intra_handle,
+                                                                   config=intra_config), iters)),
+            "combine": _slowest(_time_us(lambda i: intra_buf.combine(intra_in[i % 2], intra_handle,
+                                                                      config=intra_config), iters)),
+        }
+        _log(rank, f"{name}: intranode {intra['bf16']:.1f} / {intra['fp8']:.1f} / {intra['combine']:.1f} us "
+                   f"(dispatch bf16 / FP8 / combine)")
+        for config in configs:
+            recv_x, _, _, _, handle, _ = cuda_buf.dispatch(xs[0], **layout, topk_idx=topk_idx,
+                                                           topk_weights=topk_weights, config=config)
+            assert recv_x.shape[0] == rows
+            comb_in = [combine_input(recv_x, rank), combine_input(recv_x, rank + 1)]
+            t = {
+                "bf16": _slowest(_time_us(lambda i: cuda_buf.dispatch(xs[i % 3], handle=handle, config=config),
+                                          iters)),
+                "fp8": _slowest(_time_us(lambda i: cuda_buf.dispatch(x8s[i % 3], handle=handle, config=config),
+                                         iters)),
+                "combine": _slowest(_time_us(lambda i: cuda_buf.combine(comb_in[i % 2], handle, config=config),
+                                             iters)),
+            }
+            # Same rows and bytes on both paths: the ratio of logical bandwidths is the inverse time ratio.
+            _log(rank, f"  {config}: " + "  ".join(f"{op} {t[op]:7.1f} us (ratio {intra[op] / t[op]:.2f})"
+                                                  for op in ("bf16", "fp8", "combine")))
     intra_buf.destroy()
     cuda_buf.destroy()
 
@@ -315,6 +379,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats")
     parser.add_argument("--bench", action="store_true", help="run the benchmark instead of the checks")
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--sweep", action="store_true", help="the benchmark over the internode chunk sizes")
     args = parser.parse_args()
     if args.num_processes % args.nvl_domain_size != 0 or args.num_processes // args.nvl_domain_size < 2:
         parser.error("--nvl-domain-size must divide --num-processes into at least 2 nodes")
@@ -322,7 +387,9 @@ def main() -> None:
     if seed is None:
         return
     start = time.time()
-    if args.bench:
+    if args.sweep:
+        gpu_utils.spawn(sweep_worker, args.num_processes, seed, args.nvl_domain_size, args.iters)
+    elif args.bench:
         gpu_utils.spawn(bench_worker, args.num_processes, seed, args.nvl_domain_size, args.iters)
     else:
         gpu_utils.spawn(correctness_worker, args.num_processes, seed, args.nvl_domain_size, args.quick)
