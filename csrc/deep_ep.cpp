@@ -323,7 +323,7 @@ void Buffer::combine(const torch::Tensor& x, const std::optional<torch::Tensor>&
                      const torch::Tensor& recv_rank_prefix, const torch::Tensor& recv_src_num_tokens,
                      const torch::Tensor& combined_x, const std::optional<torch::Tensor>& combined_topk_weights,
                      int num_sms, int send_chunk, int ring_capacity,
-                     const std::optional<torch::Tensor>& row_segments, const std::optional<torch::Tensor>& progress) {
+                     const std::optional<torch::Tensor>& row_segments) {
     check_usable();
     check_combine_rows(x, "x", combined_x);
     check_cuda_tensor(recv_src_idx, "recv_src_idx", torch::kInt32);
@@ -361,10 +361,6 @@ void Buffer::combine(const torch::Tensor& x, const std::optional<torch::Tensor>&
     args.ring = make_ring(num_sms, send_chunk, ring_capacity, slot_bytes, min_slots);
     args.buffers = peers_;
     args.fail = failure_context();
-    // progress: int64 [channels], zeroed by the caller (uint64 progress words, CombineArgs::progress).
-    args.progress = reinterpret_cast<unsigned long long*>(optional_ptr<int64_t>(progress, "progress", torch::kInt64));
-    DEEP_EP_HOST_ASSERT(!progress.has_value() || progress->numel() == args.ring.num_channels,
-                        "progress must have one entry per channel (num_sms / 2)");
     launch_intranode_combine(args, at::cuda::getCurrentCUDAStream());
 }
 

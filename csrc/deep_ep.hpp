@@ -72,8 +72,7 @@ public:
                  const torch::Tensor& is_token_in_rank, const torch::Tensor& recv_src_idx,
                  const torch::Tensor& recv_rank_prefix, const torch::Tensor& recv_src_num_tokens,
                  const torch::Tensor& combined_x, const std::optional<torch::Tensor>& combined_topk_weights,
-                 int num_sms, int send_chunk, int ring_capacity, const std::optional<torch::Tensor>& row_segments,
-                 const std::optional<torch::Tensor>& progress);
+                 int num_sms, int send_chunk, int ring_capacity, const std::optional<torch::Tensor>& row_segments);
 
     // A cross-rank barrier on the current stream.
     void barrier();

@@ -232,8 +232,7 @@ void InternodeRuntime::rail_combine(const torch::Tensor& partial, const std::opt
                                     const std::optional<torch::Tensor>& bias0,
                                     const std::optional<torch::Tensor>& bias1, const torch::Tensor& combined_x,
                                     const std::optional<torch::Tensor>& combined_topk_weights, int num_sms,
-                                    int send_chunk, int ring_capacity,
-                                    const std::optional<torch::Tensor>& leg_progress) {
+                                    int send_chunk, int ring_capacity) {
     check_usable();
     check_combine_rows(partial, "partial", combined_x);
     check_cuda_tensor(rail_prefix, "rail_prefix", torch::kInt32);
@@ -265,11 +264,6 @@ void InternodeRuntime::rail_combine(const torch::Tensor& partial, const std::opt
     args.staging_rows = static_cast<int>(rows);
     args.rail = internode::make_rail_geometry(layout_, internode::kRailCombine, num_nodes_, num_sms, send_chunk,
                                               ring_capacity, internode::combine_slot_bytes(args.hidden, args.num_topk));
-    // The NVLink leg's progress words (int64 [its channels]) when it runs beside this kernel.
-    args.leg_progress =
-        reinterpret_cast<const unsigned long long*>(optional_ptr<const int64_t>(leg_progress, "leg_progress", torch::kInt64));
-    args.leg_channels = leg_progress.has_value() ? static_cast<int>(leg_progress->numel()) : 0;
-    DEEP_EP_HOST_ASSERT(!leg_progress.has_value() || args.leg_channels > 0, "leg_progress must not be empty");
     const c10::cuda::CUDAGuard guard(device_);
     internode::launch_rail_combine(context(), args, at::cuda::getCurrentCUDAStream());
 }

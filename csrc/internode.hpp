@@ -61,7 +61,7 @@ public:
                       const torch::Tensor& staging_src_token, const torch::Tensor& is_token_in_rank,
                       const std::optional<torch::Tensor>& bias0, const std::optional<torch::Tensor>& bias1,
                       const torch::Tensor& combined_x, const std::optional<torch::Tensor>& combined_topk_weights,
-                      int num_sms, int send_chunk, int ring_capacity, const std::optional<torch::Tensor>& leg_progress);
+                      int num_sms, int send_chunk, int ring_capacity);
 
     // (code, kernel, rank, peer, target, channel, value_seen, expected) of the first failure, or None.
     std::optional<ErrorRecordTuple> get_error() const;

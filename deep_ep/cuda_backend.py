@@ -245,7 +245,7 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
             self._runtime.combine(x, topk_weights, bias0, bias1, handle.is_token_in_rank, handle.recv_src_idx,
                                   handle.recv_rank_prefix, handle.recv_src_num_tokens, combined_x, combined_weights,
                                   config.num_sms, config.num_max_nvl_chunked_send_tokens,
-                                  config.num_max_nvl_chunked_recv_tokens, None, None)
+                                  config.num_max_nvl_chunked_recv_tokens, None)
         event = self._finish(async_finish, (x, topk_weights, bias0, bias1, handle.is_token_in_rank,
                                             handle.recv_src_idx, handle.recv_rank_prefix, handle.recv_src_num_tokens),
                              (combined_x, combined_weights))

@@ -31,10 +31,7 @@ Combine reverses it: the intranode combine reads the rows through the same map (
 permutation's inverse), sums (the rows of a token from
 the ranks of one node are summed in fp32 at the forwarding rank, rounded to bf16 once), the rail
 leg home (one partial row per (token, node)), and the home rank's fp32 sum of those partial rows
-plus the biases. The two legs run side by side, each on its share of ``num_sms``
-(:func:`combine_sm_split`): the NVLink leg publishes per channel how far it has written the
-partial rows (a progress word per channel, after each batch), and the rail leg, on a second
-stream, sends each row once its channel has passed it. The intermediate bf16 rounding of each node's partial sum is the one difference
+plus the biases. The intermediate bf16 rounding of each node's partial sum is the one difference
 from the torch backend's single rounding.
 
 ``num_worst_tokens`` needs no host sync (the staging area then has ``nvl_domain_size *
@@ -75,7 +72,6 @@ Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
 
 ENV_FLAG = "DEEP_EP_INTERNODE_KERNELS"
 ROW_MAP_FLAG = "DEEP_EP_INTERNODE_ROW_MAP"
-RAIL_SMS_FLAG = "DEEP_EP_INTERNODE_RAIL_SMS"
 _MAX_NODE_RANKS = 8
 _MAX_LAYOUT_RANKS = 64
 
@@ -89,7 +85,6 @@ _TARGET_NAMES = {
     8: "rail ring data (the rail peer's tail)",
     9: "free rail ring slots (the rail peer's head)",
     10: "room in the staging area (num_worst_tokens too small)",
-    11: "partial rows of the NVLink leg running beside the rail leg (its progress words)",
 }
 
 
@@ -188,21 +183,6 @@ def _leg_runs(recv_from_rank: torch.Tensor, nvl_domain_size: int,
     return leg_end - leg_counts, leg_end, final_start
 
 
-def combine_sm_split(num_sms: int) -> Tuple[int, int]:
-    """SMs of (the NVLink leg, the rail leg) when combine runs them side by side, out of ``num_sms``;
-    ``(num_sms, 0)``: one after the other, each on all of them.
-
-    ``DEEP_EP_INTERNODE_RAIL_SMS`` (read per call; even) gives the rail leg's share, 0 for the legs
-    one after the other; the default is the even number nearest 40 % of ``num_sms``. Each leg needs
-    at least 2 (one channel: a send and a receive block).
-    """
-    value = os.environ.get(RAIL_SMS_FLAG, "").strip()
-    rail = int(value) if value else 2 * round(num_sms * 0.2)
-    if rail <= 0 or rail % 2 != 0 or num_sms - rail < 2:
-        return num_sms, 0
-    return num_sms - rail, rail
-
-
 def _word_size(*tensors: torch.Tensor) -> int:
     """The widest word (16, 8, 4, 2 or 1 bytes) that tiles the rows of every contiguous 2-D tensor."""
     if any(t.numel() == 0 for t in tensors):
@@ -277,12 +257,9 @@ class InternodeKernelsMixin:
         self._internode_failure: Optional[str] = None
         self._internode_owns_nvshmem = False
         self._internode_row_map = os.environ.get(ROW_MAP_FLAG, "1").strip() != "0"
-        self._rail_stream: Optional[torch.cuda.Stream] = None  # combine's rail leg beside the NVLink leg
         if wanted:
             self._internode_timeout_s = timeout_from_env()
             self._create_internode(num_nvl_bytes, num_rdma_bytes, single_host)
-            if self._internode is not None:  # made here, not inside a CUDA graph capture
-                self._rail_stream = torch.cuda.Stream(self.device)
 
     def _create_internode(self, num_nvl_bytes: int, num_rdma_bytes: int, single_host: bool) -> None:
         """Collective: the node-local NVLink buffer, then the NVSHMEM runtime of the rail legs."""
@@ -529,32 +506,19 @@ class InternodeKernelsMixin:
             leg_x = _gather_rows(x, order) if order is not None else x.contiguous()
             leg_weights = (_gather_rows(topk_weights, order) if order is not None or topk_weights is None
                            else topk_weights.contiguous())
-            partial, partial_weights = empty_combine_rows(handle.staging_rows, hidden, topk_weights, device)
-            combined_x, combined_weights = empty_combine_rows(handle.num_tokens, hidden, topk_weights, device)
-            # The two legs side by side (each on its share of the SMs): the rail leg sends each
-            # partial row as soon as the NVLink leg's channel has written it (progress words).
-            leg_sms, rail_sms = combine_sm_split(config.num_sms)
-            progress = torch.zeros(leg_sms // 2, dtype=torch.int64, device=device) if rail_sms else None
-            comm = torch.cuda.current_stream()
-            if rail_sms:
-                assert self._rail_stream is not None
-                self._rail_stream.wait_stream(comm)  # the inputs, the zeroed progress words
             # NVLink leg: each staged token's rows from the ranks of this node, summed (fp32, one rounding).
+            partial, partial_weights = empty_combine_rows(handle.staging_rows, hidden, topk_weights, device)
             self._node_buffer.combine(leg_x, leg_weights, None, None, handle.forward_in_rank, handle.intra_src_idx,
                                       handle.intra_rank_prefix, handle.intra_src_num_tokens, partial, partial_weights,
-                                      leg_sms, config.num_max_nvl_chunked_send_tokens,
-                                      config.num_max_nvl_chunked_recv_tokens, handle.row_segments, progress)
+                                      config.num_sms, config.num_max_nvl_chunked_send_tokens,
+                                      config.num_max_nvl_chunked_recv_tokens, handle.row_segments)
             # Rail leg: one partial row per (token, node) home, summed there with the biases.
-            with torch.cuda.stream(self._rail_stream if rail_sms else comm):
-                self._internode.rail_combine(partial, partial_weights, handle.rail_prefix, handle.rail_src_num_tokens,
-                                             handle.staging_src_token, handle.is_token_in_rank, bias0, bias1,
-                                             combined_x, combined_weights, rail_sms or config.num_sms,
-                                             config.num_max_rdma_chunked_send_tokens,
-                                             config.num_max_rdma_chunked_recv_tokens, progress)
-            if rail_sms:
-                comm.wait_stream(self._rail_stream)
-        keep = (x, topk_weights, bias0, bias1, leg_x, leg_weights, partial, partial_weights, progress,
-                handle.forward_in_rank,
+            combined_x, combined_weights = empty_combine_rows(handle.num_tokens, hidden, topk_weights, device)
+            self._internode.rail_combine(partial, partial_weights, handle.rail_prefix, handle.rail_src_num_tokens,
+                                         handle.staging_src_token, handle.is_token_in_rank, bias0, bias1, combined_x,
+                                         combined_weights, config.num_sms, config.num_max_rdma_chunked_send_tokens,
+                                         config.num_max_rdma_chunked_recv_tokens)
+        keep = (x, topk_weights, bias0, bias1, leg_x, leg_weights, partial, partial_weights, handle.forward_in_rank,
                 handle.intra_src_idx, handle.intra_rank_prefix, handle.intra_src_num_tokens, handle.rail_prefix,
                 handle.rail_src_num_tokens, handle.staging_src_token, handle.is_token_in_rank, order,
                 handle.row_segments)

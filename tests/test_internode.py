@@ -250,12 +250,10 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
 
 
 def sweep_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_size: int, iters: int) -> None:
-    """Chunk sizes of the internode kernels at 24 SMs (the benchmark's workload), and combine's split
-    of them between its two legs running side by side (DEEP_EP_INTERNODE_RAIL_SMS; 0: one leg after
-    the other): for each, dispatch (bf16, FP8) and combine against the intranode kernels (24 SMs,
-    chunk 2) in the same run, as ratios of logical bandwidth (the issue's measure), slowest rank."""
+    """Chunk sizes of the internode kernels at 24 SMs (the benchmark's workload): for each Config,
+    dispatch (bf16, FP8) and combine against the intranode kernels (24 SMs, chunk 2) in the same
+    run, as ratios of logical bandwidth (the issue's measure), slowest rank."""
     import deep_ep
-    from deep_ep.cuda_internode import RAIL_SMS_FLAG
     num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
     num_nodes = num_ranks // nvl_domain_size
     gen = torch.Generator().manual_seed(seed + rank)
@@ -269,9 +267,8 @@ def sweep_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
     nvl_bytes, _ = _buffer_bytes(num_ranks, num_ranks)
     intra_buf = deep_ep.Buffer(group, nvl_bytes, backend="cuda", explicitly_destroy=True, nvl_domain_size=num_ranks)
     intra_config = deep_ep.Config(24, 2, 256)
-    configs = [(deep_ep.Config(24, nvl_send, nvl_recv, rdma_send, 128), rail_sms)
-               for nvl_send, nvl_recv, rdma_send in ((2, 512, 16), (4, 256, 8), (2, 256, 8))
-               for rail_sms in (0, 6, 8, 10, 12)]
+    configs = [deep_ep.Config(24, nvl_send, nvl_recv, rdma_send, 128)
+               for nvl_send in (2, 4, 8) for nvl_recv in (256, 512) for rdma_send in (4, 8, 16)]
     fp8_row = hidden + hidden // 128 * 4
     _log(rank, f"sweep: {num_ranks} ranks as {num_nodes} nodes x {nvl_domain_size}, {torch.cuda.get_device_name()}; "
                f"ratios to the intranode kernels ({intra_config}); median of {iters}, slowest rank")
@@ -294,8 +291,7 @@ def sweep_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
         }
         _log(rank, f"{name}: intranode {intra['bf16']:.1f} / {intra['fp8']:.1f} / {intra['combine']:.1f} us "
                    f"(dispatch bf16 / FP8 / combine)")
-        for config, rail_sms in configs:
-            os.environ[RAIL_SMS_FLAG] = str(rail_sms)
+        for config in configs:
             recv_x, _, _, _, handle, _ = cuda_buf.dispatch(xs[0], **layout, topk_idx=topk_idx,
                                                            topk_weights=topk_weights, config=config)
             assert recv_x.shape[0] == rows
@@ -309,9 +305,8 @@ def sweep_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
                                              iters)),
             }
             # Same rows and bytes on both paths: the ratio of logical bandwidths is the inverse time ratio.
-            _log(rank, f"  {config} rail SMs {rail_sms}: " + "  ".join(f"{op} {t[op]:7.1f} us (ratio {intra[op] / t[op]:.2f})"
+            _log(rank, f"  {config}: " + "  ".join(f"{op} {t[op]:7.1f} us (ratio {intra[op] / t[op]:.2f})"
                                                   for op in ("bf16", "fp8", "combine")))
-    os.environ.pop(RAIL_SMS_FLAG, None)
     intra_buf.destroy()
     cuda_buf.destroy()
 

@@ -131,11 +131,6 @@ struct CombineArgs {
     RingGeometry ring;
     PeerBuffers buffers;
     FailureContext fail;
-    // Nullable [ring.num_channels] uint64, zero before the launch: channel c's receiver sets entry
-    // c (release, GPU scope) to the end of the rows of combined_x it has written, [channel begin,
-    // value), after each batch, so a kernel running beside this one (the internode rail leg) can
-    // read them as they complete.
-    unsigned long long* progress;
 };
 void launch_intranode_combine(const CombineArgs& args, cudaStream_t stream);
 

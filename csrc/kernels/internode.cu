@@ -630,20 +630,6 @@ __global__ void __launch_bounds__(kRailThreads, 1) rail_dispatch_kernel(Context 
 }
 
 // ================================================================ rail combine
-// With the NVLink leg's combine running beside this kernel (a.leg_progress), waits (one thread)
-// until it has written partial row `row`: the progress of the leg's channel holding the row
-// passed it. The acquire (and a __syncwarp after it) orders the row's loads. False after a failure.
-__device__ __noinline__ bool wait_leg_row(const Context& ctx, const RailCombineArgs& a, int64_t row, int channel) {
-    if (a.leg_progress == nullptr)
-        return true;
-    // The last leg channel c with channel_begin(staging_rows, c, leg_channels) <= row.
-    const int64_t n = a.staging_rows;
-    const int c = min(max(static_cast<int>(((row + 1) * a.leg_channels + n - 1) / n) - 1, 0), a.leg_channels - 1);
-    unsigned long long seen;
-    return wait_at_least(ctx.fail, a.leg_progress + c, static_cast<unsigned long long>(row) + 1, seen,
-                         kKernelRailCombine, ctx.rank, kWaitLegRows, channel);
-}
-
 // Sender warp w returns, through ring w, sub-stream r.sub of the rows staged for home node
 // r.node in this channel: the home's channel split of its tokens selects rows [first, last) of
 // that node's staging block, and row first + j goes down sub-stream j % subs.
@@ -669,17 +655,11 @@ __device__ void rail_combine_send(const Context& ctx, const RailCombineArgs& a, 
         if (!make_room(ctx, w, kKernelRailCombine, channel))
             return;
         uint8_t* slot = w.slot();
-        // Rows still being written by the leg beside this kernel: wait for this one, then read it
-        // through L2 (ring loads, not the read-only path).
-        const bool ready = lane != 0 || wait_leg_row(ctx, a, row, channel);
-        if (__shfl_sync(0xffffffffu, ready ? 1 : 0, 0) == 0)
-            return;
-        __syncwarp();  // lane 0's acquire before every lane's loads
         // The weights are loaded before the row copy so their round trip overlaps it.
         const bool has_weights = a.partial_weights != nullptr && lane < a.num_topk;
-        const float weight = has_weights ? __ldcg(a.partial_weights + static_cast<int64_t>(row) * a.num_topk + lane)
+        const float weight = has_weights ? __ldg(a.partial_weights + static_cast<int64_t>(row) * a.num_topk + lane)
                                          : 0.0f;
-        warp_copy_int4<kCopyUnroll, true>(reinterpret_cast<int4*>(slot),
+        warp_copy_int4<kCopyUnroll, false>(reinterpret_cast<int4*>(slot),
                                            reinterpret_cast<const int4*>(a.partial + static_cast<int64_t>(row) * row_bytes),
                                            row_bytes / 16, lane);
         if (has_weights)
@@ -813,9 +793,6 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
         const int token = batch + warp;
         if (token < end) {
             bool ok = true;
-            // This node's row of the token, from the NVLink leg running beside this kernel.
-            if (lane == ctx.node && s_index[warp][lane] >= 0)
-                ok = wait_leg_row(ctx, a, own_first_row + s_index[warp][lane], channel);
             if (lane < N && lane != ctx.node && s_index[warp][lane] >= 0) {
                 const int index = s_index[warp][lane];
                 const int ring = ring_of(lane, index);

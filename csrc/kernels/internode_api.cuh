@@ -47,7 +47,6 @@ enum : int32_t {
     kWaitRailTail = 8,       // ring data a rail peer has not delivered yet
     kWaitRailHead = 9,       // free ring slots a rail peer has not released yet
     kWaitStagingRows = 10,   // (overflow) more forwarded tokens than the staging area holds
-    kWaitLegRows = 11,       // partial rows the NVLink leg's combine (running beside) has not written yet
 };
 
 enum RailKind : int { kRailDispatch = 0, kRailCombine = 1 };
@@ -167,11 +166,6 @@ struct RailCombineArgs {
     uint8_t* combined_x;             // [T, hidden] bf16
     float* combined_topk_weights;    // nullable [T, K]
     RailGeometry rail;
-    // Nullable: the NVLink leg's combine writes `partial` while this kernel runs; entry c of
-    // [leg_channels] says its channel c (rows channel_begin(staging_rows, c, leg_channels) on) has
-    // written rows up to that value (CombineArgs::progress). Null: `partial` is complete.
-    const unsigned long long* leg_progress;
-    int leg_channels;
 };
 void launch_rail_combine(const Context& ctx, const RailCombineArgs& args, cudaStream_t stream);
 

@@ -720,10 +720,6 @@ __device__ void combine_receive(const CombineArgs& args, int channel) {
         __syncthreads();
         if (s_failed)
             return;
-        // The batch's rows for a concurrent reader (the barrier above orders every warp's stores
-        // before this release).
-        if (args.progress != nullptr && threadIdx.x == 0)
-            st_release_gpu_u64(args.progress + channel, static_cast<unsigned long long>(min(batch + kIntranodeWarps, end)));
         // Release what this batch consumed (the loads above have completed: their sums are stored).
         if (head_lane) {
             const int consumed = sub_ring_count(s_count[my_peer], my_sub, W);

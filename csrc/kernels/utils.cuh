@@ -31,12 +31,6 @@ __device__ __forceinline__ void st_release_sys(int* ptr, int value) {
     asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
-// A flag read by another kernel on the same GPU: this thread's earlier stores (and those it
-// synchronized with) become visible first.
-__device__ __forceinline__ void st_release_gpu_u64(unsigned long long* ptr, unsigned long long value) {
-    asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
-}
-
 __device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
     asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
