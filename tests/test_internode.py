@@ -172,9 +172,15 @@ def kernel_breakdown(rank: int, op: str, fn: Any, iters: int) -> None:
                f"; sum {total:.1f}")
 
 
-def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_size: int, iters: int) -> None:
+# The benchmark's workload (DESIGN.md §6): tokens, hidden, top-k, experts.
+_BENCH_SHAPE = (4096, 7168, 8, 256)
+
+
+def _bench_setup(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_size: int) -> Tuple[Any, ...]:
+    """The benchmark's inputs (three bf16 inputs and their FP8 casts, both routings) and buffers
+    (the internode kernels' and, over all ranks as one node, the intranode kernels')."""
     import deep_ep
-    num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
+    num_tokens, hidden, num_topk, num_experts = _BENCH_SHAPE
     num_nodes = num_ranks // nvl_domain_size
     gen = torch.Generator().manual_seed(seed + rank)
     xs = [torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).cuda() for _ in range(3)]
@@ -186,6 +192,14 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
     _, cuda_buf = _make_buffers(group, num_ranks, nvl_domain_size)
     nvl_bytes, _ = _buffer_bytes(num_ranks, num_ranks)
     intra_buf = deep_ep.Buffer(group, nvl_bytes, backend="cuda", explicitly_destroy=True, nvl_domain_size=num_ranks)
+    return xs, x8s, routings, cuda_buf, intra_buf
+
+
+def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_size: int, iters: int) -> None:
+    import deep_ep
+    num_tokens, hidden, num_topk, num_experts = _BENCH_SHAPE
+    num_nodes = num_ranks // nvl_domain_size
+    xs, x8s, routings, cuda_buf, intra_buf = _bench_setup(rank, num_ranks, group, seed, nvl_domain_size)
     # The best chunk sizes of the sweep (--sweep, 4 x H200 as 2 x 2): NVLink leg chunk 2 with a
     # 512-token ring, rail chunk 16 (the same NVLink chunk as the intranode kernels compared here).
     config = deep_ep.Config(24, 2, 512, 16, 128)
@@ -254,22 +268,12 @@ def sweep_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
     dispatch (bf16, FP8) and combine against the intranode kernels (24 SMs, chunk 2) in the same
     run, as ratios of logical bandwidth (the issue's measure), slowest rank."""
     import deep_ep
-    num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
+    num_experts = _BENCH_SHAPE[3]
     num_nodes = num_ranks // nvl_domain_size
-    gen = torch.Generator().manual_seed(seed + rank)
-    xs = [torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).cuda() for _ in range(3)]
-    x8s = [deep_ep.per_token_cast_to_fp8(x) for x in xs]
-    scores = torch.rand(num_tokens, num_experts, generator=gen)
-    routings = {"uniform": (scores.topk(num_topk, dim=-1).indices, torch.rand(num_tokens, num_topk, generator=gen)),
-                "group-limited": deep_ep.utils.group_limited_topk(scores, num_nodes, max(1, num_nodes // 2),
-                                                                  num_topk)}
-    _, cuda_buf = _make_buffers(group, num_ranks, nvl_domain_size)
-    nvl_bytes, _ = _buffer_bytes(num_ranks, num_ranks)
-    intra_buf = deep_ep.Buffer(group, nvl_bytes, backend="cuda", explicitly_destroy=True, nvl_domain_size=num_ranks)
+    xs, x8s, routings, cuda_buf, intra_buf = _bench_setup(rank, num_ranks, group, seed, nvl_domain_size)
     intra_config = deep_ep.Config(24, 2, 256)
     configs = [deep_ep.Config(24, nvl_send, nvl_recv, rdma_send, 128)
                for nvl_send in (2, 4, 8) for nvl_recv in (256, 512) for rdma_send in (4, 8, 16)]
-    fp8_row = hidden + hidden // 128 * 4
     _log(rank, f"sweep: {num_ranks} ranks as {num_nodes} nodes x {nvl_domain_size}, {torch.cuda.get_device_name()}; "
                f"ratios to the intranode kernels ({intra_config}); median of {iters}, slowest rank")
     for name, (topk_idx, topk_weights) in routings.items():

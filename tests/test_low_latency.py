@@ -479,14 +479,25 @@ def run_options(buffer, rank: int, num_ranks: int, seed: int) -> None:
     log(rank, "  ok  100 repeated runs identical")
 
 
+# The fault checks' shape (tokens, hidden, experts per rank, top-k) and their kernel timeout.
+_FAULT_CASE = (64, 1024, 4, 4)
+_FAULT_TIMEOUT_S = 2.0
+
+
+def _fault_case(buffer, rank: int, num_ranks: int, seed: int):
+    """Inputs of a fault check on a clean buffer with the short timeout: (num_max, hidden,
+    num_experts, victim rank, x, topk_idx, weights); the victim is the last rank."""
+    num_max, hidden, per_rank, num_topk = _FAULT_CASE
+    num_experts = per_rank * num_ranks
+    x, topk_idx, weights = make_inputs(rank, num_max, hidden, num_experts, num_topk, seed)
+    buffer.clean_low_latency_buffer(num_max, hidden, num_experts)
+    buffer._backend.low_latency_set_timeout(_FAULT_TIMEOUT_S)
+    return num_max, hidden, num_experts, num_ranks - 1, x, topk_idx, weights
+
+
 def run_shrink(buffer, rank: int, num_ranks: int, seed: int) -> None:
     """One rank skips a call; the others mask it after the timeout and complete."""
-    num_max, hidden, per_rank, num_topk = 64, 1024, 4, 4
-    num_experts = per_rank * num_ranks
-    victim = num_ranks - 1
-    x, topk_idx, weights = make_inputs(rank, num_max, hidden, num_experts, num_topk, seed + 7)
-    buffer.clean_low_latency_buffer(num_max, hidden, num_experts)
-    buffer._backend.low_latency_set_timeout(2.0)
+    num_max, hidden, num_experts, victim, x, topk_idx, weights = _fault_case(buffer, rank, num_ranks, seed + 7)
     if rank != victim:
         start = time.time()
         recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, num_max, num_experts)
@@ -522,12 +533,7 @@ def run_timeout(buffer, rank: int, num_ranks: int, seed: int) -> None:
     DeepEPTimeoutError naming the rank they waited for (the buffer is then unusable: run last)."""
     from deep_ep import DeepEPTimeoutError
 
-    num_max, hidden, per_rank, num_topk = 64, 1024, 4, 4
-    num_experts = per_rank * num_ranks
-    victim = num_ranks - 1
-    x, topk_idx, _ = make_inputs(rank, num_max, hidden, num_experts, num_topk, seed + 9)
-    buffer.clean_low_latency_buffer(num_max, hidden, num_experts)
-    buffer._backend.low_latency_set_timeout(2.0)
+    num_max, _, num_experts, victim, x, topk_idx, _ = _fault_case(buffer, rank, num_ranks, seed + 9)
     if rank != victim:
         start = time.time()
         buffer.low_latency_dispatch(x, topk_idx, num_max, num_experts)
@@ -867,7 +873,9 @@ try:
         reason = _skip_reason(num_processes)
         if reason is not None:
             pytest.skip(reason)
-        run(num_processes, seed=int(os.environ.get("DEEP_EP_TEST_SEED", "0")) % 100000, **_VARIANTS[variant])
+        seed = gpu_utils.fresh_seed()
+        print(f"seed {seed} (DEEP_EP_TEST_SEED repeats it)", flush=True)
+        run(num_processes, seed=seed, **_VARIANTS[variant])
 except ImportError:  # running as a script without pytest
     pass
 
@@ -877,7 +885,7 @@ if __name__ == "__main__":
     parser.add_argument("--num-processes", type=int, default=torch.cuda.device_count() if torch.cuda.is_available() else 0)
     parser.add_argument("--bench", action="store_true", help="run the benchmark after the checks")
     parser.add_argument("--iterations", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="default: DEEP_EP_TEST_SEED, else a fresh one")
     parser.add_argument("--quick", action="store_true", help="only the decode configuration, no shrink test")
     parser.add_argument("--bench-only", action="store_true", help="skip the checks, run the benchmark")
     parser.add_argument("--no-shrink", action="store_true",
@@ -889,5 +897,7 @@ if __name__ == "__main__":
     if skip is not None:
         print(f"test_low_latency: skipped ({skip})")
         sys.exit(0)
-    run(cli.num_processes, bench=cli.bench, iterations=cli.iterations, seed=cli.seed, quick=cli.quick,
+    seed = cli.seed if cli.seed is not None else gpu_utils.fresh_seed()
+    print(f"seed {seed}", flush=True)
+    run(cli.num_processes, bench=cli.bench, iterations=cli.iterations, seed=seed, quick=cli.quick,
         bench_only=cli.bench_only, shrink=not cli.no_shrink, nvlink=not cli.no_nvlink)
