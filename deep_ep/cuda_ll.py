@@ -200,7 +200,7 @@ class LowLatencyKernelsMixin:
                 rank, kernel, peer, seen, expected, waited_ns = record
                 raise DeepEPTimeoutError(
                     f"deep_ep low-latency: rank {rank} timed out in {kernel} waiting for rank {peer} "
-                    f"(counter {seen}, expected >= {expected}, waited {waited_ns // 1_000_000} ms)")
+                    f"(seen {seen}, expected >= {expected}, waited {waited_ns // 1_000_000} ms)")
 
     def low_latency_set_combine_mode(self, mode: str) -> None:
         """``"reduced"`` (default): each rank sends one weighted partial row per (token, rank);

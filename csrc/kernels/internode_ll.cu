@@ -990,6 +990,7 @@ __device__ long long wait_sending_blocks(const Context& ctx, const Geometry& g, 
         if (wait_counter_at_least(flag, seq, ctx.timeout_ns, &seen, &waited) != kWaitOk) {
             report_timeout(ctx.error, ctx.rank, kKernelDispatch, src, seq, seen, waited);
             failed = true;
+            break;  // the source is gone: one timeout, not one per flag
         }
         waited_max = max(waited_max, static_cast<long long>(waited));
     }
@@ -1029,13 +1030,17 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     // (a dependent round trip each). After this launch's own send, tasks wait for their token's
     // senders only, to place tokens while others still travel.
     const bool flags_first = first_warp == 0;
+    // Block 0 measures the wait per source (wait_recv_cost_stats) below, so there it waits for
+    // the delivery flags there, not here (the statistic would read zero).
+    const bool stats_block = blockIdx.x == 0 && a.wait_recv_cost_stats != nullptr;
     if (tid == 0) {
         s_counts_abort = 0;
         s_abort = 0;  // read only after the barrier below the scan
     }
     recv_barrier(first_warp);
-    const int num_flags = num_ranks + (flags_first ? num_ranks * static_cast<int>(gridDim.x) : 0);
+    const int num_flags = num_ranks + (flags_first && !stats_block ? num_ranks * static_cast<int>(gridDim.x) : 0);
     for (int i = tid; i < num_flags; i += num_threads) {
+        if (*reinterpret_cast<volatile int*>(&s_counts_abort) != 0) break;  // one timeout is enough
         // [0, num_ranks): count flags; then the delivery flags [source][sending block].
         const int src = i < num_ranks ? i : (i - num_ranks) / static_cast<int>(gridDim.x);
         const unsigned long long* flag =
@@ -1129,13 +1134,18 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         // The wait per source: how long until all its data was here, a warp per source (block 0
         // only, and only when asked: its own tasks then start after every source's data is in,
         // no later than the last token's placement anyway).
-        if (a.wait_recv_cost_stats != nullptr) {
+        if (stats_block) {
             for (int src = warp; src < num_ranks; src += num_warps) {
+                // One timeout is enough; one lane's read decides for the warp (whole-warp wait below).
+                if (__any_sync(0xffffffffu, *reinterpret_cast<volatile int*>(&s_abort) != 0)) break;
                 const long long waited = wait_sending_blocks(ctx, g, src, 0, static_cast<int>(gridDim.x), seq);
                 if (waited < 0) s_abort = 1;
                 else if (lane == 0) atomicAdd(reinterpret_cast<unsigned long long*>(a.wait_recv_cost_stats + src),
                                               static_cast<unsigned long long>(waited));
             }
+            // A receive-only launch's tasks wait for no flag of their own: every source's data
+            // must be in (the loop above) before any of this block's tasks reads it.
+            if (flags_first) recv_barrier(first_warp);
         }
     }
 
@@ -1145,7 +1155,8 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         const int src = slot / num_max, token = slot % num_max;
         const char* msg = regions + static_cast<size_t>(slot) * g.msg_bytes;
         // A timed-out wait ends the receive (the host raises); this warp's next tasks wait no more.
-        if (*reinterpret_cast<volatile int*>(&s_abort) != 0) break;  // warp-uniform
+        // One lane's read decides for the warp: the shuffles and ballots below need every lane.
+        if (__any_sync(0xffffffffu, *reinterpret_cast<volatile int*>(&s_abort) != 0)) break;
         const int first_send_task = token * send_parts;
         const int first_block = first_send_task / kNumWarps;
         if (!flags_first &&
