@@ -431,8 +431,14 @@ def run_options(buffer, rank: int, num_ranks: int, seed: int) -> None:
             dispatch_wait_recv_cost_stats=dispatch_wait)
         y = simulate_experts(recv_x, count, rank, num_experts)
         buffer.low_latency_combine(y, topk_idx, weights, handle, combine_wait_recv_cost_stats=combine_wait)
+    # The same with a receive hook (its receive-only launch measures the waits itself).
+    hooked = buffer.low_latency_dispatch(x, topk_idx, num_max, num_experts,
+                                         cumulative_local_expert_recv_stats=cumulative,
+                                         dispatch_wait_recv_cost_stats=dispatch_wait, return_recv_hook=True)
+    hooked[4]()
     torch.cuda.synchronize()
-    assert torch.equal(cumulative, 2 * base[1]), "cumulative_local_expert_recv_stats"
+    same_dispatch("hook with stats", hooked)
+    assert torch.equal(cumulative, 3 * base[1]), "cumulative_local_expert_recv_stats"
     assert bool((dispatch_wait >= 0).all()) and bool((combine_wait >= 0).all()), "wait stats negative"
     log(rank, f"  ok  stats (dispatch wait ns {dispatch_wait.tolist()})")
 
