@@ -1046,11 +1046,8 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         const unsigned long long* flag =
             i < num_ranks ? g.count_flags + i
                           : g.block_flags + static_cast<size_t>(src) * kMaxBlocks + (i - num_ranks) % static_cast<int>(gridDim.x);
-        unsigned long long seen = 0, waited = 0;
-        if (wait_counter_at_least(flag, seq, ctx.timeout_ns, &seen, &waited) != kWaitOk) {
-            report_timeout(ctx.error, ctx.rank, kKernelDispatch, src, seq, seen, waited);
-            s_counts_abort = 1;
-        }
+        // Without shrink mode wait_peer returns 0 (in) or 2 (timed out, recorded).
+        if (wait_peer(ctx, flag, seq, src, kKernelDispatch, nullptr, false) != 0) s_counts_abort = 1;
     }
     recv_barrier(first_warp);
     if (s_counts_abort != 0) return;  // the host raises

@@ -1,6 +1,7 @@
 // Phase trace of the low-latency kernels: a development tool that says where a kernel's time goes
 // (which no profiler shows across ranks). Off unless the host enables it (ll::trace_reset); then
-// thread 0 of every block adds, at each marked point, the SM cycles since its block started into
+// one thread of every block (thread 0, or the `marker` a mark names: the first receiving thread
+// while warp 0 still sends) adds, at each marked point, the SM cycles since its block started into
 // g_trace_cycles[kernel][block][point], and block 0 counts the calls at the end. Costs one cached
 // load per mark when off. Not for production use: process-wide, one kernel of a kind at a time.
 #pragma once
