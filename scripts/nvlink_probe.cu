@@ -91,7 +91,9 @@ int main(int argc, char** argv) {
                 bytes_per_pair >> 20, peers_per_gpu);
 
     // mode 0: SM push (local read, remote write); 1: SM pull (remote read, local write); 2: copy engines.
-    auto run_once = [&](int mode, int blocks) {
+    // rail: every GPU g exchanges with GPU g ^ (n / 2) only (the rail leg of the internode kernels
+    // as 2 nodes x n/2), else with every other GPU. count: 16-byte words per ordered pair.
+    auto run_once = [&](int mode, int blocks, bool rail, size_t count) {
         for (int g = 0; g < n; ++g) {
             CHECK(cudaSetDevice(g));
             cudaStream_t s = streams[g * n + g];
@@ -100,19 +102,19 @@ int main(int argc, char** argv) {
                 Peers peers{};
                 int k = 0;
                 for (int p = 0; p < n; ++p) {
-                    if (p == g) continue;
+                    if (p == g || (rail && p != (g ^ (n / 2)))) continue;
                     peers.src[k] = mode == 0 ? send[g][p] : send[p][g];
                     peers.dst[k] = mode == 0 ? recv[p][g] : recv[g][p];
                     ++k;
                 }
-                copy_kernel<<<blocks, 512, 0, s>>>(peers, peers_per_gpu, num_int4);
+                copy_kernel<<<blocks, 512, 0, s>>>(peers, k, count);
                 CHECK(cudaGetLastError());
             } else {
                 for (int p = 0; p < n; ++p) {
                     if (p == g) continue;
                     cudaStream_t ps = streams[g * n + p];
                     CHECK(cudaStreamWaitEvent(ps, begin[g], 0));
-                    CHECK(cudaMemcpyPeerAsync(recv[p][g], p, send[g][p], g, bytes_per_pair, ps));
+                    CHECK(cudaMemcpyPeerAsync(recv[p][g], p, send[g][p], g, count * sizeof(int4), ps));
                     cudaEvent_t done;
                     CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
                     CHECK(cudaEventRecord(done, ps));
@@ -132,18 +134,21 @@ int main(int argc, char** argv) {
         }
         return worst;
     };
+    auto median_ms = [&](int mode, int blocks, bool rail, size_t count) {
+        std::vector<float> times;
+        for (int it = 0; it < 12; ++it) {
+            float ms = run_once(mode, blocks, rail, count);
+            if (it >= 2) times.push_back(ms);
+        }
+        std::sort(times.begin(), times.end());
+        return times[times.size() / 2];
+    };
     const char* names[] = {"SM push", "SM pull", "copy engines"};
     const int block_counts[] = {6, 12, 24, 48, 96, 132, 264};
     for (int mode = 0; mode < 3; ++mode) {
         for (int blocks : block_counts) {
             if (mode == 2 && blocks != block_counts[0]) break;
-            std::vector<float> times;
-            for (int it = 0; it < 12; ++it) {
-                float ms = run_once(mode, blocks);
-                if (it >= 2) times.push_back(ms);
-            }
-            std::sort(times.begin(), times.end());
-            const float ms = times[times.size() / 2];
+            const float ms = median_ms(mode, blocks, false, num_int4);
             const double egress = double(bytes_per_pair) * peers_per_gpu / (ms * 1e-3) / 1e9;
             if (mode == 2)
                 std::printf("%-12s            : %8.1f us  egress %6.1f GB/s per GPU (logical x%d/%d: %6.1f)\n",
@@ -151,6 +156,24 @@ int main(int argc, char** argv) {
             else
                 std::printf("%-12s blocks=%4d : %8.1f us  egress %6.1f GB/s per GPU (logical x%d/%d: %6.1f)\n",
                             names[mode], blocks, ms * 1e3, egress, n, n - 1, egress * n / (n - 1));
+        }
+    }
+    // The rail leg alone: each GPU pushes to one peer (GPU g ^ n/2) while that peer pushes back.
+    if (n % 2 == 0) {
+        for (int blocks : {6, 12, 24, 48, 132}) {
+            const float ms = median_ms(0, blocks, true, num_int4);
+            std::printf("SM push, rail pairs only, blocks=%4d : %8.1f us  egress %6.1f GB/s per GPU\n", blocks,
+                        ms * 1e3, double(bytes_per_pair) / (ms * 1e-3) / 1e9);
+        }
+    }
+    // A burst the size of the low-latency dispatch's (128 tokens x ~7.4 KB, to each other GPU
+    // ~85 % of tokens): the event time of one kernel launch, launch and ramp included.
+    for (size_t kib : {256, 896, 4096}) {
+        const size_t count = std::min(num_int4, kib * 1024 / sizeof(int4));
+        for (int blocks : {32, 64, 128}) {
+            const float ms = median_ms(0, blocks, false, count);
+            std::printf("SM push burst %5zu KiB per pair, blocks=%4d : %7.2f us  egress %6.1f GB/s per GPU\n", kib,
+                        blocks, ms * 1e3, double(count * sizeof(int4)) * peers_per_gpu / (ms * 1e-3) / 1e9);
         }
     }
     return 0;
