@@ -201,6 +201,8 @@ def resolve(require_extension_toolchain: bool = True) -> BuildConfig:
         defines.append("-DDISABLE_NVSHMEM")
     if _env_flag("DISABLE_AGGRESSIVE_PTX_INSTRS", True):
         defines.append("-DDISABLE_AGGRESSIVE_PTX_INSTRS")
+    if _env_flag("RAIL_TRACE", False):  # development: the rail kernels' trace (kernels/internode.cu)
+        defines.append("-DDEEP_EP_RAIL_TRACE")
 
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs: List[str] = []

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <stdexcept>
 #include <thread>
+#include <vector>
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -307,6 +308,17 @@ void register_internode(pybind11::module_& m) {
         .def("get_error", &InternodeRuntime::get_error)
         .def("destroy", &InternodeRuntime::destroy);
     m.attr("INTERNODE_MAX_NODES") = internode::kMaxNodes;
+    // Development: the rail kernels' trace (kernels/internode.cu; recorded only in an extension
+    // built with RAIL_TRACE=1), on the current device.
+    m.def("rail_trace_reset", [](bool enable) { DEEP_EP_CUDA_CHECK(internode::rail_trace_reset(enable)); },
+          py::arg("enable"));
+    m.def("rail_trace_read", []() {
+        std::vector<unsigned long long> cycles(static_cast<size_t>(2) * 2 * internode::kMaxChannels *
+                                               internode::kRailTraceSlots);
+        int clock_khz = 0;
+        DEEP_EP_CUDA_CHECK(internode::rail_trace_read(cycles.data(), &clock_khz));
+        return py::make_tuple(cycles, clock_khz);
+    });
 }
 
 }  // namespace deep_ep

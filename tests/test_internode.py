@@ -172,6 +172,37 @@ def kernel_breakdown(rank: int, op: str, fn: Any, iters: int) -> None:
                f"; sum {total:.1f}")
 
 
+_RAIL_TRACE_ACTIVITIES = {
+    "send": ["lifetime", "wait for free slots", "copy into ring", "publish tails", "open (wait)", "own-node copies"],
+    "recv": ["lifetime", "wait for slots", "drain / sum", "end barrier + release", "numbering + barrier",
+             "own-node copies"],
+}
+
+
+def rail_trace(rank: int, op: str, fn: Any, iters: int, num_channels: int) -> None:
+    """DEEP_EP_RAIL_TRACE=1 (an extension built with RAIL_TRACE=1): where the rail kernel's time
+    goes, per warp and call, averaged over each role's blocks (kernels/internode.cu, WarpTrace)."""
+    import deep_ep_cpp
+    deep_ep_cpp.rail_trace_reset(True)
+    for i in range(iters):
+        fn(i)
+    torch.cuda.synchronize()
+    cycles, clock_khz = deep_ep_cpp.rail_trace_read()
+    deep_ep_cpp.rail_trace_reset(False)
+    kind = 0 if op.startswith("dispatch") else 1
+    table = torch.tensor(cycles, dtype=torch.float64).view(2, -1, 8)[kind, :2 * num_channels]
+    lines = [f"[rank {rank}] rail trace, {op}: us per call and warp (mean over the role's blocks / max block)"]
+    for role, rows in (("send", table[0::2]), ("recv", table[1::2])):
+        items = rows[:, 6] / iters
+        per_warp = rows / iters / clock_khz * 1e3 / 24
+        for slot, label in enumerate(_RAIL_TRACE_ACTIVITIES[role]):
+            col = per_warp[:, slot]
+            if label and float(col.max()) > 0:
+                lines.append(f"  {role} {label:24s} {float(col.mean()):8.1f} {float(col.max()):8.1f}")
+        lines.append(f"  {role} items per block and call  {float(items.mean()):8.1f}")
+    print("\n".join(lines), flush=True)
+
+
 # The benchmark's workload (DESIGN.md §6): tokens, hidden, top-k, experts.
 _BENCH_SHAPE = (4096, 7168, 8, 256)
 
@@ -259,6 +290,8 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
                        f"(ratio {logical / intra:.2f}) | all_to_all_single {base:6.1f} GB/s")
             if name == "uniform" and op in ("dispatch_bf16", "combine_bf16"):
                 kernel_breakdown(rank, op, fn, iters)
+                if os.environ.get("DEEP_EP_RAIL_TRACE") == "1":
+                    rail_trace(rank, op, fn, iters, config.num_sms // 2)
     intra_buf.destroy()
     cuda_buf.destroy()
 
@@ -272,8 +305,12 @@ def sweep_worker(rank: int, num_ranks: int, group: Any, seed: int, nvl_domain_si
     num_nodes = num_ranks // nvl_domain_size
     xs, x8s, routings, cuda_buf, intra_buf = _bench_setup(rank, num_ranks, group, seed, nvl_domain_size)
     intra_config = deep_ep.Config(24, 2, 256)
-    configs = [deep_ep.Config(24, nvl_send, nvl_recv, rdma_send, 128)
-               for nvl_send in (2, 4, 8) for nvl_recv in (256, 512) for rdma_send in (4, 8, 16)]
+    # The NVLink leg's chunks hardly matter (an earlier sweep over 2/4/8 x 256/512); the rail's
+    # tail is published every min(rail chunk, ring slots / 2) slots (a 128-slot ring gives each
+    # warp's ring 8), so only rail chunks below 4 differ from one another (and not in combine over
+    # P2P, whose rings publish every slot).
+    configs = [deep_ep.Config(24, 2, nvl_recv, rdma_send, 128)
+               for nvl_recv in (256, 512) for rdma_send in (1, 2, 4, 16)]
     _log(rank, f"sweep: {num_ranks} ranks as {num_nodes} nodes x {nvl_domain_size}, {torch.cuda.get_device_name()}; "
                f"ratios to the intranode kernels ({intra_config}); median of {iters}, slowest rank")
     for name, (topk_idx, topk_weights) in routings.items():

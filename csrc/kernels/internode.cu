@@ -99,6 +99,47 @@ __device__ __forceinline__ unsigned long long* rail_signal(const Context& ctx, i
            ((static_cast<size_t>(kind) * 2 + signal) * kMaxChannels + channel) * kMaxNodes + ring;
 }
 
+// ---------------------------------------------------------------- development trace
+// Where the rail kernels' time goes (tests/test_internode.py --bench with DEEP_EP_RAIL_TRACE=1 on
+// an extension built with RAIL_TRACE=1): while the host has enabled it (rail_trace_reset), lane 0
+// of every warp adds the SM cycles of each activity (kTrace*) into its block's row of
+// g_rail_trace, summed over warps and calls. Without RAIL_TRACE at build time every mark compiles
+// away (a null trace the compiler sees). Process-wide, one call at a time.
+__device__ int g_rail_trace_enabled;
+__device__ unsigned long long g_rail_trace[2][2 * kMaxChannels][kRailTraceSlots];
+
+struct WarpTrace {
+    unsigned long long* row;  // this warp's accumulators in shared memory; null when off
+    __device__ __forceinline__ long long now() const { return row != nullptr ? clock64() : 0; }
+    __device__ __forceinline__ void add(int slot, long long since) const {
+        if (row != nullptr && lane_id() == 0)
+            row[slot] += static_cast<unsigned long long>(clock64() - since);
+    }
+    __device__ __forceinline__ void count(int slot) const {
+        if (row != nullptr && lane_id() == 0)
+            row[slot] += 1ull;
+    }
+};
+
+// The kernel's start: this warp's trace (zeroed), or an empty one when tracing is off.
+__device__ __forceinline__ WarpTrace open_trace(unsigned long long (*rows)[kRailTraceSlots], bool on) {
+#ifndef DEEP_EP_RAIL_TRACE
+    on = false;
+#endif
+    const int warp = threadIdx.x / kWarpSize;
+    if (on && lane_id() < kRailTraceSlots)
+        rows[warp][lane_id()] = 0ull;
+    __syncwarp();
+    return WarpTrace{on ? rows[warp] : nullptr};
+}
+
+// The kernel's end: this warp's sums into the block's row.
+__device__ __forceinline__ void close_trace(const WarpTrace& trace, int kind) {
+    __syncwarp();
+    if (trace.row != nullptr && lane_id() < kRailTraceSlots)
+        atomicAdd(&g_rail_trace[kind][blockIdx.x][lane_id()], trace.row[lane_id()]);
+}
+
 __device__ __forceinline__ void st_release_sys_u64(unsigned long long* ptr, unsigned long long value) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
@@ -167,6 +208,7 @@ struct RingWriter {
     unsigned long long sent, published, head;
     int capacity, slot_bytes, publish_every, pe;
     bool direct;
+    WarpTrace trace;
 
     __device__ __forceinline__ uint8_t* slot() const {
         return slots + (sent % static_cast<unsigned long long>(capacity)) * static_cast<size_t>(slot_bytes);
@@ -174,6 +216,12 @@ struct RingWriter {
 
     // Makes slots [published, sent) visible to the peer with the tail `sent`. Whole warp.
     __device__ void publish() {
+        const long long since = trace.now();
+        publish_slots();
+        trace.add(kTracePublish, since);
+    }
+
+    __device__ void publish_slots() {
         if (direct) {
             // Every lane's slot stores happen before lane 0's release (the warp barrier orders
             // them, as in the intranode kernels' publish_tail); the receiver acquires the tail.
@@ -211,7 +259,9 @@ struct RingWriter {
 // Opens this warp's end of ring `r` of `channel` (kind g.kind): waits until the peer has consumed
 // everything of earlier calls in it. False (after a recorded failure) if the wait failed.
 __device__ bool open_ring_writer(const Context& ctx, const RailGeometry& g, int channel, const RailRing& r,
-                                 int kernel, RingWriter& w) {
+                                 int kernel, RingWriter& w, const WarpTrace& trace) {
+    w.trace = trace;
+    const long long since = trace.now();
     uint8_t* remote_ring = recv_ring(ctx, g, channel, r.theirs);
     unsigned long long* remote_tail = rail_signal(ctx, g.kind, kRailTail, channel, r.theirs);
     auto* mapped_ring = static_cast<uint8_t*>(nvshmem_ptr(remote_ring, r.pe));
@@ -223,11 +273,18 @@ __device__ bool open_ring_writer(const Context& ctx, const RailGeometry& g, int 
     w.own_head = rail_signal(ctx, g.kind, kRailHead, channel, r.mine);
     w.capacity = g.capacity;
     w.slot_bytes = g.slot_bytes;
-    w.publish_every = g.publish_every;
+    // The combine receiver sums one token per warp and needs slot i of every ring for its batch
+    // i, so a tail held back for publish_every slots stalls all its warps: at the start (the first
+    // batch waited for 4 copies per sender warp, ~55 us) and at the end (the last 4 batches after
+    // the sender's end). A direct ring's tail is one release store: published every slot (uniform
+    // combine 837 -> 767 us, 4 x H200 as 2 x 2). Puts keep the config's chunk (a NIC wants fewer).
+    w.publish_every = w.direct && g.kind == kRailCombine ? 1 : g.publish_every;
     w.pe = r.pe;
     const unsigned long long base = ctx.state->sent[g.kind][channel][r.mine];
     w.sent = w.published = w.head = base;
-    return warp_wait_at_least(ctx.fail, w.own_head, base, w.head, kernel, r.pe, kWaitRailHead, channel);
+    const bool ok = warp_wait_at_least(ctx.fail, w.own_head, base, w.head, kernel, r.pe, kWaitRailHead, channel);
+    trace.add(kTraceOpen, since);
+    return ok;
 }
 
 // Waits for a free slot (publishing first: the receiver only frees what it was told about).
@@ -235,8 +292,11 @@ __device__ __forceinline__ bool make_room(const Context& ctx, RingWriter& w, int
     if (w.sent - w.head < static_cast<unsigned long long>(w.capacity))
         return true;
     w.publish();
-    return warp_wait_at_least(ctx.fail, w.own_head, w.sent - w.capacity + 1, w.head, kernel, w.pe, kWaitRailHead,
-                              channel);
+    const long long since = w.trace.now();
+    const bool ok = warp_wait_at_least(ctx.fail, w.own_head, w.sent - w.capacity + 1, w.head, kernel, w.pe,
+                                       kWaitRailHead, channel);
+    w.trace.add(kTraceWait, since);
+    return ok;
 }
 
 // Publishes the rest and records the running total for the next call (slot `r.mine`).
@@ -430,12 +490,43 @@ __device__ bool check_staging_row(const Context& ctx, const RailDispatchArgs& a,
     return false;
 }
 
+// Own-node token k of a channel is staged by warp k % kRailWarps of the sender block when
+// k % (2 * kRailWarps) < kRailWarps, else by that warp of the receiver block: these local copies
+// took 40 % of the sender's time while the receiver waited for its ring 2/3 of the time.
+__device__ __forceinline__ bool stages_own_token(int k, int warp, bool receiver) {
+    return k % (2 * kRailWarps) == warp + (receiver ? kRailWarps : 0);
+}
+
+// Own-node token `token` (index k in this node's stream) into this rank's staging row: data,
+// scales, top-k, source index and which ranks of the node want it (`token_bits`). Whole warp.
+// False after a recorded failure.
+__device__ __forceinline__ bool stage_own_token(const Context& ctx, const RailDispatchArgs& a, int token,
+                                                int token_bits, int k, int channel, const WarpTrace& trace) {
+    const int lane = lane_id();
+    const int experts_per_node = a.num_experts / ctx.num_nodes;
+    const int64_t row = static_cast<int64_t>(a.rail_prefix[ctx.node]) + k;
+    if (!check_staging_row(ctx, a, row, ctx.rank, channel))
+        return false;
+    TokenTarget target{a.staging_x + row * a.hidden_bytes,
+                       a.staging_scales != nullptr ? a.staging_scales + row * a.num_scales : nullptr, nullptr,
+                       a.staging_topk_idx != nullptr ? a.staging_topk_idx + row * a.num_topk : nullptr,
+                       a.staging_topk_weights != nullptr ? a.staging_topk_weights + row * a.num_topk : nullptr};
+    const long long since = trace.now();
+    write_token(a, token, ctx.node * experts_per_node, (ctx.node + 1) * experts_per_node, target, lane);
+    trace.add(kTraceLocal, since);
+    if (lane == 0)
+        a.staging_src_token[row] = token;
+    if (lane < ctx.nvl_size)
+        a.forward_in_rank[row * ctx.nvl_size + lane] = ((token_bits >> lane) & 1) != 0;
+    return true;
+}
+
 // Stream numbering: the tokens of the channel that go to node m, in token order, continue the
 // count of the tokens before the channel (s_before[m]); stream index k fixes the staging row at
 // the receiver (rail_prefix[source node] + k), so sub-streams may arrive in any order. Local
 // token k (own node) is copied by warp k % kRailWarps; remote token k to node m goes down
-// sub-stream k % subs of m, which one warp owns.
-__device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a, int channel) {
+// sub-stream k % subs of m, which one warp owns. Own-node tokens: stages_own_token.
+__device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a, int channel, const WarpTrace& trace) {
     const RailGeometry& g = a.rail;
     const int R = ctx.num_ranks, L = ctx.nvl_size, N = ctx.num_nodes;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
@@ -466,10 +557,9 @@ __device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a
     RingWriter w{};
     if (has_ring) {
         r = rail_ring(ctx, g, warp);
-        if (!open_ring_writer(ctx, g, channel, r, kKernelRailDispatch, w))
+        if (!open_ring_writer(ctx, g, channel, r, kKernelRailDispatch, w, trace))
             return;
     }
-    const int local_lo = ctx.node * experts_per_node;
     const int remote_lo = has_ring ? r.node * experts_per_node : 0;
     int k_local = s_before[ctx.node];
     int k_remote = has_ring ? s_before[r.node] : 0;
@@ -481,26 +571,14 @@ __device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a
         // Own node: straight into the staging rows.
         const unsigned local_mask = __ballot_sync(0xffffffffu, local_bits != 0);
         const int lane_k_local = k_local + __popc(local_mask & lanes_below);
-        unsigned todo = __ballot_sync(0xffffffffu, local_bits != 0 && lane_k_local % kRailWarps == warp);
+        unsigned todo = __ballot_sync(0xffffffffu, local_bits != 0 && stages_own_token(lane_k_local, warp, false));
         k_local += __popc(local_mask);
         while (todo != 0) {
             const int source_lane = __ffs(todo) - 1;
             todo &= todo - 1;
-            const int token = window + source_lane;
-            const int token_bits = __shfl_sync(0xffffffffu, local_bits, source_lane);
-            const int64_t row =
-                static_cast<int64_t>(a.rail_prefix[ctx.node]) + __shfl_sync(0xffffffffu, lane_k_local, source_lane);
-            if (!check_staging_row(ctx, a, row, ctx.rank, channel))
+            if (!stage_own_token(ctx, a, window + source_lane, __shfl_sync(0xffffffffu, local_bits, source_lane),
+                                 __shfl_sync(0xffffffffu, lane_k_local, source_lane), channel, trace))
                 return;
-            TokenTarget target{a.staging_x + row * a.hidden_bytes,
-                               a.staging_scales != nullptr ? a.staging_scales + row * a.num_scales : nullptr, nullptr,
-                               a.staging_topk_idx != nullptr ? a.staging_topk_idx + row * a.num_topk : nullptr,
-                               a.staging_topk_weights != nullptr ? a.staging_topk_weights + row * a.num_topk : nullptr};
-            write_token(a, token, local_lo, local_lo + experts_per_node, target, lane);
-            if (lane == 0)
-                a.staging_src_token[row] = token;
-            if (lane < L)
-                a.forward_in_rank[row * L + lane] = ((token_bits >> lane) & 1) != 0;
         }
         if (!has_ring)
             continue;
@@ -521,7 +599,10 @@ __device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a
             TokenTarget target{slot, reinterpret_cast<float*>(slot + a.slot.scales_offset),
                                reinterpret_cast<int*>(slot + a.slot.topk_idx_offset), nullptr,
                                reinterpret_cast<float*>(slot + a.slot.topk_weights_offset)};
+            const long long since = trace.now();
             write_token(a, token, remote_lo, remote_lo + experts_per_node, target, lane);
+            trace.add(kTraceData, since);
+            trace.count(kTraceItems);
             if (lane == 0)
                 *reinterpret_cast<int4*>(slot + a.slot.meta_offset) = make_int4(token, k, token_bits, 0);
             w.commit();
@@ -538,12 +619,53 @@ __device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a
     close_ring_writer(ctx, g, channel, r, w);
 }
 
-// Receiver warp w drains ring w (one sub-stream of one source node) into the staging rows.
-__device__ void rail_dispatch_receive(const Context& ctx, const RailDispatchArgs& a, int channel) {
+// The receiver block's share of the channel's own-node tokens (stages_own_token), first: the
+// sender needs a few slots' time before the rings have anything to drain.
+__device__ bool stage_own_share(const Context& ctx, const RailDispatchArgs& a, int channel, const WarpTrace& trace) {
+    const int R = ctx.num_ranks, L = ctx.nvl_size;
+    const int warp = threadIdx.x / kWarpSize, lane = lane_id();
+    const int begin = channel_begin(a.num_tokens, channel, a.rail.num_channels);
+    const int end = channel_begin(a.num_tokens, channel + 1, a.rail.num_channels);
+    // Own-node tokens before this channel: the stream index of its first one.
+    __shared__ int s_before;
+    if (threadIdx.x == 0)
+        s_before = 0;
+    __syncthreads();
+    int before = 0;
+    for (int t = threadIdx.x; t < begin; t += blockDim.x)
+        before += node_rank_bits(a.is_token_in_rank, t, R, ctx.node, L) != 0 ? 1 : 0;
+    before = warp_sum(before);
+    if (lane == 0 && before != 0)
+        atomicAdd(&s_before, before);
+    __syncthreads();
+    int k = s_before;
+    const unsigned lanes_below = (1u << lane) - 1u;
+    for (int window = begin; window < end; window += kWarpSize) {
+        const int t = window + lane;
+        const int bits = t < end ? node_rank_bits(a.is_token_in_rank, t, R, ctx.node, L) : 0;
+        const unsigned mask = __ballot_sync(0xffffffffu, bits != 0);
+        const int lane_k = k + __popc(mask & lanes_below);
+        unsigned todo = __ballot_sync(0xffffffffu, bits != 0 && stages_own_token(lane_k, warp, true));
+        k += __popc(mask);
+        while (todo != 0) {
+            const int source_lane = __ffs(todo) - 1;
+            todo &= todo - 1;
+            if (!stage_own_token(ctx, a, window + source_lane, __shfl_sync(0xffffffffu, bits, source_lane),
+                                 __shfl_sync(0xffffffffu, lane_k, source_lane), channel, trace))
+                return false;
+        }
+    }
+    return true;
+}
+
+// Receiver warp w stages its share of the own-node tokens, then drains ring w (one sub-stream of
+// one source node) into the staging rows.
+__device__ void rail_dispatch_receive(const Context& ctx, const RailDispatchArgs& a, int channel,
+                                      const WarpTrace& trace) {
     const RailGeometry& g = a.rail;
     const int L = ctx.nvl_size;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
-    if (warp >= g.rings)
+    if (!stage_own_share(ctx, a, channel, trace) || warp >= g.rings)
         return;
     const RailRing r = rail_ring(ctx, g, warp);
     const int pe = r.pe;
@@ -554,10 +676,14 @@ __device__ void rail_dispatch_receive(const Context& ctx, const RailDispatchArgs
     unsigned long long consumed = base, tail = base, released = base;
     const int first_row = a.rail_prefix[r.node];
     while (true) {
-        if (consumed >= tail &&
-            !warp_wait_at_least(ctx.fail, own_tail, consumed + 1, tail, kKernelRailDispatch, pe, kWaitRailTail,
-                                channel))
-            return;
+        if (consumed >= tail) {
+            const long long since = trace.now();
+            const bool ok = warp_wait_at_least(ctx.fail, own_tail, consumed + 1, tail, kKernelRailDispatch, pe,
+                                               kWaitRailTail, channel);
+            trace.add(kTraceWait, since);
+            if (!ok)
+                return;
+        }
         const uint8_t* slot = ring + (consumed % g.capacity) * static_cast<size_t>(g.slot_bytes);
         const int4 meta = __ldcg(reinterpret_cast<const int4*>(slot + a.slot.meta_offset));
         ++consumed;
@@ -584,8 +710,11 @@ __device__ void rail_dispatch_receive(const Context& ctx, const RailDispatchArgs
             expert = __ldcg(reinterpret_cast<const int*>(slot + a.slot.topk_idx_offset) + lane);
             weight = __ldcg(reinterpret_cast<const float*>(slot + a.slot.topk_weights_offset) + lane);
         }
+        const long long since = trace.now();
         warp_copy_int4<kCopyUnroll, true>(reinterpret_cast<int4*>(a.staging_x + row * a.hidden_bytes),
                                           reinterpret_cast<const int4*>(slot), a.hidden_bytes / 16, lane);
+        trace.add(kTraceData, since);
+        trace.count(kTraceItems);
         if (a.staging_scales != nullptr) {
 #pragma unroll
             for (int p = 0; p < kScalePrefetch; ++p) {
@@ -622,18 +751,23 @@ __device__ void rail_dispatch_receive(const Context& ctx, const RailDispatchArgs
 }
 
 __global__ void __launch_bounds__(kRailThreads, 1) rail_dispatch_kernel(Context ctx, RailDispatchArgs args) {
+    __shared__ unsigned long long s_trace[kRailWarps][kRailTraceSlots];
+    const WarpTrace trace = open_trace(s_trace, g_rail_trace_enabled != 0);
+    const long long start = trace.now();
     const int channel = blockIdx.x / 2;
     if (blockIdx.x % 2 == 0)
-        rail_dispatch_send(ctx, args, channel);
+        rail_dispatch_send(ctx, args, channel, trace);
     else
-        rail_dispatch_receive(ctx, args, channel);
+        rail_dispatch_receive(ctx, args, channel, trace);
+    trace.add(kTraceTotal, start);
+    close_trace(trace, kRailDispatch);
 }
 
 // ================================================================ rail combine
 // Sender warp w returns, through ring w, sub-stream r.sub of the rows staged for home node
 // r.node in this channel: the home's channel split of its tokens selects rows [first, last) of
 // that node's staging block, and row first + j goes down sub-stream j % subs.
-__device__ void rail_combine_send(const Context& ctx, const RailCombineArgs& a, int channel) {
+__device__ void rail_combine_send(const Context& ctx, const RailCombineArgs& a, int channel, const WarpTrace& trace) {
     const RailGeometry& g = a.rail;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
     if (warp >= g.rings)
@@ -647,7 +781,7 @@ __device__ void rail_combine_send(const Context& ctx, const RailCombineArgs& a, 
     const int last = warp_lower_bound(a.staging_src_token, first, a.rail_prefix[n + 1], end);
 
     RingWriter w{};
-    if (!open_ring_writer(ctx, g, channel, r, kKernelRailCombine, w))
+    if (!open_ring_writer(ctx, g, channel, r, kKernelRailCombine, w, trace))
         return;
     const int row_bytes = a.hidden * 2;
     const int weights_offset = combine_weights_offset(a.hidden);
@@ -659,9 +793,12 @@ __device__ void rail_combine_send(const Context& ctx, const RailCombineArgs& a, 
         const bool has_weights = a.partial_weights != nullptr && lane < a.num_topk;
         const float weight = has_weights ? __ldg(a.partial_weights + static_cast<int64_t>(row) * a.num_topk + lane)
                                          : 0.0f;
+        const long long since = trace.now();
         warp_copy_int4<kCopyUnroll, false>(reinterpret_cast<int4*>(slot),
                                            reinterpret_cast<const int4*>(a.partial + static_cast<int64_t>(row) * row_bytes),
                                            row_bytes / 16, lane);
+        trace.add(kTraceData, since);
+        trace.count(kTraceItems);
         if (has_weights)
             reinterpret_cast<float*>(slot + weights_offset)[lane] = weight;
         w.commit();
@@ -711,7 +848,8 @@ __device__ __forceinline__ void sum_two_rows(const RailCombineArgs& a, const int
 // slots of every ring. Which nodes each token went to is read by the whole block once per
 // kRailThreads tokens (32 batches) into shared memory: read by warp 0 in every batch, it cost
 // one memory round trip per node per batch while the other 23 warps waited at the barrier.
-__device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& a, int channel) {
+__device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& a, int channel,
+                                     const WarpTrace& trace) {
     const RailGeometry& g = a.rail;
     const int R = ctx.num_ranks, L = ctx.nvl_size, N = ctx.num_nodes;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
@@ -768,6 +906,7 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
     };
     int fill_base = begin;
     for (int batch = begin; batch < end; batch += kRailWarps) {
+        long long since = trace.now();
         if ((batch - begin) % kRailThreads == 0) {
             // Block-uniform: one token per thread. The last batch's readers of s_node_mask
             // (warp 0) are behind the barrier that ended that batch.
@@ -790,6 +929,8 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
                 N, kRailWarps, [&](int m) { return ((node_mask >> m) & 1u) != 0; }, s_count, s_index);
         }
         __syncthreads();
+        trace.add(kTraceOpen, since);
+        since = trace.now();
         const int token = batch + warp;
         if (token < end) {
             bool ok = true;
@@ -813,7 +954,10 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
                     }
                 }
             }
-            if (__ballot_sync(0xffffffffu, !ok) != 0) {
+            const bool failed = __ballot_sync(0xffffffffu, !ok) != 0;
+            trace.add(kTraceWait, since);
+            since = trace.now();
+            if (failed) {
                 if (lane == 0)
                     s_failed = 1;
             } else {
@@ -886,8 +1030,11 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
                     }
                     a.combined_topk_weights[static_cast<int64_t>(token) * a.num_topk + lane] = sum;
                 }
+                trace.add(kTraceData, since);
+                trace.count(kTraceItems);
             }
         }
+        since = trace.now();
         __syncthreads();
         if (s_failed)
             return;
@@ -904,6 +1051,7 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
                     s_base[threadIdx.x] + released, NVSHMEM_SIGNAL_SET, released_ring.pe);
             }
         }
+        trace.add(kTracePublish, since);
     }
     if (release_thread) {
         nvshmem_quiet();
@@ -912,11 +1060,16 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
 }
 
 __global__ void __launch_bounds__(kRailThreads, 1) rail_combine_kernel(Context ctx, RailCombineArgs args) {
+    __shared__ unsigned long long s_trace[kRailWarps][kRailTraceSlots];
+    const WarpTrace trace = open_trace(s_trace, g_rail_trace_enabled != 0);
+    const long long start = trace.now();
     const int channel = blockIdx.x / 2;
     if (blockIdx.x % 2 == 0)
-        rail_combine_send(ctx, args, channel);
+        rail_combine_send(ctx, args, channel, trace);
     else
-        rail_combine_receive(ctx, args, channel);
+        rail_combine_receive(ctx, args, channel, trace);
+    trace.add(kTraceTotal, start);
+    close_trace(trace, kRailCombine);
 }
 
 void check_context(const Context& ctx) {
@@ -1022,6 +1175,25 @@ void launch_rail_dispatch(const Context& ctx, const RailDispatchArgs& args, cuda
                         "dispatch ring slots too small");
     rail_dispatch_kernel<<<args.rail.num_channels * 2, kRailThreads, 0, stream>>>(ctx, args);
     DEEP_EP_LAUNCH_CHECK();
+}
+
+cudaError_t rail_trace_reset(bool enable) {
+    static unsigned long long zeros[2][2 * kMaxChannels][kRailTraceSlots] = {};
+    const int flag = enable ? 1 : 0;
+    cudaError_t status = cudaMemcpyToSymbol(g_rail_trace, zeros, sizeof(zeros));
+    if (status == cudaSuccess)
+        status = cudaMemcpyToSymbol(g_rail_trace_enabled, &flag, sizeof(flag));
+    return status;
+}
+
+cudaError_t rail_trace_read(unsigned long long* cycles, int* clock_khz) {
+    cudaError_t status = cudaMemcpyFromSymbol(cycles, g_rail_trace, sizeof(g_rail_trace));
+    int device = 0;
+    if (status == cudaSuccess)
+        status = cudaGetDevice(&device);
+    if (status == cudaSuccess)
+        status = cudaDeviceGetAttribute(clock_khz, cudaDevAttrClockRate, device);
+    return status;
 }
 
 void launch_rail_combine(const Context& ctx, const RailCombineArgs& args, cudaStream_t stream) {
