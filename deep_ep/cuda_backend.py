@@ -5,9 +5,9 @@ Intranode (all ranks in one NVLink domain, ``num_nodes == 1``): ``get_dispatch_l
 that every rank maps through CUDA IPC. Low-latency calls come from
 :class:`deep_ep.cuda_ll.LowLatencyKernelsMixin`. Several nodes (``num_nodes > 1``): the internode
 kernels of :class:`deep_ep.cuda_internode.InternodeKernelsMixin` serve layout, dispatch and combine
-only when ``DEEP_EP_INTERNODE_KERNELS=1`` is set (opt-in); by default, and for
-everything else (a buffer without NVLink bytes), calls fall through to
-:class:`deep_ep.torch_backend.TorchBackend` (NCCL across nodes).
+(unless ``DEEP_EP_INTERNODE_KERNELS=0``); with that, and for everything else (a buffer without
+RDMA or NVLink bytes), calls fall through to :class:`deep_ep.torch_backend.TorchBackend` (NCCL
+across nodes).
 
 Streams: the kernels run on the comm stream of :class:`TorchBackend`, and every output is
 allocated there, with the same rules as the torch backend (``_on_comm_stream`` / ``_finish``).
@@ -81,7 +81,8 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
     """Buffer calls on the CUDA kernels, with the torch backend for what has no kernel.
 
     With several nodes, layout/dispatch/combine go (through ``super()``) to the internode
-    kernels when ``DEEP_EP_INTERNODE_KERNELS=1`` was set at construction, else to the torch backend.
+    kernels, or to the torch backend where those cannot serve the buffer or
+    ``DEEP_EP_INTERNODE_KERNELS=0`` was set at construction.
     """
 
     name = "cuda"

@@ -1,12 +1,13 @@
 """Internode high-throughput calls on the CUDA kernels: the Python side of ``csrc/internode.cpp``.
 
-**Opt-in** (checked on 4 x H200 as 2 x 2 and 4 x 1, and 2 x 1; not yet at its speed target). :class:`InternodeKernelsMixin` goes first in the
-bases of the CUDA backend. It serves ``get_dispatch_layout``, ``dispatch`` and ``combine`` when
-the group spans several nodes (``num_nodes > 1``) **only if** the environment variable
-``DEEP_EP_INTERNODE_KERNELS=1`` is set on every rank when the Buffer is built (and the extension
-has NVSHMEM, ``num_rdma_bytes > 0``, ``num_nvl_bytes`` exceeds the NVLink control area,
-``nvl_domain_size <= 8``, at most 24 nodes and 64 ranks). Otherwise every call falls through to
-the next class, and with several nodes that is the torch backend over NCCL, the default.
+Checked on 4 x H200 as 2 x 2 and 4 x 1, and 2 x 1; as 2 x 2 at 0.74-0.85x the intranode kernels'
+bandwidth (docs/benchmarks.md). :class:`InternodeKernelsMixin` goes first in the bases of the CUDA
+backend. It serves ``get_dispatch_layout``, ``dispatch`` and ``combine`` when the group spans
+several nodes (``num_nodes > 1``), the extension has NVSHMEM, ``num_rdma_bytes > 0``,
+``num_nvl_bytes`` exceeds the NVLink control area, ``nvl_domain_size <= 8``, at most 24 nodes and
+64 ranks, unless ``DEEP_EP_INTERNODE_KERNELS=0`` is set on every rank when the Buffer is built.
+Otherwise every call falls through to the next class, and with several nodes that is the torch
+backend over NCCL.
 
 Design (KERNELS.md "High-throughput internode"): nodes are groups of ``nvl_domain_size``
 consecutive ranks; ranks of the same local index form a "rail". Dispatch is a composition:
@@ -40,7 +41,7 @@ and events work as in the intranode path. NVSHMEM is initialized once per proces
 low-latency runtime when ``low_latency_mode=True`` (this path then takes its own symmetric
 allocation from the same heap), else here.
 
-Environment: ``DEEP_EP_INTERNODE_KERNELS`` (``1`` enables), ``DEEP_EP_INTERNODE_ROW_MAP`` (``0``: the
+Environment: ``DEEP_EP_INTERNODE_KERNELS`` (``0`` turns the kernels off), ``DEEP_EP_INTERNODE_ROW_MAP`` (``0``: the
 permutation passes instead of the row map, read when the Buffer is built), ``DEEP_EP_TIMEOUT_S`` (default 100)
 bounds every kernel wait; a timeout raises :class:`deep_ep.DeepEPTimeoutError` naming the rank,
 the kernel and what it waited for, and leaves the buffer failed.
@@ -89,8 +90,9 @@ _TARGET_NAMES = {
 
 
 def internode_kernels_requested() -> bool:
-    """Whether ``DEEP_EP_INTERNODE_KERNELS=1`` asks for the internode kernels."""
-    return os.environ.get(ENV_FLAG, "0").strip() == "1"
+    """Whether the internode kernels may serve a multi-node group: yes unless
+    ``DEEP_EP_INTERNODE_KERNELS=0`` turns them off."""
+    return os.environ.get(ENV_FLAG, "1").strip() != "0"
 
 
 def internode_kernels_available() -> bool:

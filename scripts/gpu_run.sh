@@ -7,7 +7,7 @@
 #       bash scripts/gpu_run.sh   (the default list; about 6 minutes on 4 x H200)
 #   Steps run in the order given: the default list measures the issues' targets first (low-latency,
 #   internode 2 x 2, intranode), so a call cut short by DEADLINE_S keeps what matters most.
-#   (inter22 / inter41: internode kernels, opt-in DEEP_EP_INTERNODE_KERNELS=1, on 4 GPUs as 2 nodes x 2 and
+#   (inter22 / inter41: the internode kernels on 4 GPUs as 2 nodes x 2 and
 #   4 nodes x 1; interbench: their benchmark as 2 x 2; intersweep, not in the default list: that
 #   benchmark over the internode chunk sizes)
 #   (foundation = foundation_torch + foundation_cuda; each can be named alone)

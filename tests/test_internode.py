@@ -1,4 +1,4 @@
-"""Internode kernels (cuda backend, ``DEEP_EP_INTERNODE_KERNELS=1``) against the torch backend.
+"""Internode kernels (the cuda backend's default for a group of several nodes) against the torch backend.
 
 One host's GPUs are split into "nodes" of ``--nvl-domain-size`` ranks, so the inter-node (rail)
 leg really runs, over NVSHMEM's P2P transport here. Every rank builds a torch-backend Buffer and
@@ -54,13 +54,15 @@ def _buffer_bytes(num_ranks: int, nvl_domain_size: int) -> Tuple[int, int]:
 def _make_buffers(group: Any, num_ranks: int, nvl_domain_size: int) -> Tuple[Any, Any]:
     import deep_ep
     nvl_bytes, rdma_bytes = _buffer_bytes(num_ranks, nvl_domain_size)
-    os.environ[ENV_FLAG] = "1"
+    # The default environment (an opt-out from the caller's shell would test the torch backend).
+    opt_out = os.environ.pop(ENV_FLAG, None)
     try:
         cuda_buf = deep_ep.Buffer(group, nvl_bytes, rdma_bytes, backend="cuda", explicitly_destroy=True,
                                   nvl_domain_size=nvl_domain_size)
     finally:
-        del os.environ[ENV_FLAG]
-    assert cuda_buf._backend.uses_internode_kernels, "the internode kernels were not enabled"
+        if opt_out is not None:
+            os.environ[ENV_FLAG] = opt_out
+    assert cuda_buf._backend.uses_internode_kernels, "the internode kernels did not serve the buffer"
     torch_buf = deep_ep.Buffer(group, nvl_bytes, rdma_bytes, backend="torch", nvl_domain_size=nvl_domain_size)
     return torch_buf, cuda_buf
 

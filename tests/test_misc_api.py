@@ -40,6 +40,17 @@ def test_buffer_statics():
     event.current_stream_wait()
 
 
+def test_internode_kernels_switch(monkeypatch):
+    """The internode kernels serve multi-node groups by default; DEEP_EP_INTERNODE_KERNELS=0 opts out."""
+    from deep_ep.cuda_internode import ENV_FLAG, internode_kernels_requested
+
+    monkeypatch.delenv(ENV_FLAG, raising=False)
+    assert internode_kernels_requested()
+    for value, expected in (("1", True), ("0", False), (" 0 ", False), ("yes", True)):
+        monkeypatch.setenv(ENV_FLAG, value)
+        assert internode_kernels_requested() is expected, value
+
+
 def test_set_num_sms():
     import deep_ep
 
