@@ -490,6 +490,21 @@ __device__ bool check_staging_row(const Context& ctx, const RailDispatchArgs& a,
     return false;
 }
 
+// Whole block: the tokens in [0, end_token) that go to some rank of `node` (a per-lane count, then
+// one shared atomic per warp into *s_count, which the caller zeroed before a barrier). Ends with
+// a barrier; returns the count.
+__device__ __forceinline__ int count_node_tokens(const bool* is_token_in_rank, int end_token, int num_ranks, int node,
+                                                 int node_size, int* s_count) {
+    int count = 0;
+    for (int t = threadIdx.x; t < end_token; t += blockDim.x)
+        count += node_rank_bits(is_token_in_rank, t, num_ranks, node, node_size) != 0 ? 1 : 0;
+    count = warp_sum(count);
+    if (lane_id() == 0 && count != 0)
+        atomicAdd(s_count, count);
+    __syncthreads();
+    return *s_count;
+}
+
 // Own-node token k of a channel is staged by warp k % kRailWarps of the sender block when
 // k % (2 * kRailWarps) < kRailWarps, else by that warp of the receiver block: these local copies
 // took 40 % of the sender's time while the receiver waited for its ring 2/3 of the time.
@@ -631,14 +646,7 @@ __device__ bool stage_own_share(const Context& ctx, const RailDispatchArgs& a, i
     if (threadIdx.x == 0)
         s_before = 0;
     __syncthreads();
-    int before = 0;
-    for (int t = threadIdx.x; t < begin; t += blockDim.x)
-        before += node_rank_bits(a.is_token_in_rank, t, R, ctx.node, L) != 0 ? 1 : 0;
-    before = warp_sum(before);
-    if (lane == 0 && before != 0)
-        atomicAdd(&s_before, before);
-    __syncthreads();
-    int k = s_before;
+    int k = count_node_tokens(a.is_token_in_rank, begin, R, ctx.node, L, &s_before);
     const unsigned lanes_below = (1u << lane) - 1u;
     for (int window = begin; window < end; window += kWarpSize) {
         const int t = window + lane;
@@ -874,13 +882,7 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
         s_failed = 0;
     }
     __syncthreads();
-    int own_before = 0;
-    for (int t = threadIdx.x; t < begin; t += blockDim.x)
-        own_before += node_rank_bits(a.is_token_in_rank, t, R, ctx.node, L) != 0 ? 1 : 0;
-    own_before = warp_sum(own_before);
-    if (lane == 0 && own_before != 0)
-        atomicAdd(&s_own_before, own_before);
-    __syncthreads();
+    count_node_tokens(a.is_token_in_rank, begin, R, ctx.node, L, &s_own_before);
 
     const int row_bytes = a.hidden * 2;
     const int hidden_int4 = a.hidden / 8;
