@@ -201,8 +201,8 @@ def resolve(require_extension_toolchain: bool = True) -> BuildConfig:
         defines.append("-DDISABLE_NVSHMEM")
     if _env_flag("DISABLE_AGGRESSIVE_PTX_INSTRS", True):
         defines.append("-DDISABLE_AGGRESSIVE_PTX_INSTRS")
-    if _env_flag("RAIL_TRACE", False):  # development: the rail kernels' trace (kernels/internode.cu)
-        defines.append("-DDEEP_EP_RAIL_TRACE")
+    if _env_flag("KERNEL_TRACE", False):  # development: the kernels' warp trace (kernels/warp_trace.cuh)
+        defines.append("-DDEEP_EP_KERNEL_TRACE")
 
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs: List[str] = []

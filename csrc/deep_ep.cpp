@@ -7,8 +7,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 #include <ATen/cuda/CUDAContext.h>
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 
 #include "config.hpp"
@@ -434,6 +436,18 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         .def("barrier", &deep_ep::Buffer::barrier)
         .def("get_error", &deep_ep::Buffer::get_error)
         .def("destroy", &deep_ep::Buffer::destroy);
+
+    // Development: the intranode kernels' trace (kernels/warp_trace.cuh; recorded only in an
+    // extension built with KERNEL_TRACE=1), on the current device.
+    m.def("intranode_trace_reset", [](bool enable) { DEEP_EP_CUDA_CHECK(deep_ep::intranode_trace_reset(enable)); },
+          py::arg("enable"));
+    m.def("intranode_trace_read", []() {
+        std::vector<unsigned long long> cycles(static_cast<size_t>(2) * 2 * deep_ep::kMaxChannels *
+                                               deep_ep::kWarpTraceSlots);
+        int clock_khz = 0;
+        DEEP_EP_CUDA_CHECK(deep_ep::intranode_trace_read(cycles.data(), &clock_khz));
+        return py::make_tuple(cycles, clock_khz);
+    });
 
 #ifdef DEEP_EP_HAS_LOW_LATENCY
     deep_ep::register_low_latency(m);

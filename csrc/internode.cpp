@@ -308,13 +308,14 @@ void register_internode(pybind11::module_& m) {
         .def("get_error", &InternodeRuntime::get_error)
         .def("destroy", &InternodeRuntime::destroy);
     m.attr("INTERNODE_MAX_NODES") = internode::kMaxNodes;
-    // Development: the rail kernels' trace (kernels/internode.cu; recorded only in an extension
-    // built with RAIL_TRACE=1), on the current device.
+    m.attr("RAIL_WARPS") = internode::kRailWarps;
+    // Development: the rail kernels' trace (kernels/warp_trace.cuh; recorded only in an extension
+    // built with KERNEL_TRACE=1), on the current device.
     m.def("rail_trace_reset", [](bool enable) { DEEP_EP_CUDA_CHECK(internode::rail_trace_reset(enable)); },
           py::arg("enable"));
     m.def("rail_trace_read", []() {
         std::vector<unsigned long long> cycles(static_cast<size_t>(2) * 2 * internode::kMaxChannels *
-                                               internode::kRailTraceSlots);
+                                               kWarpTraceSlots);
         int clock_khz = 0;
         DEEP_EP_CUDA_CHECK(internode::rail_trace_read(cycles.data(), &clock_khz));
         return py::make_tuple(cycles, clock_khz);

@@ -20,7 +20,9 @@
 #   checks on a buffer without shrink mode, the scan-free receive over puts);
 #   inter21 / interbench21: the internode checks / benchmark on 2 GPUs as 2 nodes x 1;
 #   ll2full / test2full: every low-latency / intranode check on 2 GPUs (ll2 / test2: --quick);
-#   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once).
+#   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once,
+#   the rail pairs alone, low-latency-sized bursts);
+#   trace: the warp traces of the intranode and rail kernels (a KERNEL_TRACE=1 rebuild; put it last).
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
 # is ended, so no rank of a hung test outlives its step.
@@ -87,13 +89,20 @@ internode() {
     echo "DEEP_EP_TIMEOUT_S=${INTER_TIMEOUT_S:-30} $PYTHON tests/test_internode.py --num-processes $1 --nvl-domain-size $2 ${*:3}"
 }
 
+BUILD_CMD="MAX_JOBS=32 $PYTHON -m pip install --no-build-isolation --no-deps -e . && $PYTHON -c 'import torch, deep_ep_cpp, deep_ep; print(\"deep_ep_cpp\", deep_ep_cpp.version(), [n for n in dir(deep_ep_cpp) if not n.startswith(\"_\")])'"
+
 # run_named NAME: one step of the list (in the order GPU_STEPS gives).
 run_named() {
     case "$1" in
     build)
-        run_step build "${BUILD_LIMIT:-300}" \
-            "MAX_JOBS=32 $PYTHON -m pip install --no-build-isolation --no-deps -e . && $PYTHON -c 'import torch, deep_ep_cpp, deep_ep; print(\"deep_ep_cpp\", deep_ep_cpp.version(), [n for n in dir(deep_ep_cpp) if not n.startswith(\"_\")])'" \
-            || { printf '%s\n' "${summary[@]}"; exit 1; } ;;
+        run_step build "${BUILD_LIMIT:-300}" "$BUILD_CMD" || { printf '%s\n' "${summary[@]}"; exit 1; } ;;
+    # The warp traces (csrc/kernels/warp_trace.cuh): a rebuild with KERNEL_TRACE=1, then the
+    # intranode and internode benchmarks print where their kernels' time goes. Steps after it in
+    # the same call use the traced build (slightly slower): put it last.
+    trace)
+        run_step trace_build "${BUILD_LIMIT:-300}" "rm -rf build && KERNEL_TRACE=1 $BUILD_CMD" || return 1
+        run_step trace_intranode "${BENCH_LIMIT:-300}" "DEEP_EP_INTRANODE_TRACE=1 $(intranode 4 --bench)"
+        run_step trace_internode "${INTERBENCH_LIMIT:-240}" "DEEP_EP_RAIL_TRACE=1 $(internode 4 2 --bench)" ;;
     probe) run_step probe "${PROBE_LIMIT:-90}" \
         "nvcc -O3 -arch=sm_90 -o /tmp/nvlink_probe scripts/nvlink_probe.cu && /tmp/nvlink_probe ${PROBE_MIB:-64}" ;;
     test4) run_step test4 "${TEST4_LIMIT:-420}" "$(intranode 4 "${TEST_ARGS:-}")" ;;

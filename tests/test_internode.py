@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpu_utils  # noqa: E402
 from gpu_utils import assert_close_to_reference  # noqa: E402
-from test_intranode import (_log, _lowest, _slowest, _time_us, check_cuda_graph,  # noqa: E402
-                            check_dispatch_combine, check_repeatable, combine_input, layout_args, make_case)
+from test_intranode import (_log, _lowest, _slowest, _time_us, check_cuda_graph, print_warp_trace,  # noqa: E402
+                            check_dispatch_combine, check_repeatable, collect_warp_trace, combine_input, layout_args,
+                            make_case)
 
 MAX_HIDDEN = 7168
 MAX_SMS = 32
@@ -174,35 +175,21 @@ def kernel_breakdown(rank: int, op: str, fn: Any, iters: int) -> None:
                f"; sum {total:.1f}")
 
 
-_RAIL_TRACE_ACTIVITIES = {
-    "send": ["lifetime", "wait for free slots", "copy into ring", "publish tails", "open (wait)", "own-node copies"],
+# Activities of the rail kernels' warp trace (csrc/kernels/warp_trace.cuh; "" = not marked).
+_RAIL_TRACE_LABELS = {
+    "send": ["lifetime", "wait for free slots", "copy into ring", "tail publishes", "open (wait)", "own-node copies",
+             ""],
     "recv": ["lifetime", "wait for slots", "drain / sum", "end barrier + release", "numbering + barrier",
-             "own-node copies"],
+             "own-node copies", ""],
 }
 
 
-def rail_trace(rank: int, op: str, fn: Any, iters: int, num_channels: int) -> None:
-    """DEEP_EP_RAIL_TRACE=1 (an extension built with RAIL_TRACE=1): where the rail kernel's time
-    goes, per warp and call, averaged over each role's blocks (kernels/internode.cu, WarpTrace)."""
+def rail_trace(rank: int, op: str, fn: Any, calls: int, num_channels: int) -> None:
+    """DEEP_EP_RAIL_TRACE=1 (a KERNEL_TRACE=1 build): where the rail kernel's time goes."""
     import deep_ep_cpp
-    deep_ep_cpp.rail_trace_reset(True)
-    for i in range(iters):
-        fn(i)
-    torch.cuda.synchronize()
-    cycles, clock_khz = deep_ep_cpp.rail_trace_read()
-    deep_ep_cpp.rail_trace_reset(False)
-    kind = 0 if op.startswith("dispatch") else 1
-    table = torch.tensor(cycles, dtype=torch.float64).view(2, -1, 8)[kind, :2 * num_channels]
-    lines = [f"[rank {rank}] rail trace, {op}: us per call and warp (mean over the role's blocks / max block)"]
-    for role, rows in (("send", table[0::2]), ("recv", table[1::2])):
-        items = rows[:, 6] / iters
-        per_warp = rows / iters / clock_khz * 1e3 / 24
-        for slot, label in enumerate(_RAIL_TRACE_ACTIVITIES[role]):
-            col = per_warp[:, slot]
-            if label and float(col.max()) > 0:
-                lines.append(f"  {role} {label:24s} {float(col.mean()):8.1f} {float(col.max()):8.1f}")
-        lines.append(f"  {role} items per block and call  {float(items.mean()):8.1f}")
-    print("\n".join(lines), flush=True)
+    cycles, clock_khz = collect_warp_trace(deep_ep_cpp.rail_trace_reset, deep_ep_cpp.rail_trace_read, fn, calls)
+    print_warp_trace(rank, f"rail leg of {op}", cycles, clock_khz, 0 if op.startswith("dispatch") else 1,
+                     num_channels, calls, _RAIL_TRACE_LABELS, int(deep_ep_cpp.RAIL_WARPS))
 
 
 # The benchmark's workload (DESIGN.md §6): tokens, hidden, top-k, experts.

@@ -440,6 +440,54 @@ _slowest = gpu_utils.max_over_ranks
 _lowest = gpu_utils.min_over_ranks
 
 
+# Activities of the warp trace (csrc/kernels/warp_trace.cuh: kTraceTotal ... kTraceLocal; slot 6
+# counts rows) for the intranode kernels; "" = not marked.
+INTRANODE_TRACE_LABELS = {
+    "send": ["lifetime", "wait for free slots / ack", "copy into ring", "tail publishes", "", "own-rank rows", ""],
+    "recv": ["lifetime", "wait for slots / metadata", "drain / sum", "end barrier + release", "numbering + barrier",
+             "", ""],
+}
+
+
+def print_warp_trace(rank: int, title: str, cycles: List[int], clock_khz: int, kernel: int, num_channels: int,
+                     calls: int, labels: Dict[str, List[str]], warps: int) -> None:
+    """A warp trace table (KERNEL_TRACE=1 builds: ``[2 kernels][blocks][8]`` cycles summed over a
+    block's warps and ``calls``): per role (even blocks send, odd receive) and activity, us per
+    call and warp, mean over the role's blocks and the largest block; then rows per block and call."""
+    table = torch.tensor(cycles, dtype=torch.float64).view(2, -1, 8)[kernel, :2 * num_channels]
+    lines = [f"[rank {rank}] warp trace, {title}: us per call and warp (mean over the role's blocks / max block)"]
+    for role, rows in (("send", table[0::2]), ("recv", table[1::2])):
+        per_warp = rows / calls / clock_khz * 1e3 / warps
+        for slot, label in enumerate(labels[role]):
+            col = per_warp[:, slot]
+            if label and float(col.max()) > 0:
+                lines.append(f"  {role} {label:26s} {float(col.mean()):8.1f} {float(col.max()):8.1f}")
+        lines.append(f"  {role} rows per block and call     {float((rows[:, 6] / calls).mean()):8.1f}")
+    print("\n".join(lines), flush=True)
+
+
+def collect_warp_trace(reset: Callable[[bool], None], read: Callable[[], Tuple[List[int], int]],
+                       fn: Callable[[int], Any], calls: int) -> Tuple[List[int], int]:
+    """``calls`` calls of ``fn`` with a warp trace on (``reset``/``read``: the extension's pair for
+    one kernel family): the table's cycles and the SM clock (kHz)."""
+    reset(True)
+    for i in range(calls):
+        fn(i)
+    torch.cuda.synchronize()
+    cycles, clock_khz = read()
+    reset(False)
+    return cycles, clock_khz
+
+
+def intranode_trace(rank: int, op: str, fn: Any, calls: int, num_channels: int) -> None:
+    """DEEP_EP_INTRANODE_TRACE=1 (a KERNEL_TRACE=1 build): where the intranode kernel's time goes."""
+    import deep_ep_cpp
+    cycles, clock_khz = collect_warp_trace(deep_ep_cpp.intranode_trace_reset, deep_ep_cpp.intranode_trace_read, fn,
+                                           calls)
+    print_warp_trace(rank, op, cycles, clock_khz, 1 if op.startswith("combine") else 0, num_channels, calls,
+                     INTRANODE_TRACE_LABELS, int(deep_ep_cpp.INTRANODE_WARPS))
+
+
 def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, json_path: Optional[str]) -> None:
     """The SM and chunk sweeps, each row beside all_to_all_single of the same bytes, and a summary table."""
     import deep_ep
@@ -512,6 +560,13 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, j
     # 2026-11-28: 2 or 3 warps lose 10-40 %, 4 is within noise of the default 6 (docs/benchmarks.md).
     # the full (non-cached) dispatch: notify + host wait for the counts + data
     config = deep_ep.Config(24, 2, 256)
+    if os.environ.get("DEEP_EP_INTRANODE_TRACE") == "1":
+        intranode_trace(rank, "dispatch_bf16", lambda i: buf.dispatch(xs[i % 3], handle=handle, config=config), iters,
+                        config.num_sms // 2)
+        intranode_trace(rank, "dispatch_fp8", lambda i: buf.dispatch(x8s[i % 3], handle=handle, config=config), iters,
+                        config.num_sms // 2)
+        intranode_trace(rank, "combine_bf16", lambda i: buf.combine(comb_ins[i % 2], handle, config=config), iters,
+                        config.num_sms // 2)
     t_full = _time_us(lambda i: buf.dispatch(xs[i % 3], **layout, topk_idx=topk_idx, topk_weights=topk_weights,
                                              config=config), iters)
     record("dispatch_bf16", 24, -1, 256, t_full)

@@ -134,4 +134,11 @@ struct CombineArgs {
 };
 void launch_intranode_combine(const CombineArgs& args, cudaStream_t stream);
 
+// Development trace of the intranode dispatch (0) and combine (1) kernels (warp_trace.cuh;
+// tests/test_intranode.py --bench with DEEP_EP_INTRANODE_TRACE=1 on a KERNEL_TRACE=1 build):
+// zeroes it and turns it on or off; copies it out ([2][2 * kMaxChannels blocks][kWarpTraceSlots]
+// SM cycles) with the SM clock. Current device.
+cudaError_t intranode_trace_reset(bool enable);
+cudaError_t intranode_trace_read(unsigned long long* cycles, int* clock_khz);
+
 }  // namespace deep_ep

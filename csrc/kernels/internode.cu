@@ -36,6 +36,7 @@
 #include "internode_api.cuh"
 #include "launch.cuh"
 #include "utils.cuh"
+#include "warp_trace.cuh"
 
 namespace deep_ep {
 namespace internode {
@@ -99,46 +100,9 @@ __device__ __forceinline__ unsigned long long* rail_signal(const Context& ctx, i
            ((static_cast<size_t>(kind) * 2 + signal) * kMaxChannels + channel) * kMaxNodes + ring;
 }
 
-// ---------------------------------------------------------------- development trace
-// Where the rail kernels' time goes (tests/test_internode.py --bench with DEEP_EP_RAIL_TRACE=1 on
-// an extension built with RAIL_TRACE=1): while the host has enabled it (rail_trace_reset), lane 0
-// of every warp adds the SM cycles of each activity (kTrace*) into its block's row of
-// g_rail_trace, summed over warps and calls. Without RAIL_TRACE at build time every mark compiles
-// away (a null trace the compiler sees). Process-wide, one call at a time.
+// Development trace (warp_trace.cuh): the rail kernels' table, [kind][block][activity].
 __device__ int g_rail_trace_enabled;
-__device__ unsigned long long g_rail_trace[2][2 * kMaxChannels][kRailTraceSlots];
-
-struct WarpTrace {
-    unsigned long long* row;  // this warp's accumulators in shared memory; null when off
-    __device__ __forceinline__ long long now() const { return row != nullptr ? clock64() : 0; }
-    __device__ __forceinline__ void add(int slot, long long since) const {
-        if (row != nullptr && lane_id() == 0)
-            row[slot] += static_cast<unsigned long long>(clock64() - since);
-    }
-    __device__ __forceinline__ void count(int slot) const {
-        if (row != nullptr && lane_id() == 0)
-            row[slot] += 1ull;
-    }
-};
-
-// The kernel's start: this warp's trace (zeroed), or an empty one when tracing is off.
-__device__ __forceinline__ WarpTrace open_trace(unsigned long long (*rows)[kRailTraceSlots], bool on) {
-#ifndef DEEP_EP_RAIL_TRACE
-    on = false;
-#endif
-    const int warp = threadIdx.x / kWarpSize;
-    if (on && lane_id() < kRailTraceSlots)
-        rows[warp][lane_id()] = 0ull;
-    __syncwarp();
-    return WarpTrace{on ? rows[warp] : nullptr};
-}
-
-// The kernel's end: this warp's sums into the block's row.
-__device__ __forceinline__ void close_trace(const WarpTrace& trace, int kind) {
-    __syncwarp();
-    if (trace.row != nullptr && lane_id() < kRailTraceSlots)
-        atomicAdd(&g_rail_trace[kind][blockIdx.x][lane_id()], trace.row[lane_id()]);
-}
+__device__ unsigned long long g_rail_trace[2][2 * kMaxChannels][kWarpTraceSlots];
 
 __device__ __forceinline__ void st_release_sys_u64(unsigned long long* ptr, unsigned long long value) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
@@ -283,7 +247,7 @@ __device__ bool open_ring_writer(const Context& ctx, const RailGeometry& g, int 
     const unsigned long long base = ctx.state->sent[g.kind][channel][r.mine];
     w.sent = w.published = w.head = base;
     const bool ok = warp_wait_at_least(ctx.fail, w.own_head, base, w.head, kernel, r.pe, kWaitRailHead, channel);
-    trace.add(kTraceOpen, since);
+    trace.add(kTraceBatch, since);
     return ok;
 }
 
@@ -759,8 +723,8 @@ __device__ void rail_dispatch_receive(const Context& ctx, const RailDispatchArgs
 }
 
 __global__ void __launch_bounds__(kRailThreads, 1) rail_dispatch_kernel(Context ctx, RailDispatchArgs args) {
-    __shared__ unsigned long long s_trace[kRailWarps][kRailTraceSlots];
-    const WarpTrace trace = open_trace(s_trace, g_rail_trace_enabled != 0);
+    __shared__ unsigned long long s_trace[kRailWarps][kWarpTraceSlots];
+    const WarpTrace trace = open_warp_trace(s_trace, g_rail_trace_enabled != 0);
     const long long start = trace.now();
     const int channel = blockIdx.x / 2;
     if (blockIdx.x % 2 == 0)
@@ -768,7 +732,7 @@ __global__ void __launch_bounds__(kRailThreads, 1) rail_dispatch_kernel(Context 
     else
         rail_dispatch_receive(ctx, args, channel, trace);
     trace.add(kTraceTotal, start);
-    close_trace(trace, kRailDispatch);
+    close_warp_trace(trace, g_rail_trace[kRailDispatch][blockIdx.x]);
 }
 
 // ================================================================ rail combine
@@ -931,7 +895,7 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
                 N, kRailWarps, [&](int m) { return ((node_mask >> m) & 1u) != 0; }, s_count, s_index);
         }
         __syncthreads();
-        trace.add(kTraceOpen, since);
+        trace.add(kTraceBatch, since);
         since = trace.now();
         const int token = batch + warp;
         if (token < end) {
@@ -1062,8 +1026,8 @@ __device__ void rail_combine_receive(const Context& ctx, const RailCombineArgs& 
 }
 
 __global__ void __launch_bounds__(kRailThreads, 1) rail_combine_kernel(Context ctx, RailCombineArgs args) {
-    __shared__ unsigned long long s_trace[kRailWarps][kRailTraceSlots];
-    const WarpTrace trace = open_trace(s_trace, g_rail_trace_enabled != 0);
+    __shared__ unsigned long long s_trace[kRailWarps][kWarpTraceSlots];
+    const WarpTrace trace = open_warp_trace(s_trace, g_rail_trace_enabled != 0);
     const long long start = trace.now();
     const int channel = blockIdx.x / 2;
     if (blockIdx.x % 2 == 0)
@@ -1071,7 +1035,7 @@ __global__ void __launch_bounds__(kRailThreads, 1) rail_combine_kernel(Context c
     else
         rail_combine_receive(ctx, args, channel, trace);
     trace.add(kTraceTotal, start);
-    close_trace(trace, kRailCombine);
+    close_warp_trace(trace, g_rail_trace[kRailCombine][blockIdx.x]);
 }
 
 void check_context(const Context& ctx) {
@@ -1179,23 +1143,10 @@ void launch_rail_dispatch(const Context& ctx, const RailDispatchArgs& args, cuda
     DEEP_EP_LAUNCH_CHECK();
 }
 
-cudaError_t rail_trace_reset(bool enable) {
-    static unsigned long long zeros[2][2 * kMaxChannels][kRailTraceSlots] = {};
-    const int flag = enable ? 1 : 0;
-    cudaError_t status = cudaMemcpyToSymbol(g_rail_trace, zeros, sizeof(zeros));
-    if (status == cudaSuccess)
-        status = cudaMemcpyToSymbol(g_rail_trace_enabled, &flag, sizeof(flag));
-    return status;
-}
+cudaError_t rail_trace_reset(bool enable) { return reset_warp_trace(g_rail_trace, g_rail_trace_enabled, enable); }
 
 cudaError_t rail_trace_read(unsigned long long* cycles, int* clock_khz) {
-    cudaError_t status = cudaMemcpyFromSymbol(cycles, g_rail_trace, sizeof(g_rail_trace));
-    int device = 0;
-    if (status == cudaSuccess)
-        status = cudaGetDevice(&device);
-    if (status == cudaSuccess)
-        status = cudaDeviceGetAttribute(clock_khz, cudaDevAttrClockRate, device);
-    return status;
+    return read_warp_trace(g_rail_trace, cycles, clock_khz);
 }
 
 void launch_rail_combine(const Context& ctx, const RailCombineArgs& args, cudaStream_t stream) {

@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include "exception.cuh"
+#include "warp_trace.cuh"
 
 namespace deep_ep {
 namespace internode {
@@ -59,17 +60,9 @@ struct State {
     unsigned long long received[2][kMaxChannels][kMaxNodes];  // [kind][channel][ring], receiver side
 };
 
-// Development trace of the rail kernels (tests/test_internode.py, DEEP_EP_RAIL_TRACE=1): per
-// kind, block and activity, SM cycles summed over the block's warps and the calls since the
-// reset. Activities: the warp's lifetime; waits for the peer (senders: free slots, receivers:
-// slots); data movement (sender: copies into the ring, receiver: drain or sum); sender: tail
-// publishes, combine receiver: end-of-batch barrier and releases; sender: opening wait, combine
-// receiver: batch numbering and barrier; rail dispatch sender: own-node copies; items moved.
-constexpr int kRailTraceSlots = 8;
-constexpr int kTraceTotal = 0, kTraceWait = 1, kTraceData = 2, kTracePublish = 3, kTraceOpen = 4, kTraceLocal = 5,
-              kTraceItems = 6;
-// Zeroes the trace and turns it on or off; copies it out ([2 kinds][2 * kMaxChannels blocks]
-// [kRailTraceSlots]) with the SM clock. Current device.
+// Development trace of the rail kernels (warp_trace.cuh; tests/test_internode.py with
+// DEEP_EP_RAIL_TRACE=1 on a KERNEL_TRACE=1 build): zeroes it and turns it on or off; copies it out
+// ([2 kinds][2 * kMaxChannels blocks][kWarpTraceSlots] SM cycles) with the SM clock. Current device.
 cudaError_t rail_trace_reset(bool enable);
 cudaError_t rail_trace_read(unsigned long long* cycles, int* clock_khz);
 

@@ -24,6 +24,7 @@
 #include "buffer.cuh"
 #include "launch.cuh"
 #include "utils.cuh"
+#include "warp_trace.cuh"
 
 namespace deep_ep {
 namespace {
@@ -31,6 +32,11 @@ namespace {
 constexpr int kThreads = kIntranodeWarps * kWarpSize;
 constexpr int kNotifyThreads = 256;
 constexpr int kCopyUnroll = 8;
+
+// Development trace (warp_trace.cuh): the table of the dispatch (0) and combine (1) kernels,
+// [kernel][block][activity].
+__device__ int g_intranode_trace_enabled;
+__device__ unsigned long long g_intranode_trace[2][2 * kMaxChannels][kWarpTraceSlots];
 
 // ================================================================ notify
 __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyArgs args) {
@@ -235,7 +241,7 @@ __device__ __forceinline__ void write_slot_meta(const DispatchArgs& args, uint8_
 // kRowMap: the kernel instance for a row map (DispatchArgs::row_segment_end); the one without
 // compiles to the code it had before maps existed.
 template <bool kRowMap>
-__device__ void dispatch_send(const DispatchArgs& args, int channel) {
+__device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpTrace& trace) {
     const RingGeometry& ring = args.ring;
     const int num_ranks = args.num_ranks, W = ring.warps_per_peer;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
@@ -317,6 +323,8 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
                     ok = false;
                     break;
                 }
+                const long long since = trace.now();
+                trace.count(kTraceItems);
                 if (meta_in_one_word) {
                     // Metadata loads first, so their latency hides behind the row copy's.
                     const int4 word = meta_offset < meta_end ? load_slot_meta_word(args, token, meta_offset)
@@ -324,6 +332,7 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
                     copy_row<false>(args.recv_x + out * args.hidden_bytes,
                                     args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
                     store_slot_meta(args, word, meta_offset, out, row, expert_begin, num_local_experts);
+                    trace.add(kTraceLocal, since);
                     continue;
                 }
                 // With a map, `row` is stored first so that it is dead during the copy (fewer spills).
@@ -344,22 +353,29 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
                 }
                 if (!kRowMap && lane == 0)
                     args.recv_src_idx[row] = token;
+                trace.add(kTraceLocal, since);
                 continue;
             }
             if (sent - head >= sub_capacity) {
                 // Publish what is written before waiting for room: the receiver can only free
                 // slots it has been told about.
+                long long since = trace.now();
                 if (sent != published) {
                     publish_tail(peer_tail, sent);
                     published = sent;
                 }
+                trace.add(kTracePublish, since);
+                since = trace.now();
                 if (!warp_wait(args.fail, own_head, [&](int v) { return sent - v < sub_capacity; }, head,
                                kKernelDispatch, dest, kWaitRingHead, channel, sent - sub_capacity + 1)) {
                     ok = false;
                     break;
                 }
+                trace.add(kTraceWait, since);
             }
             uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
+            long long since = trace.now();
+            trace.count(kTraceItems);
             if (meta_in_one_word) {
                 const int4 word = meta_offset < meta_end ? load_slot_meta_word(args, token, meta_offset)
                                                          : make_int4(0, 0, 0, 0);
@@ -370,10 +386,13 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
                 copy_row<false>(slot, args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
                 write_slot_meta(args, slot, token, lane);
             }
+            trace.add(kTraceData, since);
             ++sent;
             if (sent - published >= ring.publish_every) {
+                since = trace.now();
                 publish_tail(peer_tail, sent);
                 published = sent;
+                trace.add(kTracePublish, since);
             }
         }
         seq += count;
@@ -386,15 +405,17 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel) {
     // The receiver acknowledges with count + 1 once it has consumed everything and zeroed its
     // counters; only then may this head word be zeroed for the next call.
     int seen;
+    const long long since = trace.now();
     if (!warp_wait(args.fail, own_head, [&](int v) { return v == my_count + 1; }, seen, kKernelDispatch, dest,
                    kWaitRingAck, channel, my_count + 1))
         return;
+    trace.add(kTraceWait, since);
     if (lane == 0)
         *own_head = 0;
 }
 
 template <bool kRowMap>
-__device__ void dispatch_receive(const DispatchArgs& args, int channel) {
+__device__ void dispatch_receive(const DispatchArgs& args, int channel, const WarpTrace& trace) {
     const RingGeometry& ring = args.ring;
     const int W = ring.warps_per_peer;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
@@ -408,8 +429,10 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
         const uint8_t* ring_base = ring_ptr(own, ring, source, channel);
 
         int meta;
+        long long since = trace.now();
         bool ok = warp_wait(args.fail, own_meta_count, [](int v) { return v != 0; }, meta, kKernelDispatch, source,
                             kWaitRingMeta, channel, -1);
+        trace.add(kTraceWait, since);
         const int my_count = -meta - 1;
         const int first_row = args.recv_rank_prefix[source] + (ok ? ld_relaxed_sys(own_meta_start) : 0);
         const int num_local_experts = args.num_experts / args.num_ranks;
@@ -422,11 +445,13 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
         int tail = 0;
         for (int i = 0; ok && i < my_count; ++i) {
             if (i >= tail) {
+                since = trace.now();
                 if (!warp_wait(args.fail, own_tail, [&](int v) { return v > i; }, tail, kKernelDispatch, source,
                                kWaitRingTail, channel, i + 1)) {
                     ok = false;
                     break;
                 }
+                trace.add(kTraceWait, since);
             }
             const int k = w + i * W;
             const uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
@@ -442,6 +467,8 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
                 ok = false;
                 break;
             }
+            since = trace.now();
+            trace.count(kTraceItems);
             if (meta_in_one_word) {
                 // The metadata load goes out before the row copy, so its latency hides behind the
                 // copy's instead of adding round trips per token.
@@ -470,6 +497,7 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
                 if (!kRowMap && lane == 0)
                     args.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + args.slot.src_idx_offset));
             }
+            trace.add(kTraceData, since);
             // Release the slots once consumption has caught up with what was published, or
             // every publish_every tokens. The slot loads have completed: their values were
             // stored above, before this store is issued.
@@ -512,11 +540,16 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel) {
 
 template <bool kRowMap>
 __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(DispatchArgs args) {
+    __shared__ unsigned long long s_trace[kIntranodeWarps][kWarpTraceSlots];
+    const WarpTrace trace = open_warp_trace(s_trace, g_intranode_trace_enabled != 0);
+    const long long start = trace.now();
     const int channel = blockIdx.x / 2;
     if (blockIdx.x % 2 == 0)
-        dispatch_send<kRowMap>(args, channel);
+        dispatch_send<kRowMap>(args, channel, trace);
     else
-        dispatch_receive<kRowMap>(args, channel);
+        dispatch_receive<kRowMap>(args, channel, trace);
+    trace.add(kTraceTotal, start);
+    close_warp_trace(trace, g_intranode_trace[0][blockIdx.x]);
 }
 
 // ================================================================ combine
@@ -524,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(Dispatc
 // of home's token split. Those rows are sorted by source token, so the rows of one channel are
 // a contiguous run, found by a warp-wide search (warp_lower_bound).
 
-__device__ void combine_send(const CombineArgs& args, int channel) {
+__device__ void combine_send(const CombineArgs& args, int channel, const WarpTrace& trace) {
     const RingGeometry& ring = args.ring;
     const int W = ring.warps_per_peer;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
@@ -549,26 +582,35 @@ __device__ void combine_send(const CombineArgs& args, int channel) {
     int head = 0, published = 0;
     for (int i = 0; i < my_count; ++i) {
         if (i - head >= sub_capacity) {
+            long long since = trace.now();
             if (i != published) {  // publish before waiting for room (see dispatch_send)
                 publish_tail(peer_tail, i);
                 published = i;
             }
+            trace.add(kTracePublish, since);
+            since = trace.now();
             if (!warp_wait(args.fail, own_head, [&](int v) { return i - v < sub_capacity; }, head, kKernelCombine,
                            home, kWaitRingHead, channel, i - sub_capacity + 1))
                 return;
+            trace.add(kTraceWait, since);
         }
         const int k = w + i * W;
         // Where dispatch wrote received row first + k.
         const int64_t row =
             map_row(args.row_segment_end, args.row_segment_delta, args.num_row_segments, home, first + k);
         uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
+        long long since = trace.now();
+        trace.count(kTraceItems);
         copy_row<false>(slot, args.x + row * row_bytes, row_bytes);
         if (args.topk_weights != nullptr && lane < args.num_topk)
             reinterpret_cast<float*>(slot + args.weights_offset)[lane] =
                 __ldg(args.topk_weights + row * args.num_topk + lane);
+        trace.add(kTraceData, since);
         if (i + 1 - published >= ring.publish_every) {
+            since = trace.now();
             publish_tail(peer_tail, i + 1);
             published = i + 1;
+            trace.add(kTracePublish, since);
         }
     }
     __syncwarp();
@@ -605,7 +647,7 @@ __device__ __forceinline__ void sum_column_store(const int4 (&loaded)[kRanks], u
 // token's rows in fp32; then warp 0 releases the consumed slots of every sub-ring. The rows of
 // this rank's own tokens are read in place from x (they never went through a ring).
 template <int kRanks>
-__device__ void combine_receive(const CombineArgs& args, int channel) {
+__device__ void combine_receive(const CombineArgs& args, int channel, const WarpTrace& trace) {
     const RingGeometry& ring = args.ring;
     const int W = ring.warps_per_peer;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
@@ -637,6 +679,7 @@ __device__ void combine_receive(const CombineArgs& args, int channel) {
 
     const int hidden_int4 = args.hidden / 8;
     for (int batch = begin; batch < end; batch += kIntranodeWarps) {
+        long long since = trace.now();
         if (warp == 0) {
             const int t = batch + lane;
             const bool valid = lane < kIntranodeWarps && t < end;
@@ -646,6 +689,8 @@ __device__ void combine_receive(const CombineArgs& args, int channel) {
                 s_count, s_slot);
         }
         __syncthreads();
+        trace.add(kTraceBatch, since);
+        since = trace.now();
 
         const int token = batch + warp;
         if (token < end) {
@@ -660,7 +705,10 @@ __device__ void combine_receive(const CombineArgs& args, int channel) {
                                     channel, k / W + 1);
                 }
             }
-            if (__ballot_sync(0xffffffffu, !ok) != 0) {
+            const bool failed = __ballot_sync(0xffffffffu, !ok) != 0;
+            trace.add(kTraceWait, since);
+            since = trace.now();
+            if (failed) {
                 if (lane == 0)
                     s_failed = 1;
             } else {
@@ -715,8 +763,11 @@ __device__ void combine_receive(const CombineArgs& args, int channel) {
                             sum += __ldcg(weights[peer] + lane);
                     args.combined_topk_weights[static_cast<int64_t>(token) * args.num_topk + lane] = sum;
                 }
+                trace.add(kTraceData, since);
+                trace.count(kTraceItems);
             }
         }
+        since = trace.now();
         __syncthreads();
         if (s_failed)
             return;
@@ -729,6 +780,7 @@ __device__ void combine_receive(const CombineArgs& args, int channel) {
                 released = consumed;
             }
         }
+        trace.add(kTracePublish, since);
     }
     // Zero this call's tails, then acknowledge every sub-ring (also those that carried nothing).
     if (head_lane) {
@@ -741,16 +793,29 @@ __device__ void combine_receive(const CombineArgs& args, int channel) {
 
 template <int kRanks>
 __global__ void __launch_bounds__(kThreads, 1) intranode_combine_kernel(CombineArgs args) {
+    __shared__ unsigned long long s_trace[kIntranodeWarps][kWarpTraceSlots];
+    const WarpTrace trace = open_warp_trace(s_trace, g_intranode_trace_enabled != 0);
+    const long long start = trace.now();
     const int channel = blockIdx.x / 2;
     if (blockIdx.x % 2 == 0)
-        combine_send(args, channel);
+        combine_send(args, channel, trace);
     else
-        combine_receive<kRanks>(args, channel);
+        combine_receive<kRanks>(args, channel, trace);
+    trace.add(kTraceTotal, start);
+    close_warp_trace(trace, g_intranode_trace[1][blockIdx.x]);
 }
 
 }  // namespace
 
 // ================================================================ launchers
+cudaError_t intranode_trace_reset(bool enable) {
+    return reset_warp_trace(g_intranode_trace, g_intranode_trace_enabled, enable);
+}
+
+cudaError_t intranode_trace_read(unsigned long long* cycles, int* clock_khz) {
+    return read_warp_trace(g_intranode_trace, cycles, clock_khz);
+}
+
 void launch_notify_dispatch(const NotifyArgs& args, cudaStream_t stream) {
     DEEP_EP_HOST_ASSERT(args.num_ranks >= 1 && args.num_ranks <= kMaxRanks, "intranode supports 1..8 ranks");
     DEEP_EP_HOST_ASSERT(args.num_experts / args.num_ranks <= kMaxLocalExperts, "too many local experts");
