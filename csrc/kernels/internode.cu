@@ -502,9 +502,9 @@ __device__ __forceinline__ bool stage_own_token(const Context& ctx, const RailDi
 
 // Stream numbering: the tokens of the channel that go to node m, in token order, continue the
 // count of the tokens before the channel (s_before[m]); stream index k fixes the staging row at
-// the receiver (rail_prefix[source node] + k), so sub-streams may arrive in any order. Local
-// token k (own node) is copied by warp k % kRailWarps; remote token k to node m goes down
-// sub-stream k % subs of m, which one warp owns. Own-node tokens: stages_own_token.
+// the receiver (rail_prefix[source node] + k), so sub-streams may arrive in any order. Own-node
+// token k is staged by one warp of this block or of the receiver block (stages_own_token); remote
+// token k to node m goes down sub-stream k % subs of m, which one warp owns.
 __device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a, int channel, const WarpTrace& trace) {
     const RailGeometry& g = a.rail;
     const int R = ctx.num_ranks, L = ctx.nvl_size, N = ctx.num_nodes;
