@@ -22,7 +22,8 @@
 #   ll2full / test2full: every low-latency / intranode check on 2 GPUs (ll2 / test2: --quick);
 #   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once,
 #   the rail pairs alone, low-latency-sized bursts);
-#   trace: the warp traces of the intranode and rail kernels (a KERNEL_TRACE=1 rebuild; put it last).
+#   trace: the warp traces of the intranode and rail kernels (a KERNEL_TRACE=1 rebuild; put it last);
+#   test4own / inter22own / benchown: the intranode dispatch with own rows copied by the receiver block.
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
 # is ended, so no rank of a hung test outlives its step.
@@ -110,6 +111,13 @@ run_named() {
     test2full) run_step test2full "${TEST2_LIMIT:-240}" "$(intranode 2 "${TEST_ARGS:-}")" ;;
     bench) run_step bench "${BENCH_LIMIT:-300}" "$(intranode 4 --bench --json "$LOGS/bench.json" "${BENCH_ARGS:-}")" ;;
     bench2) run_step bench2 "${BENCH_LIMIT:-300}" "$(intranode 2 --bench --json "$LOGS/bench2.json" "${BENCH_ARGS:-}")" ;;
+    # The intranode dispatch variant whose receiver block copies a rank's rows to itself
+    # (DEEP_EP_OWN_ROWS_BY_RECEIVER=1): its checks on 4 ranks and as the internode NVLink leg (2 x 2),
+    # and the intranode benchmark (compare with `bench` in the same call).
+    test4own) run_step test4own "${TEST4_LIMIT:-420}" "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(intranode 4 --quick)" ;;
+    inter22own) run_step inter22own "${INTER_LIMIT:-300}" "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(internode 4 2)" ;;
+    benchown) run_step benchown "${BENCH_LIMIT:-300}" \
+        "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(intranode 4 --bench --json "$LOGS/benchown.json")" ;;
     ll4) run_step ll4 "${LL4_LIMIT:-240}" "$(low_latency 4)" ;;
     llnoshrink) run_step llnoshrink "${LL4_LIMIT:-240}" "$(low_latency 4 --no-shrink)" ;;
     llbench) run_step llbench "${LLBENCH_LIMIT:-180}" "$(low_latency 4 --bench-only)" ;;

@@ -16,6 +16,7 @@
 // head. Hence no barrier is needed between calls, and a cached dispatch or a combine is one
 // kernel launch.
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include <cuda_bf16.h>
@@ -238,9 +239,69 @@ __device__ __forceinline__ void write_slot_meta(const DispatchArgs& args, uint8_
         st_int4(reinterpret_cast<int4*>(slot + offset), load_slot_meta_word(args, token, offset));
 }
 
-// kRowMap: the kernel instance for a row map (DispatchArgs::row_segment_end); the one without
-// compiles to the code it had before maps existed.
+// An own-rank token into its output row `row` (moved by the row map under kRowMap): data, FP8
+// scales, top-k remapped to this rank's experts and the source index, without a ring. Whole warp.
+// False after a recorded overflow.
 template <bool kRowMap>
+__device__ __forceinline__ bool stage_own_row(const DispatchArgs& args, int token, int64_t row, int channel,
+                                              const WarpTrace& trace) {
+    const int lane = lane_id();
+    const int num_local_experts = args.num_experts / args.num_ranks;
+    const int expert_begin = args.rank * num_local_experts;
+    // Lane L owns the 16-byte metadata word at meta_offset (load_slot_meta_word); metadata of more
+    // than one word per lane takes the word-by-word path.
+    const int meta_offset = args.slot.scales_offset + lane * 16;
+    const int meta_end = args.slot.src_idx_offset + 16;
+    const bool meta_in_one_word = meta_end - args.slot.scales_offset <= kWarpSize * 16;
+    // Where the row goes (== row without a row map); recv_src_idx stays at `row`.
+    const int64_t out =
+        kRowMap ? map_row(args.row_segment_end, args.row_segment_delta, args.num_row_segments, args.rank, row) : row;
+    if (row >= args.num_recv_rows || (kRowMap && (out < 0 || out >= args.num_recv_rows))) {
+        if (lane == 0)
+            report_failure(args.fail, kErrorOverflow, kKernelDispatch, args.rank, kWaitRowCapacity, channel,
+                           max(row, out) + 1, args.num_recv_rows);
+        return false;
+    }
+    const long long since = trace.now();
+    trace.count(kTraceItems);
+    if (meta_in_one_word) {
+        // Metadata loads first, so their latency hides behind the row copy's.
+        const int4 word =
+            meta_offset < meta_end ? load_slot_meta_word(args, token, meta_offset) : make_int4(0, 0, 0, 0);
+        copy_row<false>(args.recv_x + out * args.hidden_bytes, args.x + static_cast<int64_t>(token) * args.hidden_bytes,
+                        args.hidden_bytes);
+        store_slot_meta(args, word, meta_offset, out, row, expert_begin, num_local_experts);
+        trace.add(kTraceLocal, since);
+        return true;
+    }
+    // With a map, `row` is stored first so that it is dead during the copy (fewer spills).
+    if (kRowMap && lane == 0)
+        args.recv_src_idx[row] = token;
+    copy_row<false>(args.recv_x + out * args.hidden_bytes, args.x + static_cast<int64_t>(token) * args.hidden_bytes,
+                    args.hidden_bytes);
+    if (args.x_scales != nullptr)
+        for (int g = lane; g < args.num_scales; g += kWarpSize)
+            args.recv_x_scales[out * args.num_scales + g] =
+                __ldg(args.x_scales + token * args.scale_token_stride + g * args.scale_hidden_stride);
+    if (args.topk_idx != nullptr && lane < args.num_topk) {
+        const int64_t index = static_cast<int64_t>(token) * args.num_topk + lane;
+        const int64_t expert = __ldg(args.topk_idx + index);
+        const bool mine = expert >= expert_begin && expert < expert_begin + num_local_experts;
+        args.recv_topk_idx[out * args.num_topk + lane] = mine ? expert - expert_begin : -1;
+        args.recv_topk_weights[out * args.num_topk + lane] = mine ? __ldg(args.topk_weights + index) : 0.0f;
+    }
+    if (!kRowMap && lane == 0)
+        args.recv_src_idx[row] = token;
+    trace.add(kTraceLocal, since);
+    return true;
+}
+
+// kRowMap: the kernel instance for a row map (DispatchArgs::row_segment_end); the one without
+// compiles to the code it had before maps existed. kOwnRowsByReceiver: the rows this rank sends to
+// itself are copied by the receiver block's warps of that source (idle otherwise) instead of the
+// sender's, so the sender block's memory pipeline carries NVLink stores only (measured against the
+// default with DEEP_EP_OWN_ROWS_BY_RECEIVER=1; see launch_intranode_dispatch).
+template <bool kRowMap, bool kOwnRowsByReceiver>
 __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpTrace& trace) {
     const RingGeometry& ring = args.ring;
     const int num_ranks = args.num_ranks, W = ring.warps_per_peer;
@@ -277,11 +338,12 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpT
     int* peer_tail = counter_ptr(peer, kCounterTail, channel, args.rank, w);
     int* own_head = counter_ptr(own, kCounterHead, channel, dest, w);
     uint8_t* ring_base = ring_ptr(peer, ring, args.rank, channel);
-    // Tokens for this rank itself skip the ring: the sender writes them straight to their rows.
+    // Tokens for this rank itself skip the ring: the sender writes them straight to their rows
+    // (stage_own_row), or with kOwnRowsByReceiver the receiver block does (dispatch_receive).
     const bool local = dest == args.rank;
+    if (kOwnRowsByReceiver && local)
+        return;
     const int64_t local_first_row = local ? static_cast<int64_t>(args.recv_rank_prefix[args.rank]) + s_before[dest] : 0;
-    const int num_local_experts = args.num_experts / num_ranks;
-    const int expert_begin = args.rank * num_local_experts;
     // Lane L owns the 16-byte metadata word at meta_offset (load_slot_meta_word); metadata of more
     // than one word per lane takes the word-by-word path.
     const int meta_offset = args.slot.scales_offset + lane * 16;
@@ -310,50 +372,10 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpT
             const int token = window + __ffs(m) - 1;
             const int k = seq + j;
             if (local) {
-                const int64_t row = local_first_row + k;
-                // Where the row goes (== row without a row map); recv_src_idx stays at `row`.
-                const int64_t out =
-                    kRowMap ? map_row(args.row_segment_end, args.row_segment_delta, args.num_row_segments, args.rank,
-                                      row)
-                            : row;
-                if (row >= args.num_recv_rows || (kRowMap && (out < 0 || out >= args.num_recv_rows))) {
-                    if (lane == 0)
-                        report_failure(args.fail, kErrorOverflow, kKernelDispatch, args.rank, kWaitRowCapacity,
-                                       channel, max(row, out) + 1, args.num_recv_rows);
+                if (!stage_own_row<kRowMap>(args, token, local_first_row + k, channel, trace)) {
                     ok = false;
                     break;
                 }
-                const long long since = trace.now();
-                trace.count(kTraceItems);
-                if (meta_in_one_word) {
-                    // Metadata loads first, so their latency hides behind the row copy's.
-                    const int4 word = meta_offset < meta_end ? load_slot_meta_word(args, token, meta_offset)
-                                                             : make_int4(0, 0, 0, 0);
-                    copy_row<false>(args.recv_x + out * args.hidden_bytes,
-                                    args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
-                    store_slot_meta(args, word, meta_offset, out, row, expert_begin, num_local_experts);
-                    trace.add(kTraceLocal, since);
-                    continue;
-                }
-                // With a map, `row` is stored first so that it is dead during the copy (fewer spills).
-                if (kRowMap && lane == 0)
-                    args.recv_src_idx[row] = token;
-                copy_row<false>(args.recv_x + out * args.hidden_bytes,
-                                args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
-                if (args.x_scales != nullptr)
-                    for (int g = lane; g < args.num_scales; g += kWarpSize)
-                        args.recv_x_scales[out * args.num_scales + g] =
-                            __ldg(args.x_scales + token * args.scale_token_stride + g * args.scale_hidden_stride);
-                if (args.topk_idx != nullptr && lane < args.num_topk) {
-                    const int64_t index = static_cast<int64_t>(token) * args.num_topk + lane;
-                    const int64_t expert = __ldg(args.topk_idx + index);
-                    const bool mine = expert >= expert_begin && expert < expert_begin + num_local_experts;
-                    args.recv_topk_idx[out * args.num_topk + lane] = mine ? expert - expert_begin : -1;
-                    args.recv_topk_weights[out * args.num_topk + lane] = mine ? __ldg(args.topk_weights + index) : 0.0f;
-                }
-                if (!kRowMap && lane == 0)
-                    args.recv_src_idx[row] = token;
-                trace.add(kTraceLocal, since);
                 continue;
             }
             if (sent - head >= sub_capacity) {
@@ -414,12 +436,56 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpT
         *own_head = 0;
 }
 
+// This rank's own tokens of the channel, sub-stream w of W (the numbering of dispatch_send's
+// group for itself): each into its output row. Whole warp; false after a recorded overflow.
 template <bool kRowMap>
+__device__ bool stage_own_rows(const DispatchArgs& args, int channel, int w, int64_t first_row,
+                               const WarpTrace& trace) {
+    const int W = args.ring.warps_per_peer, lane = lane_id();
+    const int begin = channel_begin(args.num_tokens, channel, args.ring.num_channels);
+    const int end = channel_begin(args.num_tokens, channel + 1, args.ring.num_channels);
+    int seq = 0;
+    for (int window = begin; window < end; window += kWarpSize) {
+        const int t = window + lane;
+        const bool in_rank = t < end && args.is_token_in_rank[static_cast<int64_t>(t) * args.num_ranks + args.rank];
+        const unsigned mask = __ballot_sync(0xffffffffu, in_rank);
+        const int count = __popc(mask);
+        for (int j = (w - seq % W + W) % W; j < count; j += W) {
+            unsigned m = mask;  // its j-th set bit
+            for (int skip = 0; skip < j; ++skip)
+                m &= m - 1;
+            if (!stage_own_row<kRowMap>(args, window + __ffs(m) - 1, first_row + seq + j, channel, trace))
+                return false;
+        }
+        seq += count;
+    }
+    return true;
+}
+
+template <bool kRowMap, bool kOwnRowsByReceiver>
 __device__ void dispatch_receive(const DispatchArgs& args, int channel, const WarpTrace& trace) {
     const RingGeometry& ring = args.ring;
     const int W = ring.warps_per_peer;
     const int warp = threadIdx.x / kWarpSize, lane = lane_id();
     const int source = warp / W, w = warp % W;
+    if (kOwnRowsByReceiver) {
+        // This rank's tokens before the channel: the first row of its own part of the channel.
+        __shared__ int s_own_before;
+        if (threadIdx.x == 0)
+            s_own_before = 0;
+        __syncthreads();
+        const int begin = channel_begin(args.num_tokens, channel, ring.num_channels);
+        int before = 0;
+        for (int t = threadIdx.x; t < begin; t += blockDim.x)
+            before += args.is_token_in_rank[static_cast<int64_t>(t) * args.num_ranks + args.rank] ? 1 : 0;
+        before = warp_sum(before);
+        if (lane == 0 && before != 0)
+            atomicAdd(&s_own_before, before);
+        __syncthreads();
+        if (source == args.rank)
+            stage_own_rows<kRowMap>(args, channel, w, static_cast<int64_t>(args.recv_rank_prefix[args.rank]) +
+                                                          s_own_before, trace);
+    }
     if (source < args.num_ranks && source != args.rank) {
         uint8_t* own = args.buffers.ptrs[args.rank];
         int* own_tail = counter_ptr(own, kCounterTail, channel, source, w);
@@ -538,16 +604,16 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel, const Wa
     }
 }
 
-template <bool kRowMap>
+template <bool kRowMap, bool kOwnRowsByReceiver>
 __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(DispatchArgs args) {
     __shared__ unsigned long long s_trace[kIntranodeWarps][kWarpTraceSlots];
     const WarpTrace trace = open_warp_trace(s_trace, g_intranode_trace_enabled != 0);
     const long long start = trace.now();
     const int channel = blockIdx.x / 2;
     if (blockIdx.x % 2 == 0)
-        dispatch_send<kRowMap>(args, channel, trace);
+        dispatch_send<kRowMap, kOwnRowsByReceiver>(args, channel, trace);
     else
-        dispatch_receive<kRowMap>(args, channel, trace);
+        dispatch_receive<kRowMap, kOwnRowsByReceiver>(args, channel, trace);
     trace.add(kTraceTotal, start);
     close_warp_trace(trace, g_intranode_trace[0][blockIdx.x]);
 }
@@ -839,10 +905,24 @@ void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream) {
     DEEP_EP_HOST_ASSERT(args.hidden_bytes % 16 == 0, "hidden bytes must be a multiple of 16");
     DEEP_EP_HOST_ASSERT(args.num_topk <= kWarpSize, "num_topk must be at most 32");
     DEEP_EP_HOST_ASSERT(args.ring.warps_per_peer * args.num_ranks <= kIntranodeWarps, "too many warps per peer");
-    if (args.row_segment_end != nullptr)
-        intranode_dispatch_kernel<true><<<args.ring.num_channels * 2, kThreads, 0, stream>>>(args);
-    else
-        intranode_dispatch_kernel<false><<<args.ring.num_channels * 2, kThreads, 0, stream>>>(args);
+    // DEEP_EP_OWN_ROWS_BY_RECEIVER=1 (read once; the same on every rank): the variant in which the
+    // receiver block copies this rank's rows to itself (dispatch_send), for measuring against the
+    // default.
+    static const bool own_rows_by_receiver = [] {
+        const char* value = std::getenv("DEEP_EP_OWN_ROWS_BY_RECEIVER");
+        return value != nullptr && std::atoi(value) != 0;
+    }();
+    const int grid = args.ring.num_channels * 2;
+    if (args.row_segment_end != nullptr) {
+        if (own_rows_by_receiver)
+            intranode_dispatch_kernel<true, true><<<grid, kThreads, 0, stream>>>(args);
+        else
+            intranode_dispatch_kernel<true, false><<<grid, kThreads, 0, stream>>>(args);
+    } else if (own_rows_by_receiver) {
+        intranode_dispatch_kernel<false, true><<<grid, kThreads, 0, stream>>>(args);
+    } else {
+        intranode_dispatch_kernel<false, false><<<grid, kThreads, 0, stream>>>(args);
+    }
     DEEP_EP_LAUNCH_CHECK();
 }
 
