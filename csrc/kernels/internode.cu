@@ -500,6 +500,27 @@ __device__ __forceinline__ bool stage_own_token(const Context& ctx, const RailDi
     return true;
 }
 
+// One window of kWarpSize tokens (lane i: the own-node rank bits of token window + i, 0 if none):
+// stages this warp's share of the window's own-node tokens (stages_own_token; `receiver`: which
+// block this warp is in) and advances `k`, the stream index of the window's first own-node token,
+// past the window. Whole warp. False after a recorded failure.
+__device__ __forceinline__ bool stage_own_window(const Context& ctx, const RailDispatchArgs& a, int window, int bits,
+                                                 int& k, bool receiver, int channel, const WarpTrace& trace) {
+    const int warp = threadIdx.x / kWarpSize, lane = lane_id();
+    const unsigned mask = __ballot_sync(0xffffffffu, bits != 0);
+    const int lane_k = k + __popc(mask & ((1u << lane) - 1u));
+    unsigned todo = __ballot_sync(0xffffffffu, bits != 0 && stages_own_token(lane_k, warp, receiver));
+    k += __popc(mask);
+    while (todo != 0) {
+        const int source_lane = __ffs(todo) - 1;
+        todo &= todo - 1;
+        if (!stage_own_token(ctx, a, window + source_lane, __shfl_sync(0xffffffffu, bits, source_lane),
+                             __shfl_sync(0xffffffffu, lane_k, source_lane), channel, trace))
+            return false;
+    }
+    return true;
+}
+
 // Stream numbering: the tokens of the channel that go to node m, in token order, continue the
 // count of the tokens before the channel (s_before[m]); stream index k fixes the staging row at
 // the receiver (rail_prefix[source node] + k), so sub-streams may arrive in any order. Own-node
@@ -547,24 +568,15 @@ __device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a
         // Both routings of the window are read first: their loads are in flight together.
         const int local_bits = t < end ? node_rank_bits(a.is_token_in_rank, t, R, ctx.node, L) : 0;
         const int remote_bits = has_ring && t < end ? node_rank_bits(a.is_token_in_rank, t, R, r.node, L) : 0;
-        // Own node: straight into the staging rows.
-        const unsigned local_mask = __ballot_sync(0xffffffffu, local_bits != 0);
-        const int lane_k_local = k_local + __popc(local_mask & lanes_below);
-        unsigned todo = __ballot_sync(0xffffffffu, local_bits != 0 && stages_own_token(lane_k_local, warp, false));
-        k_local += __popc(local_mask);
-        while (todo != 0) {
-            const int source_lane = __ffs(todo) - 1;
-            todo &= todo - 1;
-            if (!stage_own_token(ctx, a, window + source_lane, __shfl_sync(0xffffffffu, local_bits, source_lane),
-                                 __shfl_sync(0xffffffffu, lane_k_local, source_lane), channel, trace))
-                return;
-        }
+        // Own node: straight into the staging rows (this block's share).
+        if (!stage_own_window(ctx, a, window, local_bits, k_local, false, channel, trace))
+            return;
         if (!has_ring)
             continue;
         // This warp's sub-stream to node r.node: into the peer's ring.
         const unsigned remote_mask = __ballot_sync(0xffffffffu, remote_bits != 0);
         const int lane_k_remote = k_remote + __popc(remote_mask & lanes_below);
-        todo = __ballot_sync(0xffffffffu, remote_bits != 0 && lane_k_remote % g.subs == r.sub);
+        unsigned todo = __ballot_sync(0xffffffffu, remote_bits != 0 && lane_k_remote % g.subs == r.sub);
         k_remote += __popc(remote_mask);
         while (todo != 0) {
             const int source_lane = __ffs(todo) - 1;
@@ -602,7 +614,6 @@ __device__ void rail_dispatch_send(const Context& ctx, const RailDispatchArgs& a
 // sender needs a few slots' time before the rings have anything to drain.
 __device__ bool stage_own_share(const Context& ctx, const RailDispatchArgs& a, int channel, const WarpTrace& trace) {
     const int R = ctx.num_ranks, L = ctx.nvl_size;
-    const int warp = threadIdx.x / kWarpSize, lane = lane_id();
     const int begin = channel_begin(a.num_tokens, channel, a.rail.num_channels);
     const int end = channel_begin(a.num_tokens, channel + 1, a.rail.num_channels);
     // Own-node tokens before this channel: the stream index of its first one.
@@ -611,21 +622,11 @@ __device__ bool stage_own_share(const Context& ctx, const RailDispatchArgs& a, i
         s_before = 0;
     __syncthreads();
     int k = count_node_tokens(a.is_token_in_rank, begin, R, ctx.node, L, &s_before);
-    const unsigned lanes_below = (1u << lane) - 1u;
     for (int window = begin; window < end; window += kWarpSize) {
-        const int t = window + lane;
+        const int t = window + lane_id();
         const int bits = t < end ? node_rank_bits(a.is_token_in_rank, t, R, ctx.node, L) : 0;
-        const unsigned mask = __ballot_sync(0xffffffffu, bits != 0);
-        const int lane_k = k + __popc(mask & lanes_below);
-        unsigned todo = __ballot_sync(0xffffffffu, bits != 0 && stages_own_token(lane_k, warp, true));
-        k += __popc(mask);
-        while (todo != 0) {
-            const int source_lane = __ffs(todo) - 1;
-            todo &= todo - 1;
-            if (!stage_own_token(ctx, a, window + source_lane, __shfl_sync(0xffffffffu, bits, source_lane),
-                                 __shfl_sync(0xffffffffu, lane_k, source_lane), channel, trace))
-                return false;
-        }
+        if (!stage_own_window(ctx, a, window, bits, k, true, channel, trace))
+            return false;
     }
     return true;
 }

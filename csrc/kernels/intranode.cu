@@ -365,11 +365,7 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpT
         const int first = (w - seq % W + W) % W;
         const int count = __popc(mask);
         for (int j = first; j < count; j += W) {
-            // The j-th set bit of mask.
-            unsigned m = mask;
-            for (int skip = 0; skip < j; ++skip)
-                m &= m - 1;
-            const int token = window + __ffs(m) - 1;
+            const int token = window + nth_set_bit(mask, j);
             const int k = seq + j;
             if (local) {
                 if (!stage_own_row<kRowMap>(args, token, local_first_row + k, channel, trace)) {
@@ -451,10 +447,7 @@ __device__ bool stage_own_rows(const DispatchArgs& args, int channel, int w, int
         const unsigned mask = __ballot_sync(0xffffffffu, in_rank);
         const int count = __popc(mask);
         for (int j = (w - seq % W + W) % W; j < count; j += W) {
-            unsigned m = mask;  // its j-th set bit
-            for (int skip = 0; skip < j; ++skip)
-                m &= m - 1;
-            if (!stage_own_row<kRowMap>(args, window + __ffs(m) - 1, first_row + seq + j, channel, trace))
+            if (!stage_own_row<kRowMap>(args, window + nth_set_bit(mask, j), first_row + seq + j, channel, trace))
                 return false;
         }
         seq += count;

@@ -92,6 +92,13 @@ __device__ __forceinline__ void warp_copy_int4(int4* __restrict__ dst, const int
 }
 
 // ---------------------------------------------------------------- warp helpers
+// Position (0-31) of set bit number j (from 0, lowest first) of `mask`; needs j < popc(mask).
+__device__ __forceinline__ int nth_set_bit(unsigned mask, int j) {
+    for (int skip = 0; skip < j; ++skip)
+        mask &= mask - 1;
+    return __ffs(mask) - 1;
+}
+
 __device__ __forceinline__ int warp_sum(int value) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1)
