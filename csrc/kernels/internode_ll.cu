@@ -1233,6 +1233,513 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     trace_mark(kTraceDispatch, 6, marker);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dispatch over tagged lines (FP8, every peer written with direct NVLink stores, no shrink mode)
+// ---------------------------------------------------------------------------------------------
+// Every 128-byte line of a message carries its own tag (a hash of the call number) in its last
+// 8 bytes and is written by ONE 16-byte store instruction of 8 consecutive lanes. Between Hopper
+// GPUs over NVLink such a line reaches the peer's memory whole, in ascending address order: the
+// property NCCL's LL128 protocol rests on, and which NCCL enables by default on exactly this
+// platform (NVLink between sm_70+ GPUs). A line whose tag is there is therefore complete, and the
+// receiver places every line as it lands: the sender needs no release fence and no delivery flag,
+// and the fan-out into the packed output overlaps the transfer instead of following the last
+// flag (the flagged form spent ~4-6 us after the last delivery flag placing rows).
+// DEEP_EP_LL_LINES=0 turns this form off (the flagged form of dispatch_send/dispatch_recv_direct).
+//
+// Message in slot [source][token]: line 0 the header (the header ints in bytes 0..111, the same
+// as the flagged form's, so combine reads it alike; written to every rank, so a rank that gets no
+// expert of the token learns that from it), then per data task q (of ceil(units / 56)): 8 lines
+// holding FP8 units 56q + 7j + p (16 channels each) in 16-byte part p < 7 of line j, and in part 7
+// of line j < 7 the fp32 scale of group 7q + j (a task's 56 units are 7 whole scale groups).
+// Count lines, slot [source] of the count region: the source's (token, slot) pairs per local
+// expert of this rank, then its token count, 28 ints (parts 0..6) per line.
+constexpr int kLineBytes = 128;
+constexpr int kLineUnits = 7;                                // 16-byte payload parts per line
+constexpr int kLineTaskLines = 8;                            // lines per send task
+constexpr int kLineTaskUnits = kLineUnits * kLineTaskLines;  // 56 units: 7 scale groups of 8
+constexpr int kLineInts = kLineUnits * 4;                    // ints per count line
+constexpr int kLineRounds = 8;                               // lines per lane a receiving warp loads at once
+static_assert(kHeaderInts + kHeaderPosInts <= kLineInts, "the header ints must fit a line's payload");
+
+// The tag of call `call`: splitmix64, a bijection, so two calls never share a tag, and stale
+// bytes of another layout (count ints, FP8 data) are unlikely to read as one.
+__device__ __forceinline__ unsigned long long line_tag(unsigned long long call) {
+    unsigned long long z = call + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// One lane's 16 bytes of a line (volatile: one vector access each, never split or merged).
+__device__ __forceinline__ void st_line_part(void* ptr, const int4& v) {
+    asm volatile("st.volatile.global.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w)
+                 : "memory");
+}
+
+__device__ __forceinline__ int4 ld_line_part(const void* ptr) {
+    int4 v;
+    asm volatile("ld.volatile.global.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr)
+                 : "memory");
+    return v;
+}
+
+// Whether this lane's line (its 8-lane group's) carries `tag`: part 7 of the line holds it in its
+// upper 8 bytes. Whole warp (a shuffle).
+__device__ __forceinline__ bool line_has_tag(const int4& v, unsigned long long tag) {
+    const int lane = threadIdx.x % 32;
+    const bool ok = v.z == static_cast<int>(static_cast<unsigned int>(tag)) &&
+                    v.w == static_cast<int>(static_cast<unsigned int>(tag >> 32));
+    return __shfl_sync(0xffffffffu, ok ? 1 : 0, lane | 7) != 0;
+}
+
+__device__ __forceinline__ int4 shfl_int4(const int4& v, int from) {
+    return make_int4(__shfl_sync(0xffffffffu, v.x, from), __shfl_sync(0xffffffffu, v.y, from),
+                     __shfl_sync(0xffffffffu, v.z, from), __shfl_sync(0xffffffffu, v.w, from));
+}
+
+// Int n (< kLineInts; may differ per lane) of the line that lanes 0..7 hold. Whole warp.
+__device__ __forceinline__ int line_int(const int4& v, int n) {
+    const int4 u = shfl_int4(v, (n / 4) & 7);
+    const int c = n % 4;
+    return c == 0 ? u.x : c == 1 ? u.y : c == 2 ? u.z : u.w;
+}
+
+__host__ __device__ __forceinline__ int line_count_lines(int num_local) { return (num_local + 1 + kLineInts - 1) / kLineInts; }
+
+// Data lines of a message of `num_units` FP8 units: whole tasks of 8, the last task's lines that
+// hold a unit.
+__device__ __forceinline__ int line_data_lines(int num_units) {
+    return num_units / kLineTaskUnits * kLineTaskLines + (num_units % kLineTaskUnits + kLineUnits - 1) / kLineUnits;
+}
+
+// A warp's bounded poll: started at the first check that found a line missing; once the buffer's
+// timeout has passed it records who waited for whom (lane 0, first timeout wins) and says so.
+struct LinePoll {
+    unsigned long long start = 0;
+    // Whole warp; lane 0's clock decides for every lane (the loops around it stay uniform).
+    __device__ __forceinline__ bool expired(const Context& ctx, int src, unsigned long long call) {
+        const unsigned long long now = __shfl_sync(0xffffffffu, global_timer_ns(), 0);
+        if (start == 0) start = now;
+        if (now - start <= ctx.timeout_ns) return false;
+        if (threadIdx.x % 32 == 0) report_timeout(ctx.error, ctx.rank, kKernelDispatch, src, call, 0, now - start);
+        return true;
+    }
+    __device__ __forceinline__ unsigned long long waited() const { return start == 0 ? 0 : global_timer_ns() - start; }
+};
+
+// The count lines: this rank's (token, slot) pairs per expert, each destination's slice, and its
+// token count, from the block's shared ids (`s_hist`: [num_experts] ints of shared memory).
+// Whole block.
+__device__ void publish_count_lines(const Context& ctx, const Geometry& g, const DispatchArgs& a, const int* s_ids,
+                                    int* s_hist, unsigned long long tag) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int num_experts = a.num_experts, num_local = num_experts / ctx.num_ranks;
+    for (int i = threadIdx.x; i < num_experts; i += blockDim.x) s_hist[i] = 0;
+    __syncthreads();
+    const int num_pairs = a.num_tokens * a.num_topk;
+    for (int j = threadIdx.x; j < num_pairs; j += blockDim.x)
+        if (s_ids[j] >= 0) atomicAdd(&s_hist[s_ids[j]], 1);
+    __syncthreads();
+    const int lines = line_count_lines(num_local), part = lane % 8;
+    for (int d = warp; d < ctx.num_ranks; d += kNumWarps) {
+        char* base = peer_address(ctx, g.buf + g.count_offset + static_cast<size_t>(ctx.rank) * lines * kLineBytes, d);
+        for (int l0 = 0; l0 < lines; l0 += 4) {
+            const int line = l0 + lane / 8;
+            int4 v = make_int4(0, 0, static_cast<int>(static_cast<unsigned int>(tag)),
+                               static_cast<int>(static_cast<unsigned int>(tag >> 32)));
+            if (part < kLineUnits) {
+                int w[4];
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int i = line * kLineInts + 4 * part + c;
+                    w[c] = i < num_local ? s_hist[d * num_local + i] : i == num_local ? a.num_tokens : 0;
+                }
+                v = make_int4(w[0], w[1], w[2], w[3]);
+            }
+            if (line < lines) st_line_part(base + static_cast<size_t>(line) * kLineBytes + part * 16, v);
+        }
+    }
+}
+
+// Shared memory of the line dispatch (one kernel of its own: the flagged kernel's is near 48 KB).
+struct LineShared {
+    int ids[kSendIdsMax];                                 // the top-k ids, narrowed (-1: none)
+    __align__(16) uint8_t expert_slot[kNumWarps * kMaxFastExperts];  // header_position_word's tables
+    int slot_count[kNumWarps * kMaxTopk];
+    int hist[kMaxFastExperts];                            // send: per-expert pairs (last block)
+    int offset[kMaxFastExperts];                          // receive: [source][local] first row
+    int total[kMaxFastExperts];                           // receive: [local] rows
+    int num_tokens[32];                                   // receive: per source
+    int abort;
+};
+
+__device__ void dispatch_send_lines(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long call,
+                                    LineShared& sh) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part_in_line = lane % 8;
+    const int num_local = a.num_experts / ctx.num_ranks;
+    const int hidden = a.hidden, num_units = hidden / 16;
+    const int data_tasks = (num_units + kLineTaskUnits - 1) / kLineTaskUnits;
+    const int task_parts = data_tasks + 1;  // + the header task
+    const int num_tasks = a.num_tokens * task_parts;
+    const unsigned long long tag = line_tag(call);
+    const int tag_lo = static_cast<int>(static_cast<unsigned int>(tag)), tag_hi = static_cast<int>(static_cast<unsigned int>(tag >> 32));
+    const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
+    // Task q on block q % grid, warp q / grid: a token's tasks on consecutive blocks, so every SM
+    // issues a like share of the NVLink stores.
+    const int first_task = blockIdx.x + static_cast<int>(gridDim.x) * warp;
+    const int task_stride = static_cast<int>(gridDim.x) * kNumWarps;
+
+    // A data task's input: units 56q + lane (round 0) and 56q + 32 + lane (round 1, lanes < 24),
+    // 16 bf16 channels (two 16-byte loads) each; zeros past the row.
+    int4 raw[2][2];
+    auto load_task = [&](int task) {
+        const int token = task / task_parts, part = task % task_parts;
+        const char* token_x = reinterpret_cast<const char*>(x + static_cast<size_t>(token) * hidden);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int u = part * kLineTaskUnits + 32 * r + lane;
+            const bool valid = part < data_tasks && (r == 0 || lane < kLineTaskUnits - 32) && u < num_units;
+            raw[r][0] = valid ? ld_nc_int4(token_x + static_cast<size_t>(u) * 32) : make_int4(0, 0, 0, 0);
+            raw[r][1] = valid ? ld_nc_int4(token_x + static_cast<size_t>(u) * 32 + 16) : make_int4(0, 0, 0, 0);
+        }
+    };
+    // The first task's input, the ids and the peer bases in one load round (see dispatch_send).
+    if (first_task < num_tasks) load_task(first_task);
+    const unsigned long long lane_base = lane < ctx.num_ranks ? ctx.peer_bases[lane] : 0ull;
+    {
+        static_assert(kSendIdsMax % kNumThreads == 0, "whole rounds of ids per thread");
+        constexpr int kIdsPerThread = kSendIdsMax / kNumThreads;
+        const int num_pairs = a.num_tokens * a.num_topk;
+        int64_t id[kIdsPerThread];
+#pragma unroll
+        for (int i = 0; i < kIdsPerThread; ++i) {
+            const int j = static_cast<int>(threadIdx.x) + i * kNumThreads;
+            id[i] = j < num_pairs ? __ldg(a.topk_idx + j) : -1;
+        }
+        const int per_warp = (a.num_experts + 15) / 16;  // int4 per warp table
+        for (int i = threadIdx.x; i < kNumWarps * per_warp; i += blockDim.x)
+            reinterpret_cast<int4*>(sh.expert_slot)[(i / per_warp) * (kMaxFastExperts / 16) + i % per_warp] =
+                make_int4(0, 0, 0, 0);
+#pragma unroll
+        for (int i = 0; i < kIdsPerThread; ++i) {
+            const int j = static_cast<int>(threadIdx.x) + i * kNumThreads;
+            if (j < num_pairs) sh.ids[j] = id[i] >= 0 && id[i] < a.num_experts ? static_cast<int>(id[i]) : -1;
+        }
+    }
+    __syncthreads();
+    trace_mark(kTraceDispatch, 0);
+    // The counts first (the receivers need them for every row's place).
+    if (blockIdx.x == gridDim.x - 1) publish_count_lines(ctx, g, a, sh.ids, sh.hist, tag);
+    trace_mark(kTraceDispatch, 2);
+
+    uint8_t* expert_table = sh.expert_slot + warp * kMaxFastExperts;
+    for (int task = first_task; task < num_tasks; task += task_stride) {
+        const int token = task / task_parts, part = task % task_parts;
+        if (task != first_task) load_task(task);
+        int expert = -1, dst = -1;
+        if (lane < a.num_topk) {
+            expert = sh.ids[token * a.num_topk + lane];
+            if (expert >= 0) dst = expert / num_local;
+        }
+        // Local (symmetric) address of this token's slot, identical in every rank's heap.
+        const char* slot = g.buf + g.dispatch_recv_offset + (static_cast<size_t>(ctx.rank) * a.num_max_tokens + token) * g.msg_bytes;
+        const size_t slot_rel = static_cast<size_t>(slot - static_cast<const char*>(ctx.heap));
+
+        if (part == data_tasks) {  // the header, to every rank
+            const int pos_word = header_position_word(a.topk_idx, sh.ids, token, a.num_topk, a.num_experts, expert,
+                                                      expert_table, sh.slot_count + warp * kMaxTopk);
+            int value = 0;
+            if (lane < kMaxTopk) value = lane < a.num_topk ? expert : -1;
+            else if (lane == kTokenInt) value = token;
+            else if (lane == kTagInt) value = static_cast<int>(static_cast<unsigned int>(call));
+            else if (lane == kTopkCountInt) value = a.num_topk;
+            else if (lane >= kHeaderInts) value = pos_word;
+            // Part p < 7 of the line gathers ints 4p .. 4p + 3; part 7 the tag.
+            int w[4];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) w[c] = __shfl_sync(0xffffffffu, value, (4 * part_in_line + c) & 31);
+            const int4 v = part_in_line < kLineUnits ? make_int4(w[0], w[1], w[2], w[3]) : make_int4(0, 0, tag_lo, tag_hi);
+            // 8-lane group k writes ranks k, k + 4, ...
+            for (int d0 = 0; d0 < ctx.num_ranks; d0 += 4) {
+                const int d = d0 + lane / 8;
+                const unsigned long long base = __shfl_sync(0xffffffffu, lane_base, d & 31);
+                if (d < ctx.num_ranks) st_line_part(reinterpret_cast<char*>(base) + slot_rel + part_in_line * 16, v);
+            }
+            continue;
+        }
+
+        // One message per distinct destination rank: the first top-k slot naming it leads.
+        bool leader = dst >= 0;
+        for (int k = 0; k < a.num_topk; ++k) {
+            const int other = __shfl_sync(0xffffffffu, dst, k);
+            if (k < lane && other == dst) leader = false;
+        }
+        const unsigned int leaders = __ballot_sync(0xffffffffu, leader);
+        if (leaders == 0u) continue;
+        const unsigned long long dst_base = __shfl_sync(0xffffffffu, lane_base, dst >= 0 ? dst : 0);
+
+        // The cast in the input's order: 8 lanes (128 channels) share a scale.
+        int4 out[2];
+        float scale[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float f[16];
+            bf16x8_to_floats(raw[r][0], f);
+            bf16x8_to_floats(raw[r][1], f + 8);
+            float amax = 0.f;
+#pragma unroll
+            for (int k = 0; k < 16; ++k) amax = fmaxf(amax, fabsf(f[k]));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+            scale[r] = fp8_scale_from_amax(amax, a.round_scale);
+            uint16_t* o = reinterpret_cast<uint16_t*>(&out[r]);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) o[k] = fp8x2_from_floats(__fdiv_rn(f[2 * k], scale[r]), __fdiv_rn(f[2 * k + 1], scale[r]));
+        }
+        // Into lines: store s covers lines 4s .. 4s + 3 of the task; part p < 7 of line j takes
+        // unit 7j + p (from lane (7j + p) % 32 of round (7j + p) / 32), part 7 the scale of group
+        // j (lanes 8 (j % 4) .. of round j / 4) and the tag.
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+            const int j = 4 * s + lane / 8;
+            const int unit = kLineUnits * j + part_in_line;
+            const int from = unit & 31;
+            // (Both rounds shuffled: a shuffle's operand is the source lane's, the choice is ours.)
+            const int4 a0 = shfl_int4(out[0], from), a1 = shfl_int4(out[1], from);
+            int4 v = unit < 32 ? a0 : a1;
+            const float s0 = __shfl_sync(0xffffffffu, scale[0], (j % 4) * 8);
+            const float s1 = __shfl_sync(0xffffffffu, scale[1], (j % 4) * 8);
+            if (part_in_line == kLineUnits) v = make_int4(__float_as_int(j < 4 ? s0 : s1), 0, tag_lo, tag_hi);
+            const bool line_used = part * kLineTaskUnits + kLineUnits * j < num_units;  // 8-lane uniform
+            const size_t offset = slot_rel + static_cast<size_t>(1 + part * kLineTaskLines + j) * kLineBytes + part_in_line * 16;
+            for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
+                const unsigned long long base = __shfl_sync(0xffffffffu, dst_base, __ffs(bits) - 1);
+                if (line_used) st_line_part(reinterpret_cast<char*>(base) + offset, v);
+            }
+        }
+    }
+    trace_mark(kTraceDispatch, 1);
+}
+
+// The receive: every source's count lines (a warp per source) and the row offsets, then per task
+// (slot, part) the header line and the part's data lines, each placed as soon as its tag is there.
+__device__ void dispatch_recv_lines(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long call,
+                                    LineShared& sh) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part_in_line = lane % 8;
+    const int num_ranks = ctx.num_ranks, num_local = a.num_experts / num_ranks;
+    const int num_units = a.hidden / 16, num_groups = a.hidden / 128;
+    const int num_max = a.num_max_tokens, num_slots = num_ranks * num_max;
+    const unsigned long long tag = line_tag(call);
+    if (threadIdx.x == 0) sh.abort = 0;
+    __syncthreads();
+
+    const int count_lines = line_count_lines(num_local);
+    for (int src = warp; src < num_ranks; src += kNumWarps) {
+        const char* base = g.buf + g.count_offset + static_cast<size_t>(src) * count_lines * kLineBytes;
+        LinePoll poll;
+        bool failed = false;
+        for (int l0 = 0; l0 < count_lines && !failed; l0 += 4) {
+            const int line = l0 + lane / 8;
+            const bool used = line < count_lines;  // 8-lane uniform
+            const char* ptr = base + static_cast<size_t>(line) * kLineBytes + part_in_line * 16;
+            int4 v = used ? ld_line_part(ptr) : make_int4(0, 0, 0, 0);
+            bool done = !used;
+            while (true) {
+                const bool has = line_has_tag(v, tag);
+                done = done || has;
+                if (__all_sync(0xffffffffu, done)) break;
+                if (poll.expired(ctx, src, call)) {
+                    failed = true;
+                    break;
+                }
+                if (!done) v = ld_line_part(ptr);
+            }
+            if (!failed && used && part_in_line < kLineUnits) {
+                const int vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int i = line * kLineInts + 4 * part_in_line + c;
+                    if (i < num_local) sh.offset[src * num_local + i] = vals[c];
+                    else if (i == num_local) sh.num_tokens[src] = vals[c];
+                }
+            }
+        }
+        if (failed && lane == 0) sh.abort = 1;
+    }
+    __syncthreads();
+    if (sh.abort != 0) return;  // timed out: recorded, the host raises
+    trace_mark(kTraceDispatch, 4);
+
+    // Exclusive scan over the sources per local expert, in place.
+    for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
+        int running = 0;
+        for (int s = 0; s < num_ranks; ++s) {
+            const int c = sh.offset[s * num_local + e];
+            sh.offset[s * num_local + e] = running;
+            running += c;
+        }
+        sh.total[e] = running;
+    }
+    __syncthreads();
+    trace_mark(kTraceDispatch, 5);
+    // Block 0 writes the per-expert bookkeeping (counts and block starts unclamped, recv_count
+    // clamped to the slots), as dispatch_recv_direct.
+    if (blockIdx.x == 0) {
+        for (int i = threadIdx.x; i < num_ranks * num_local; i += blockDim.x) {
+            const int src = i / num_local, e = i % num_local;
+            const int begin = sh.offset[i];
+            const int end = src + 1 < num_ranks ? sh.offset[i + num_local] : sh.total[e];
+            a.layout_range[static_cast<size_t>(e) * num_ranks + src] =
+                (static_cast<int64_t>(begin) << 32) | static_cast<int64_t>(end - begin);
+        }
+        for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
+            a.recv_count[e] = min(sh.total[e], num_slots);
+            if (a.cumulative_recv_stats != nullptr) atomicAdd(a.cumulative_recv_stats + e, sh.total[e]);
+        }
+    }
+
+    const int data_lines = line_data_lines(num_units);
+    const int total_warps = static_cast<int>(gridDim.x) * kNumWarps;
+    const int parts = max(1, min(kRecvMaxParts, total_warps / num_slots));
+    const int lines_per_part = ((data_lines + parts - 1) / parts + 3) / 4 * 4;
+    const int expert_begin = ctx.rank * num_local;
+    const char* regions = g.buf + g.dispatch_recv_offset;
+    for (int task = blockIdx.x * kNumWarps + warp; task < num_slots * parts; task += total_warps) {
+        // One lane's read decides for the warp: the shuffles below need every lane.
+        if (__any_sync(0xffffffffu, *reinterpret_cast<volatile int*>(&sh.abort) != 0)) break;
+        const int slot = task / parts, part = task % parts;
+        const int src = slot / num_max, token = slot % num_max;
+        if (token >= sh.num_tokens[src]) continue;  // the source has no such token this call
+        const char* msg = regions + static_cast<size_t>(slot) * g.msg_bytes;
+        const int line_begin = part * lines_per_part, line_end = min(data_lines, line_begin + lines_per_part);
+        auto data_part = [&](int line) { return msg + static_cast<size_t>(1 + line) * kLineBytes + part_in_line * 16; };
+        // The header and the part's first data round in one load round (the data loads are wasted
+        // when none of the token's experts is here: cheaper than a second round).
+        int4 h = ld_line_part(msg + part_in_line * 16);
+        int4 v[kLineRounds];
+#pragma unroll
+        for (int i = 0; i < kLineRounds; ++i) {
+            const int line = line_begin + 4 * i + lane / 8;
+            v[i] = line < min(line_end, line_begin + 4 * kLineRounds) ? ld_line_part(data_part(line)) : make_int4(0, 0, 0, 0);
+        }
+        LinePoll poll;
+        bool failed = false;
+        while (true) {
+            // Every 8-lane group read the header line; lanes 0..7's copy is the one used.
+            if (__shfl_sync(0xffffffffu, line_has_tag(h, tag) ? 1 : 0, 0) != 0) break;
+            if (poll.expired(ctx, src, call)) {
+                failed = true;
+                break;
+            }
+            h = ld_line_part(msg + part_in_line * 16);
+        }
+        if (failed) {
+            if (lane == 0) sh.abort = 1;
+            break;
+        }
+        if (part == 0 && a.wait_recv_cost_stats != nullptr && lane == 0)
+            atomicAdd(reinterpret_cast<unsigned long long*>(a.wait_recv_cost_stats + src), poll.waited());
+        const int id = line_int(h, lane % kMaxTopk);
+        const int pos_word = line_int(h, kHeaderInts + (lane % kMaxTopk) / 2);
+        const int num_topk = line_int(h, kTopkCountInt);
+        const bool mine = lane < min(num_topk, kMaxTopk) && id >= expert_begin && id < expert_begin + num_local;
+        const unsigned int kmask = __ballot_sync(0xffffffffu, mine);
+        if (kmask == 0u) continue;  // warp-uniform: no expert of the token here, no data sent
+        int local_e = 0, row = num_slots;
+        if (mine) {
+            local_e = id - expert_begin;
+            row = sh.offset[src * num_local + local_e] +
+                  static_cast<int>((static_cast<unsigned int>(pos_word) >> (16 * (lane & 1))) & 0xFFFFu);
+        }
+        // Rows past the slots (only with repeated ids in one token) are dropped, as in the scan.
+        const bool stores = mine && row < num_slots;
+        const unsigned int smask = __ballot_sync(0xffffffffu, stores);
+
+        for (int c0 = line_begin; c0 < line_end; c0 += 4 * kLineRounds) {
+            const int c_end = min(line_end, c0 + 4 * kLineRounds);
+            bool done[kLineRounds];
+#pragma unroll
+            for (int i = 0; i < kLineRounds; ++i) {
+                const int line = c0 + 4 * i + lane / 8;
+                if (c0 != line_begin && line < c_end) v[i] = ld_line_part(data_part(line));
+                done[i] = line >= c_end;
+            }
+            while (true) {
+                bool all = true;
+#pragma unroll
+                for (int i = 0; i < kLineRounds; ++i) {
+                    const bool has = line_has_tag(v[i], tag);
+                    done[i] = done[i] || has;
+                    all = all && done[i];
+                }
+                if (__all_sync(0xffffffffu, all)) break;
+                if (poll.expired(ctx, src, call)) {
+                    failed = true;
+                    break;
+                }
+#pragma unroll
+                for (int i = 0; i < kLineRounds; ++i)
+                    if (!done[i]) v[i] = ld_line_part(data_part(c0 + 4 * i + lane / 8));
+            }
+            if (failed) break;
+            trace_mark_loaded(kTraceDispatch, 9, v[0].x);
+            for (unsigned int bits = smask; bits != 0u; bits &= bits - 1u) {  // warp-uniform
+                const int k = __ffs(static_cast<int>(bits)) - 1;
+                const size_t out_row = static_cast<size_t>(__shfl_sync(0xffffffffu, local_e, k)) * num_slots +
+                                       __shfl_sync(0xffffffffu, row, k);
+                char* out = static_cast<char*>(a.recv_x) + out_row * a.hidden;
+#pragma unroll
+                for (int i = 0; i < kLineRounds; ++i) {
+                    const int line = c0 + 4 * i + lane / 8;
+                    if (line >= c_end) continue;
+                    const int q = line / kLineTaskLines, j = line % kLineTaskLines;
+                    if (part_in_line < kLineUnits) {
+                        const int unit = q * kLineTaskUnits + kLineUnits * j + part_in_line;
+                        if (unit < num_units) st_int4(out + static_cast<size_t>(unit) * 16, v[i]);
+                    } else if (j < kLineUnits) {
+                        const int group = q * kLineUnits + j;
+                        if (group >= num_groups) continue;
+                        if (a.use_ue8m0)  // byte `group` of the row's packed words (little-endian)
+                            static_cast<uint8_t*>(a.recv_scales)[out_row * num_groups + group] =
+                                static_cast<uint8_t>((v[i].x >> 23) & 0xFF);
+                        else
+                            static_cast<float*>(a.recv_scales)[out_row * num_groups + group] = __int_as_float(v[i].x);
+                    }
+                }
+            }
+        }
+        if (failed) {
+            if (lane == 0) sh.abort = 1;
+            break;
+        }
+        if (part == 0 && stores) {
+            const size_t out_row = static_cast<size_t>(local_e) * num_slots + row;
+            a.src_info[out_row] = token | (lane << 16) | (src << 20);
+            a.slot_rows[static_cast<size_t>(slot) * kMaxTopk + lane] = static_cast<int>(out_row);
+        }
+    }
+    trace_mark(kTraceDispatch, 6);
+}
+
+__global__ void __launch_bounds__(kNumThreads, 1) dispatch_lines_kernel(Context ctx, Geometry g, DispatchArgs a, int buffer_idx) {
+    __shared__ LineShared sh;
+    BufferState* states = ctx.state + static_cast<size_t>(buffer_idx) * kMaxBlocks;
+    const BufferState* state = states + blockIdx.x;
+    const unsigned long long send_call = state->dispatch_send_calls + 1;
+    const unsigned long long recv_call = state->dispatch_recv_calls + 1;
+    trace_start();
+    if (a.phases & kPhaseSend) dispatch_send_lines(ctx, g, a, send_call, sh);
+    if (a.phases & kPhaseRecv) dispatch_recv_lines(ctx, g, a, recv_call, sh);
+    finish_call(states, (a.phases & kPhaseSend) ? &BufferState::dispatch_send_calls : nullptr, send_call,
+                (a.phases & kPhaseRecv) ? &BufferState::dispatch_recv_calls : nullptr, recv_call);
+    trace_mark(kTraceDispatch, (a.phases & kPhaseRecv) ? 7 : 11);
+    if (a.phases & kPhaseRecv) trace_call_done(kTraceDispatch);
+}
+
 template <bool kUseFP8>
 __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Context ctx, Geometry g, DispatchArgs a, int buffer_idx) {
     BufferState* states = ctx.state + static_cast<size_t>(buffer_idx) * kMaxBlocks;
@@ -1621,7 +2128,10 @@ Layout make_layout(int num_max_tokens, int hidden, int num_ranks, int num_expert
     layout.weights_offset = align_up(layout.combine_send_offset + num_local * r * m * h * 2, kAlign);
     layout.stage_offset = align_up(layout.weights_offset + r * m * kMaxTopk * sizeof(unsigned long long), kAlign);
     layout.count_offset = align_up(layout.stage_offset + r * m * h * 2, kAlign);
-    layout.buffer_bytes = align_up(layout.count_offset + 2 * r * num_local * sizeof(int), kAlign);
+    // The flagged form's counts and their staging, or the line form's count lines (per source).
+    const size_t count_bytes = std::max(2 * r * num_local * sizeof(int),
+                                        r * static_cast<size_t>(line_count_lines(static_cast<int>(num_local))) * kLineBytes);
+    layout.buffer_bytes = align_up(layout.count_offset + count_bytes, kAlign);
     layout.buffer_offset[0] = signal_bytes;
     layout.buffer_offset[1] = signal_bytes + layout.buffer_bytes;
     layout.total_bytes = signal_bytes + 2 * layout.buffer_bytes;
@@ -1671,11 +2181,25 @@ cudaError_t trace_read(unsigned long long* cycles, unsigned long long* calls, in
     return status;
 }
 
+// Whether a dispatch goes over tagged lines (dispatch_lines_kernel). Only from what every rank
+// shares (the buffer's mode, the peers, the layout's maxima), since every rank must choose alike;
+// both launches of a hooked dispatch choose alike. DEEP_EP_LL_LINES=0 (read once) turns it off.
+bool use_line_dispatch(const Context& ctx, const DispatchArgs& a) {
+    static const bool enabled = [] {
+        const char* value = std::getenv("DEEP_EP_LL_LINES");
+        return value == nullptr || std::atoi(value) != 0;
+    }();
+    return enabled && a.use_fp8 && !ctx.enable_shrink && !ctx.any_remote && ctx.num_ranks <= 32 &&
+           a.num_experts <= kMaxFastExperts && a.num_max_tokens * a.num_topk <= kSendIdsMax;
+}
+
 cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer_idx, const DispatchArgs& args,
                             cudaStream_t stream) {
     const int grid = num_blocks(args.num_max_tokens, args.num_experts / ctx.num_ranks);
     const Geometry g = make_geometry(ctx, layout, buffer_idx, 0);
-    if (args.use_fp8)
+    if (use_line_dispatch(ctx, args))
+        dispatch_lines_kernel<<<grid, kNumThreads, 0, stream>>>(ctx, g, args, buffer_idx);
+    else if (args.use_fp8)
         dispatch_kernel<true><<<grid, kNumThreads, 0, stream>>>(ctx, g, args, buffer_idx);
     else
         dispatch_kernel<false><<<grid, kNumThreads, 0, stream>>>(ctx, g, args, buffer_idx);
