@@ -84,9 +84,6 @@ struct Geometry {
     size_t dispatch_recv_offset, dispatch_send_offset, combine_recv_offset, combine_send_offset;
     size_t weights_offset, stage_offset, count_offset;
     int combine_slots;               // combine receive slots per token
-    // Line dispatch launched with send and receive: blocks [0, line_send_blocks) send, the rest
-    // receive (== grid: every block sends, then receives).
-    int line_send_blocks;
 };
 
 __device__ __forceinline__ char* peer_address(const Context& ctx, const void* local, int pe) {
@@ -1379,9 +1376,8 @@ struct LineShared {
     int abort;
 };
 
-// Sent by blocks [0, num_blocks) of the launch; `block` is this one's index among them.
 __device__ void dispatch_send_lines(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long call,
-                                    LineShared& sh, int block, int num_blocks) {
+                                    LineShared& sh) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part_in_line = lane % 8;
     const int num_local = a.num_experts / ctx.num_ranks;
     const int hidden = a.hidden, num_units = hidden / 16;
@@ -1393,8 +1389,8 @@ __device__ void dispatch_send_lines(const Context& ctx, const Geometry& g, const
     const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
     // Task q on block q % grid, warp q / grid: a token's tasks on consecutive blocks, so every SM
     // issues a like share of the NVLink stores.
-    const int first_task = block + num_blocks * warp;
-    const int task_stride = num_blocks * kNumWarps;
+    const int first_task = blockIdx.x + static_cast<int>(gridDim.x) * warp;
+    const int task_stride = static_cast<int>(gridDim.x) * kNumWarps;
 
     // A data task's input: units 56q + lane (round 0) and 56q + 32 + lane (round 1, lanes < 24),
     // 16 bf16 channels (two 16-byte loads) each; zeros past the row.
@@ -1436,7 +1432,7 @@ __device__ void dispatch_send_lines(const Context& ctx, const Geometry& g, const
     __syncthreads();
     trace_mark(kTraceDispatch, 0);
     // The counts first (the receivers need them for every row's place).
-    if (block == num_blocks - 1) publish_count_lines(ctx, g, a, sh.ids, sh.hist, tag);
+    if (blockIdx.x == gridDim.x - 1) publish_count_lines(ctx, g, a, sh.ids, sh.hist, tag);
     trace_mark(kTraceDispatch, 2);
 
     uint8_t* expert_table = sh.expert_slot + warp * kMaxFastExperts;
@@ -1531,9 +1527,8 @@ __device__ void dispatch_send_lines(const Context& ctx, const Geometry& g, const
 
 // The receive: every source's count lines (a warp per source) and the row offsets, then per task
 // (slot, part) the header line and the part's data lines, each placed as soon as its tag is there.
-// Received by blocks [first, first + num_blocks) of the launch; `block` is this one's index among them.
 __device__ void dispatch_recv_lines(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long call,
-                                    LineShared& sh, int block, int num_blocks) {
+                                    LineShared& sh) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part_in_line = lane % 8;
     const int num_ranks = ctx.num_ranks, num_local = a.num_experts / num_ranks;
     const int num_units = a.hidden / 16, num_groups = a.hidden / 128;
@@ -1591,9 +1586,9 @@ __device__ void dispatch_recv_lines(const Context& ctx, const Geometry& g, const
     }
     __syncthreads();
     trace_mark(kTraceDispatch, 5);
-    // The first block writes the per-expert bookkeeping (counts and block starts unclamped,
-    // recv_count clamped to the slots), as dispatch_recv_direct.
-    if (block == 0) {
+    // Block 0 writes the per-expert bookkeeping (counts and block starts unclamped, recv_count
+    // clamped to the slots), as dispatch_recv_direct.
+    if (blockIdx.x == 0) {
         for (int i = threadIdx.x; i < num_ranks * num_local; i += blockDim.x) {
             const int src = i / num_local, e = i % num_local;
             const int begin = sh.offset[i];
@@ -1608,12 +1603,12 @@ __device__ void dispatch_recv_lines(const Context& ctx, const Geometry& g, const
     }
 
     const int data_lines = line_data_lines(num_units);
-    const int total_warps = num_blocks * kNumWarps;
+    const int total_warps = static_cast<int>(gridDim.x) * kNumWarps;
     const int parts = max(1, min(kRecvMaxParts, total_warps / num_slots));
     const int lines_per_part = ((data_lines + parts - 1) / parts + 3) / 4 * 4;
     const int expert_begin = ctx.rank * num_local;
     const char* regions = g.buf + g.dispatch_recv_offset;
-    for (int task = block * kNumWarps + warp; task < num_slots * parts; task += total_warps) {
+    for (int task = blockIdx.x * kNumWarps + warp; task < num_slots * parts; task += total_warps) {
         // One lane's read decides for the warp: the shuffles below need every lane.
         if (__any_sync(0xffffffffu, *reinterpret_cast<volatile int*>(&sh.abort) != 0)) break;
         const int slot = task / parts, part = task % parts;
@@ -1686,7 +1681,6 @@ __device__ void dispatch_recv_lines(const Context& ctx, const Geometry& g, const
                     failed = true;
                     break;
                 }
-                __nanosleep(64);  // fewer polling loads in the L2 the lines land in
 #pragma unroll
                 for (int i = 0; i < kLineRounds; ++i)
                     if (!done[i]) v[i] = ld_line_part(data_part(c0 + 4 * i + lane / 8));
@@ -1738,19 +1732,8 @@ __global__ void __launch_bounds__(kNumThreads, 1) line_dispatch_kernel(Context c
     const unsigned long long send_call = state->dispatch_send_calls + 1;
     const unsigned long long recv_call = state->dispatch_recv_calls + 1;
     trace_start();
-    const int grid = static_cast<int>(gridDim.x), block = static_cast<int>(blockIdx.x);
-    if ((a.phases & kPhaseSend) && (a.phases & kPhaseRecv) && g.line_send_blocks < grid) {
-        // Split roles: a receiving SM's loads never queue behind NVLink stores of its own (a
-        // block that sent first polled ~5 us late, behind its SM's stores draining at the link's
-        // pace), and every line is placed as it lands.
-        if (block < g.line_send_blocks)
-            dispatch_send_lines(ctx, g, a, send_call, sh, block, g.line_send_blocks);
-        else
-            dispatch_recv_lines(ctx, g, a, recv_call, sh, block - g.line_send_blocks, grid - g.line_send_blocks);
-    } else {
-        if (a.phases & kPhaseSend) dispatch_send_lines(ctx, g, a, send_call, sh, block, grid);
-        if (a.phases & kPhaseRecv) dispatch_recv_lines(ctx, g, a, recv_call, sh, block, grid);
-    }
+    if (a.phases & kPhaseSend) dispatch_send_lines(ctx, g, a, send_call, sh);
+    if (a.phases & kPhaseRecv) dispatch_recv_lines(ctx, g, a, recv_call, sh);
     finish_call(states, (a.phases & kPhaseSend) ? &BufferState::dispatch_send_calls : nullptr, send_call,
                 (a.phases & kPhaseRecv) ? &BufferState::dispatch_recv_calls : nullptr, recv_call);
     trace_mark(kTraceDispatch, (a.phases & kPhaseRecv) ? 7 : 11);
@@ -2119,7 +2102,6 @@ Geometry make_geometry(const Context& ctx, const Layout& layout, int buffer_idx,
     g.stage_offset = layout.stage_offset;
     g.count_offset = layout.count_offset;
     g.combine_slots = layout.combine_slots_per_token;
-    g.line_send_blocks = 0;
     return g;
 }
 
@@ -2211,31 +2193,12 @@ bool use_line_dispatch(const Context& ctx, const DispatchArgs& a) {
            a.num_experts <= kMaxFastExperts && a.num_max_tokens * a.num_topk <= kSendIdsMax;
 }
 
-// Sending blocks of a line dispatch that also receives: one warp per send task (a token's data
-// tasks and its header), at most 5/8 of the grid; the rest receive. Per rank (nothing outside a
-// launch depends on it). DEEP_EP_LL_LINE_SEND_BLOCKS (read once) fixes it for measurements; 0 or
-// the grid: no split (every block sends, then receives).
-int line_send_blocks(const DispatchArgs& a, int grid) {
-    static const int forced = [] {
-        const char* value = std::getenv("DEEP_EP_LL_LINE_SEND_BLOCKS");
-        return value != nullptr ? std::atoi(value) : -1;
-    }();
-    if (grid < 2 || !(a.phases & kPhaseSend) || !(a.phases & kPhaseRecv)) return grid;
-    if (forced == 0) return grid;
-    if (forced > 0) return std::min(forced, grid - 1);
-    const int units = a.hidden / 16;
-    const int tasks = a.num_tokens * ((units + kLineTaskUnits - 1) / kLineTaskUnits + 1);
-    return std::max(1, std::min((tasks + kNumWarps - 1) / kNumWarps, grid * 5 / 8));
-}
-
 cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer_idx, const DispatchArgs& args,
                             cudaStream_t stream) {
     const int grid = num_blocks(args.num_max_tokens, args.num_experts / ctx.num_ranks);
-    Geometry g = make_geometry(ctx, layout, buffer_idx, 0);
-    if (use_line_dispatch(ctx, args)) {
-        g.line_send_blocks = line_send_blocks(args, grid);
+    const Geometry g = make_geometry(ctx, layout, buffer_idx, 0);
+    if (use_line_dispatch(ctx, args))
         line_dispatch_kernel<<<grid, kNumThreads, 0, stream>>>(ctx, g, args, buffer_idx);
-    }
     else if (args.use_fp8)
         dispatch_kernel<true><<<grid, kNumThreads, 0, stream>>>(ctx, g, args, buffer_idx);
     else
