@@ -1725,7 +1725,7 @@ __device__ void dispatch_recv_lines(const Context& ctx, const Geometry& g, const
     trace_mark(kTraceDispatch, 6);
 }
 
-__global__ void __launch_bounds__(kNumThreads, 1) line_dispatch_kernel(Context ctx, Geometry g, DispatchArgs a, int buffer_idx) {
+__global__ void __launch_bounds__(kNumThreads, 1) dispatch_lines_kernel(Context ctx, Geometry g, DispatchArgs a, int buffer_idx) {
     __shared__ LineShared sh;
     BufferState* states = ctx.state + static_cast<size_t>(buffer_idx) * kMaxBlocks;
     const BufferState* state = states + blockIdx.x;
@@ -2181,7 +2181,7 @@ cudaError_t trace_read(unsigned long long* cycles, unsigned long long* calls, in
     return status;
 }
 
-// Whether a dispatch goes over tagged lines (line_dispatch_kernel). Only from what every rank
+// Whether a dispatch goes over tagged lines (dispatch_lines_kernel). Only from what every rank
 // shares (the buffer's mode, the peers, the layout's maxima), since every rank must choose alike;
 // both launches of a hooked dispatch choose alike. DEEP_EP_LL_LINES=0 (read once) turns it off.
 bool use_line_dispatch(const Context& ctx, const DispatchArgs& a) {
@@ -2198,7 +2198,7 @@ cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer
     const int grid = num_blocks(args.num_max_tokens, args.num_experts / ctx.num_ranks);
     const Geometry g = make_geometry(ctx, layout, buffer_idx, 0);
     if (use_line_dispatch(ctx, args))
-        line_dispatch_kernel<<<grid, kNumThreads, 0, stream>>>(ctx, g, args, buffer_idx);
+        dispatch_lines_kernel<<<grid, kNumThreads, 0, stream>>>(ctx, g, args, buffer_idx);
     else if (args.use_fp8)
         dispatch_kernel<true><<<grid, kNumThreads, 0, stream>>>(ctx, g, args, buffer_idx);
     else
