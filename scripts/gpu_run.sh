@@ -24,8 +24,6 @@
 #   the rail pairs alone, low-latency-sized bursts);
 #   trace: the warp traces of the intranode and rail kernels (a KERNEL_TRACE=1 rebuild; put it last);
 #   test4own / inter22own / benchown: the intranode dispatch with own rows copied by the receiver block.
-#   llbenchflags / llnoshrinkflags: the low-latency benchmark / checks without shrink mode with the
-#   FP8 dispatch's tagged lines off (DEEP_EP_LL_LINES=0: the flagged form).
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
 # is ended, so no rank of a hung test outlives its step.
@@ -123,8 +121,6 @@ run_named() {
     ll4) run_step ll4 "${LL4_LIMIT:-240}" "$(low_latency 4)" ;;
     llnoshrink) run_step llnoshrink "${LL4_LIMIT:-240}" "$(low_latency 4 --no-shrink)" ;;
     llbench) run_step llbench "${LLBENCH_LIMIT:-180}" "$(low_latency 4 --bench-only)" ;;
-    llbenchflags) run_step llbenchflags "${LLBENCH_LIMIT:-180}" "DEEP_EP_LL_LINES=0 $(low_latency 4 --bench-only)" ;;
-    llnoshrinkflags) run_step llnoshrinkflags "${LL4_LIMIT:-240}" "DEEP_EP_LL_LINES=0 $(low_latency 4 --no-shrink)" ;;
     ll2) run_step ll2 "${LL2_LIMIT:-150}" "$(low_latency 2 --quick)" ;;
     ll2full) run_step ll2full "${LL2_LIMIT:-150}" "$(low_latency 2)" ;;
     ll2noshrink) run_step ll2noshrink "${LL2_LIMIT:-150}" "$(low_latency 2 --quick --no-shrink)" ;;
