@@ -35,6 +35,24 @@ __device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
     asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
+// Raises a counter in a peer's memory to at least `value` (never lowers it: writers in any order).
+__device__ __forceinline__ void red_max_relaxed_sys(int* ptr, int value) {
+    asm volatile("red.relaxed.sys.global.max.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+// Hand-offs between the warps of a block through shared memory (generic addresses).
+__device__ __forceinline__ void st_release_cta(int* ptr, int value) {
+    asm volatile("st.release.cta.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ int ld_acquire_cta(const int* ptr) {
+    int value;
+    asm volatile("ld.acquire.cta.b32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ int ld_volatile_any(const int* ptr) { return *reinterpret_cast<const volatile int*>(ptr); }
+
 __device__ __forceinline__ int ld_volatile(const int* ptr) {
     int value;
     asm volatile("ld.volatile.global.b32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
