@@ -105,6 +105,8 @@ struct DispatchArgs {
     RingGeometry ring;
     PeerBuffers buffers;
     FailureContext fail;
+    // Rows are prefetched into L2 a row ahead (set by the launcher: DEEP_EP_L2_PREFETCH).
+    int l2_prefetch;
 };
 void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream);
 
@@ -131,6 +133,8 @@ struct CombineArgs {
     RingGeometry ring;
     PeerBuffers buffers;
     FailureContext fail;
+    // Rows are prefetched into L2 a row ahead (set by the launcher: DEEP_EP_L2_PREFETCH).
+    int l2_prefetch;
 };
 void launch_intranode_combine(const CombineArgs& args, cudaStream_t stream);
 
