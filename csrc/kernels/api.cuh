@@ -105,8 +105,6 @@ struct DispatchArgs {
     RingGeometry ring;
     PeerBuffers buffers;
     FailureContext fail;
-    // Rows are prefetched into L2 a row ahead (set by the launcher: DEEP_EP_L2_PREFETCH).
-    int l2_prefetch;
 };
 void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream);
 
@@ -133,8 +131,6 @@ struct CombineArgs {
     RingGeometry ring;
     PeerBuffers buffers;
     FailureContext fail;
-    // Rows are prefetched into L2 a row ahead (set by the launcher: DEEP_EP_L2_PREFETCH).
-    int l2_prefetch;
 };
 void launch_intranode_combine(const CombineArgs& args, cudaStream_t stream);
 

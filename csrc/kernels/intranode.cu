@@ -367,9 +367,6 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpT
         for (int j = first; j < count; j += W) {
             const int token = window + nth_set_bit(mask, j);
             const int k = seq + j;
-            if (args.l2_prefetch && j + W < count && lane == 0)  // the next row, while this one is copied
-                prefetch_l2_bulk(args.x + static_cast<int64_t>(window + nth_set_bit(mask, j + W)) * args.hidden_bytes,
-                                 static_cast<uint32_t>(args.hidden_bytes));
             if (local) {
                 if (!stage_own_row<kRowMap>(args, token, local_first_row + k, channel, trace)) {
                     ok = false;
@@ -517,9 +514,6 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel, const Wa
             }
             const int k = w + i * W;
             const uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
-            if (args.l2_prefetch && i + 1 < tail && lane == 0)  // the next published slot, while this one is copied
-                prefetch_l2_bulk(ring_base + static_cast<size_t>((k + W) % ring.capacity) * ring.slot_bytes,
-                                 static_cast<uint32_t>(args.hidden_bytes));
             const int64_t row = first_row + k;
             // Where the row goes (== row without a row map); recv_src_idx stays at `row`.
             const int64_t out =
@@ -663,12 +657,6 @@ __device__ void combine_send(const CombineArgs& args, int channel, const WarpTra
         // Where dispatch wrote received row first + k.
         const int64_t row =
             map_row(args.row_segment_end, args.row_segment_delta, args.num_row_segments, home, first + k);
-        if (args.l2_prefetch && i + 1 < my_count) {  // the next row, while this one is copied
-            const int64_t next =
-                map_row(args.row_segment_end, args.row_segment_delta, args.num_row_segments, home, first + k + W);
-            if (lane == 0)
-                prefetch_l2_bulk(args.x + next * row_bytes, static_cast<uint32_t>(row_bytes));
-        }
         uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
         long long since = trace.now();
         trace.count(kTraceItems);
@@ -820,19 +808,6 @@ __device__ void combine_receive(const CombineArgs& args, int channel, const Warp
 
         const int token = batch + warp;
         if (token < end) {
-            // The token's rows into L2 before the wait (the ring's rows have mostly landed by
-            // now; a line that lands later is updated in L2): its load rounds then hit L2.
-            if (args.l2_prefetch && lane < kRanks) {
-                const int k = pick<kRanks>(slot, lane);
-                if (k >= 0) {
-                    const uint8_t* row_ptr =
-                        lane == args.rank
-                            ? args.x + map_row(args.row_segment_end, args.row_segment_delta, args.num_row_segments,
-                                               args.rank, local_first + k) * row_bytes
-                            : ring_ptr(own, ring, lane, channel) + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
-                    prefetch_l2_bulk(row_ptr, static_cast<uint32_t>(row_bytes));
-                }
-            }
             // Each lane < kRanks waits for its peer's row of this token.
             bool ok = true;
             if (lane < kRanks && lane != args.rank) {
@@ -987,19 +962,7 @@ DispatchSlot make_dispatch_slot(int hidden_bytes, int num_scales, int num_topk) 
     return slot;
 }
 
-// DEEP_EP_L2_PREFETCH=0 (read once; the same on every rank) turns the kernels' L2 row prefetches
-// off, for measuring against them.
-static int l2_prefetch_enabled() {
-    static const int enabled = [] {
-        const char* value = std::getenv("DEEP_EP_L2_PREFETCH");
-        return value == nullptr || std::atoi(value) != 0 ? 1 : 0;
-    }();
-    return enabled;
-}
-
-void launch_intranode_dispatch(const DispatchArgs& args_in, cudaStream_t stream) {
-    DispatchArgs args = args_in;
-    args.l2_prefetch = l2_prefetch_enabled();
+void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream) {
     DEEP_EP_HOST_ASSERT(args.hidden_bytes % 16 == 0, "hidden bytes must be a multiple of 16");
     DEEP_EP_HOST_ASSERT(args.num_topk <= kWarpSize, "num_topk must be at most 32");
     DEEP_EP_HOST_ASSERT(args.ring.warps_per_peer * args.num_ranks <= kIntranodeWarps, "too many warps per peer");
@@ -1024,9 +987,7 @@ void launch_intranode_dispatch(const DispatchArgs& args_in, cudaStream_t stream)
     DEEP_EP_LAUNCH_CHECK();
 }
 
-void launch_intranode_combine(const CombineArgs& args_in, cudaStream_t stream) {
-    CombineArgs args = args_in;
-    args.l2_prefetch = l2_prefetch_enabled();
+void launch_intranode_combine(const CombineArgs& args, cudaStream_t stream) {
     DEEP_EP_HOST_ASSERT(args.hidden % 8 == 0, "hidden must be a multiple of 8");
     DEEP_EP_HOST_ASSERT(args.num_topk <= kWarpSize, "num_topk must be at most 32");
     DEEP_EP_HOST_ASSERT(args.ring.warps_per_peer * args.num_ranks <= kWarpSize, "too many sub-rings per channel");

@@ -40,12 +40,6 @@ __device__ __forceinline__ void red_max_relaxed_sys(int* ptr, int value) {
     asm volatile("red.relaxed.sys.global.max.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
-// Asks L2 to fetch `bytes` (a multiple of 16, 16-byte aligned) of global memory: one instruction
-// per row, no register held, nothing waited for (the loads that follow then hit L2).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* ptr, uint32_t bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
-}
-
 // Hand-offs between the warps of a block through shared memory (generic addresses).
 __device__ __forceinline__ void st_release_cta(int* ptr, int value) {
     asm volatile("st.release.cta.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
