@@ -554,7 +554,7 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, j
                f"top-{num_topk} of {num_experts}; rank 0 receives {rows} rows; median of {iters}, slowest rank")
     for sms in (8, 12, 16, 20, 24, 28, 32):
         measure(sms, 2, 256)
-    for chunk, cap in ((1, 256), (4, 256), (8, 256), (2, 128), (2, 512)):
+    for chunk, cap in ((1, 256), (4, 256), (8, 256), (2, 32), (2, 64), (2, 128), (2, 512)):
         measure(24, chunk, cap)
     # DEEP_EP_WARPS_PER_PEER (fewer concurrent flows per channel and peer) was swept on
     # 2026-11-28: 2 or 3 warps lose 10-40 %, 4 is within noise of the default 6 (docs/benchmarks.md).
