@@ -894,14 +894,21 @@ __device__ void combine_receive(const CombineArgs& args, int channel, const Warp
 #pragma unroll
         for (int offset = 16; offset > 0; offset >>= 1)
             reached = min(reached, __shfl_xor_sync(0xffffffffu, reached, offset));
+        // (The barrier orders the lanes' acquires above before every lane's reads below.)
+        __syncwarp();
         if (reached > ld_volatile_any(&s_released)) {
+            // The counts at boundary `reached` are read before the max: their entry is rewritten
+            // only by a warp a whole depth ahead, which waits until a release has reached them, so
+            // a warp that wins the max below read them intact.
+            const int rows_before = head_lane ? s_cum[reached % kCombineCountDepth][my_peer] : 0;
+            __syncwarp();
             int previous = 0;
             if (lane == 0)
                 previous = atomicMax(&s_released, reached);
             previous = __shfl_sync(0xffffffffu, previous, 0);
             if (previous < reached && head_lane)
                 red_max_relaxed_sys(counter_ptr(args.buffers.ptrs[my_peer], kCounterHead, channel, args.rank, my_sub),
-                                    sub_ring_count(s_cum[reached % kCombineCountDepth][my_peer], my_sub, W));
+                                    sub_ring_count(rows_before, my_sub, W));
         }
         trace.add(kTracePublish, since);
     }
