@@ -300,7 +300,7 @@ __device__ __forceinline__ bool stage_own_row(const DispatchArgs& args, int toke
 // compiles to the code it had before maps existed. kOwnRowsByReceiver: the rows this rank sends to
 // itself are copied by the receiver block's warps of that source (idle otherwise) instead of the
 // sender's, so the sender block's memory pipeline carries NVLink stores only (measured against the
-// default with DEEP_EP_OWN_ROWS_BY_RECEIVER=1; see launch_intranode_dispatch).
+// default with DEEP_EP_OWN_ROWS_BY_RECEIVER=1; see launch_intranode_dispatch; docs/benchmarks.md has the A/B).
 template <bool kRowMap, bool kOwnRowsByReceiver>
 __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpTrace& trace) {
     const RingGeometry& ring = args.ring;
