@@ -23,7 +23,10 @@
 #   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once,
 #   the rail pairs alone, low-latency-sized bursts);
 #   trace: the warp traces of the intranode and rail kernels (a KERNEL_TRACE=1 rebuild; put it last);
-#   test4own / inter22own / benchown: the intranode dispatch with own rows copied by the receiver block.
+#   test4own / inter22own / benchown: the intranode dispatch with own rows copied by the receiver block
+#   (test4ownfull / test2ownfull: every intranode check with it, on 4 / 2 ranks);
+#   test4staged / inter22staged / benchstaged: the intranode combine whose receiver sums through
+#   shared memory (cp.async, two steps deep).
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
 # is ended, so no rank of a hung test outlives its step.
@@ -118,6 +121,13 @@ run_named() {
     inter22own) run_step inter22own "${INTER_LIMIT:-300}" "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(internode 4 2)" ;;
     benchown) run_step benchown "${BENCH_LIMIT:-300}" \
         "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(intranode 4 --bench --json "$LOGS/benchown.json")" ;;
+    test4ownfull) run_step test4ownfull "${TEST4_LIMIT:-420}" "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(intranode 4)" ;;
+    test2ownfull) run_step test2ownfull "${TEST2_LIMIT:-240}" "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(intranode 2)" ;;
+    # The intranode combine whose receiver sums through shared memory (DEEP_EP_COMBINE_STAGED_SUM=1).
+    test4staged) run_step test4staged "${TEST4_LIMIT:-420}" "DEEP_EP_COMBINE_STAGED_SUM=1 $(intranode 4 --quick)" ;;
+    inter22staged) run_step inter22staged "${INTER_LIMIT:-300}" "DEEP_EP_COMBINE_STAGED_SUM=1 $(internode 4 2)" ;;
+    benchstaged) run_step benchstaged "${BENCH_LIMIT:-300}" \
+        "DEEP_EP_COMBINE_STAGED_SUM=1 $(intranode 4 --bench --json "$LOGS/benchstaged.json")" ;;
     ll4) run_step ll4 "${LL4_LIMIT:-240}" "$(low_latency 4)" ;;
     llnoshrink) run_step llnoshrink "${LL4_LIMIT:-240}" "$(low_latency 4 --no-shrink)" ;;
     llbench) run_step llbench "${LLBENCH_LIMIT:-180}" "$(low_latency 4 --bench-only)" ;;
