@@ -972,9 +972,11 @@ __device__ void combine_receive(const CombineArgs& args, int channel, const Warp
 #pragma unroll
         for (int offset = 16; offset > 0; offset >>= 1)
             reached = min(reached, __shfl_xor_sync(0xffffffffu, reached, offset));
-        // (The barrier orders the lanes' acquires above before every lane's reads below.)
+        // (The barrier orders the lanes' acquires above before every lane's reads below; lane 0's
+        // read of the released boundary decides for the warp: the barrier and shuffle below need
+        // every lane.)
         __syncwarp();
-        if (reached > ld_volatile_any(&s_released)) {
+        if (reached > __shfl_sync(0xffffffffu, ld_volatile_any(&s_released), 0)) {
             // The counts at boundary `reached` are read before the max: their entry is rewritten
             // only by a warp a whole depth ahead, which waits until a release has reached them, so
             // a warp that wins the max below read them intact.
