@@ -868,8 +868,11 @@ __device__ void combine_receive(const CombineArgs& args, int channel, const Warp
                     break;
                 }
             }
-            if (__any_sync(0xffffffffu, failed))
+            if (__any_sync(0xffffffffu, failed)) {
+                if (lane == 0)
+                    s_failed = 1;  // no acknowledgement below: this call has failed
                 break;
+            }
         }
         // Number the batch: this warp's token's slot in each source's stream.
         const int batch = begin + b * kIntranodeWarps;
