@@ -723,27 +723,43 @@ __device__ __forceinline__ int pick(const int (&values)[N], int i) {
     return v;
 }
 
+// fn(c, peer, column) for every column first + c * 32 (c < kColumns) inside the row and every
+// source present in the token's sum: the loads of one step of a combine sum.
+template <int kRanks, int kColumns, typename Fn>
+__device__ __forceinline__ void for_step_columns(unsigned present, int first, int hidden_int4, Fn fn) {
+#pragma unroll
+    for (int c = 0; c < kColumns; ++c) {
+        const int column = first + c * kWarpSize;
+#pragma unroll
+        for (int peer = 0; peer < kRanks; ++peer)
+            if (((present >> peer) & 1u) != 0 && column < hidden_int4)
+                fn(c, peer, column);
+    }
+}
+
+// Sums and stores one step's loaded columns (see for_step_columns).
+template <int kRanks, int kColumns>
+__device__ __forceinline__ void sum_step_store(const int4 (&cols)[kColumns][kRanks], unsigned present,
+                                               const CombineArgs& args, int64_t out_offset, int first,
+                                               int hidden_int4) {
+#pragma unroll
+    for (int c = 0; c < kColumns; ++c)
+        if (first + c * kWarpSize < hidden_int4)
+            sum_column_store<kRanks>(cols[c], present, args, out_offset, first + c * kWarpSize);
+}
+
 // The token's sum, row by row of `rows` (present ones), into combined_x at out_offset: each step's
 // loads straight into registers. Whole warp.
 template <int kRanks>
 __device__ __forceinline__ void sum_rows_direct(const CombineArgs& args, const uint8_t* const (&rows)[kRanks],
                                                 unsigned present, int64_t out_offset, int hidden_int4) {
     constexpr int kColumns = combine_columns<kRanks>();
-    const int lane = lane_id();
-    for (int i = lane; i < hidden_int4; i += kColumns * kWarpSize) {
+    for (int i = lane_id(); i < hidden_int4; i += kColumns * kWarpSize) {
         int4 cols[kColumns][kRanks];
-#pragma unroll
-        for (int c = 0; c < kColumns; ++c) {
-            const int column = i + c * kWarpSize;
-#pragma unroll
-            for (int peer = 0; peer < kRanks; ++peer)
-                if (((present >> peer) & 1u) != 0 && column < hidden_int4)
-                    cols[c][peer] = ld_ring_int4(reinterpret_cast<const int4*>(rows[peer]) + column);
-        }
-#pragma unroll
-        for (int c = 0; c < kColumns; ++c)
-            if (i + c * kWarpSize < hidden_int4)
-                sum_column_store<kRanks>(cols[c], present, args, out_offset, i + c * kWarpSize);
+        for_step_columns<kRanks, kColumns>(present, i, hidden_int4, [&](int c, int peer, int column) {
+            cols[c][peer] = ld_ring_int4(reinterpret_cast<const int4*>(rows[peer]) + column);
+        });
+        sum_step_store<kRanks, kColumns>(cols, present, args, out_offset, i, hidden_int4);
     }
 }
 
@@ -762,14 +778,9 @@ __device__ __forceinline__ void sum_rows_staged(const CombineArgs& args, const u
     };
     // One commit group per step (an empty one past the row keeps the wait counts uniform).
     auto issue = [&](int step, int first) {
-#pragma unroll
-        for (int c = 0; c < kColumns; ++c) {
-            const int column = first + c * kWarpSize;
-#pragma unroll
-            for (int peer = 0; peer < kRanks; ++peer)
-                if (((present >> peer) & 1u) != 0 && column < hidden_int4)
-                    cp_async_16(slot(step, c, peer), reinterpret_cast<const int4*>(rows[peer]) + column);
-        }
+        for_step_columns<kRanks, kColumns>(present, first, hidden_int4, [&](int c, int peer, int column) {
+            cp_async_16(slot(step, c, peer), reinterpret_cast<const int4*>(rows[peer]) + column);
+        });
         cp_async_commit();
     };
     issue(0, lane);
@@ -778,16 +789,9 @@ __device__ __forceinline__ void sum_rows_staged(const CombineArgs& args, const u
         issue(step + 1, i + kStride);  // into the slots read one step ago (those reads are done)
         cp_async_wait_group<1>();      // this step's group has landed
         int4 cols[kColumns][kRanks];
-#pragma unroll
-        for (int c = 0; c < kColumns; ++c)
-#pragma unroll
-            for (int peer = 0; peer < kRanks; ++peer)
-                if (((present >> peer) & 1u) != 0 && i + c * kWarpSize < hidden_int4)
-                    cols[c][peer] = *slot(step, c, peer);
-#pragma unroll
-        for (int c = 0; c < kColumns; ++c)
-            if (i + c * kWarpSize < hidden_int4)
-                sum_column_store<kRanks>(cols[c], present, args, out_offset, i + c * kWarpSize);
+        for_step_columns<kRanks, kColumns>(present, i, hidden_int4,
+                                           [&](int c, int peer, int) { cols[c][peer] = *slot(step, c, peer); });
+        sum_step_store<kRanks, kColumns>(cols, present, args, out_offset, i, hidden_int4);
     }
     cp_async_wait_group<0>();  // nothing of this token in flight when the next one reuses the slots
 }
