@@ -313,7 +313,11 @@ void Buffer::dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>
     args.rank = rank_;
     args.num_ranks = num_ranks_;
     args.slot = make_dispatch_slot(args.hidden_bytes, args.num_scales, args.num_topk);
-    args.ring = make_ring(num_sms, send_chunk, ring_capacity, args.slot.bytes, 1);
+    // A step is send_chunk rows of bf16 width: FP8 rows (half the bytes) publish every 2 x send_chunk
+    // tokens, so a tail update covers the same bytes (4 x H200, 24 SMs: FP8 best at chunk 4 where
+    // bf16 is best at 2, in every sweep; docs/benchmarks.md).
+    const int step_tokens = send_chunk * std::max(1, 2 / static_cast<int>(x.element_size()));
+    args.ring = make_ring(num_sms, step_tokens, ring_capacity, args.slot.bytes, 1);
     args.buffers = peers_;
     args.fail = failure_context();
     launch_intranode_dispatch(args, at::cuda::getCurrentCUDAStream());

@@ -23,10 +23,8 @@
 #   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once,
 #   the rail pairs alone, low-latency-sized bursts);
 #   trace: the warp traces of the intranode and rail kernels (a KERNEL_TRACE=1 rebuild; put it last);
-#   test4own / inter22own / benchown: the intranode dispatch with own rows copied by the receiver block
-#   (test4ownfull / test2ownfull: every intranode check with it, on 4 / 2 ranks);
-#   test4staged / inter22staged / benchstaged: the intranode combine whose receiver sums through
-#   shared memory (cp.async, two steps deep).
+#   benchsendown: the intranode benchmark with the sender block copying a rank's rows to itself
+#   (the variant before the receiver block did).
 #
 # Each step runs in its own process group with a wall-clock limit; on timeout the whole group
 # is ended, so no rank of a hung test outlives its step.
@@ -114,20 +112,10 @@ run_named() {
     test2full) run_step test2full "${TEST2_LIMIT:-240}" "$(intranode 2 "${TEST_ARGS:-}")" ;;
     bench) run_step bench "${BENCH_LIMIT:-300}" "$(intranode 4 --bench --json "$LOGS/bench.json" "${BENCH_ARGS:-}")" ;;
     bench2) run_step bench2 "${BENCH_LIMIT:-300}" "$(intranode 2 --bench --json "$LOGS/bench2.json" "${BENCH_ARGS:-}")" ;;
-    # The intranode dispatch variant whose receiver block copies a rank's rows to itself
-    # (DEEP_EP_OWN_ROWS_BY_RECEIVER=1): its checks on 4 ranks and as the internode NVLink leg (2 x 2),
-    # and the intranode benchmark (compare with `bench` in the same call).
-    test4own) run_step test4own "${TEST4_LIMIT:-420}" "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(intranode 4 --quick)" ;;
-    inter22own) run_step inter22own "${INTER_LIMIT:-300}" "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(internode 4 2)" ;;
-    benchown) run_step benchown "${BENCH_LIMIT:-300}" \
-        "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(intranode 4 --bench --json "$LOGS/benchown.json")" ;;
-    test4ownfull) run_step test4ownfull "${TEST4_LIMIT:-420}" "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(intranode 4)" ;;
-    test2ownfull) run_step test2ownfull "${TEST2_LIMIT:-240}" "DEEP_EP_OWN_ROWS_BY_RECEIVER=1 $(intranode 2)" ;;
-    # The intranode combine whose receiver sums through shared memory (DEEP_EP_COMBINE_STAGED_SUM=1).
-    test4staged) run_step test4staged "${TEST4_LIMIT:-420}" "DEEP_EP_COMBINE_STAGED_SUM=1 $(intranode 4 --quick)" ;;
-    inter22staged) run_step inter22staged "${INTER_LIMIT:-300}" "DEEP_EP_COMBINE_STAGED_SUM=1 $(internode 4 2)" ;;
-    benchstaged) run_step benchstaged "${BENCH_LIMIT:-300}" \
-        "DEEP_EP_COMBINE_STAGED_SUM=1 $(intranode 4 --bench --json "$LOGS/benchstaged.json")" ;;
+    # The intranode dispatch with the sender block copying a rank's rows to itself
+    # (DEEP_EP_OWN_ROWS_BY_RECEIVER=0), for A/B against the default (compare with `bench` in the same call).
+    benchsendown) run_step benchsendown "${BENCH_LIMIT:-300}" \
+        "DEEP_EP_OWN_ROWS_BY_RECEIVER=0 $(intranode 4 --bench --json "$LOGS/benchsendown.json")" ;;
     ll4) run_step ll4 "${LL4_LIMIT:-240}" "$(low_latency 4)" ;;
     llnoshrink) run_step llnoshrink "${LL4_LIMIT:-240}" "$(low_latency 4 --no-shrink)" ;;
     llbench) run_step llbench "${LLBENCH_LIMIT:-180}" "$(low_latency 4 --bench-only)" ;;

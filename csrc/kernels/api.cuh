@@ -131,9 +131,6 @@ struct CombineArgs {
     RingGeometry ring;
     PeerBuffers buffers;
     FailureContext fail;
-    // The receiver's sums load through shared memory two steps deep (set by the launcher:
-    // DEEP_EP_COMBINE_STAGED_SUM=1; development, for measuring against the register loads).
-    int staged_sum;
 };
 void launch_intranode_combine(const CombineArgs& args, cudaStream_t stream);
 

@@ -689,12 +689,6 @@ __host__ __device__ constexpr int combine_columns() {
     return kRanks <= 4 ? 2 : 1;
 }
 
-// int4 slots of one receiving warp's staging for sum_rows_staged: [2 steps][columns][sources][lanes].
-template <int kRanks>
-__host__ __device__ constexpr int combine_stage_int4() {
-    return 2 * combine_columns<kRanks>() * kRanks * kWarpSize;
-}
-
 // Sums one 16-byte column (8 bf16) of every present row, adds the biases, stores bf16.
 template <int kRanks>
 __device__ __forceinline__ void sum_column_store(const int4 (&loaded)[kRanks], unsigned present,
@@ -723,77 +717,28 @@ __device__ __forceinline__ int pick(const int (&values)[N], int i) {
     return v;
 }
 
-// fn(c, peer, column) for every column first + c * 32 (c < kColumns) inside the row and every
-// source present in the token's sum: the loads of one step of a combine sum.
-template <int kRanks, int kColumns, typename Fn>
-__device__ __forceinline__ void for_step_columns(unsigned present, int first, int hidden_int4, Fn fn) {
-#pragma unroll
-    for (int c = 0; c < kColumns; ++c) {
-        const int column = first + c * kWarpSize;
-#pragma unroll
-        for (int peer = 0; peer < kRanks; ++peer)
-            if (((present >> peer) & 1u) != 0 && column < hidden_int4)
-                fn(c, peer, column);
-    }
-}
-
-// Sums and stores one step's loaded columns (see for_step_columns).
-template <int kRanks, int kColumns>
-__device__ __forceinline__ void sum_step_store(const int4 (&cols)[kColumns][kRanks], unsigned present,
-                                               const CombineArgs& args, int64_t out_offset, int first,
-                                               int hidden_int4) {
-#pragma unroll
-    for (int c = 0; c < kColumns; ++c)
-        if (first + c * kWarpSize < hidden_int4)
-            sum_column_store<kRanks>(cols[c], present, args, out_offset, first + c * kWarpSize);
-}
-
-// The token's sum, row by row of `rows` (present ones), into combined_x at out_offset: each step's
-// loads straight into registers. Whole warp.
+// The token's sum, row by row of `rows` (present ones), into combined_x at out_offset: each step
+// loads kColumns 16-byte columns of every present row into registers, then sums and stores them.
+// Whole warp.
 template <int kRanks>
 __device__ __forceinline__ void sum_rows_direct(const CombineArgs& args, const uint8_t* const (&rows)[kRanks],
                                                 unsigned present, int64_t out_offset, int hidden_int4) {
     constexpr int kColumns = combine_columns<kRanks>();
     for (int i = lane_id(); i < hidden_int4; i += kColumns * kWarpSize) {
         int4 cols[kColumns][kRanks];
-        for_step_columns<kRanks, kColumns>(present, i, hidden_int4, [&](int c, int peer, int column) {
-            cols[c][peer] = ld_ring_int4(reinterpret_cast<const int4*>(rows[peer]) + column);
-        });
-        sum_step_store<kRanks, kColumns>(cols, present, args, out_offset, i, hidden_int4);
+#pragma unroll
+        for (int c = 0; c < kColumns; ++c) {
+            const int column = i + c * kWarpSize;
+#pragma unroll
+            for (int peer = 0; peer < kRanks; ++peer)
+                if (((present >> peer) & 1u) != 0 && column < hidden_int4)
+                    cols[c][peer] = ld_ring_int4(reinterpret_cast<const int4*>(rows[peer]) + column);
+        }
+#pragma unroll
+        for (int c = 0; c < kColumns; ++c)
+            if (i + c * kWarpSize < hidden_int4)
+                sum_column_store<kRanks>(cols[c], present, args, out_offset, i + c * kWarpSize);
     }
-}
-
-// The same sum with the next step's loads in flight while this step is summed: cp.async copies
-// into this warp's `stage` (combine_stage_int4 slots; each lane reads back only its own slots),
-// two steps deep, so twice sum_rows_direct's loads are in flight at the same registers (the sum is
-// load-latency bound: ~14 dependent load rounds per 14 KB row). Whole warp.
-template <int kRanks>
-__device__ __forceinline__ void sum_rows_staged(const CombineArgs& args, const uint8_t* const (&rows)[kRanks],
-                                                unsigned present, int64_t out_offset, int hidden_int4, int4* stage) {
-    constexpr int kColumns = combine_columns<kRanks>();
-    constexpr int kStride = kColumns * kWarpSize;
-    const int lane = lane_id();
-    auto slot = [&](int step, int c, int peer) {
-        return stage + (((step & 1) * kColumns + c) * kRanks + peer) * kWarpSize + lane;
-    };
-    // One commit group per step (an empty one past the row keeps the wait counts uniform).
-    auto issue = [&](int step, int first) {
-        for_step_columns<kRanks, kColumns>(present, first, hidden_int4, [&](int c, int peer, int column) {
-            cp_async_16(slot(step, c, peer), reinterpret_cast<const int4*>(rows[peer]) + column);
-        });
-        cp_async_commit();
-    };
-    issue(0, lane);
-    int step = 0;
-    for (int i = lane; i < hidden_int4; i += kStride, ++step) {
-        issue(step + 1, i + kStride);  // into the slots read one step ago (those reads are done)
-        cp_async_wait_group<1>();      // this step's group has landed
-        int4 cols[kColumns][kRanks];
-        for_step_columns<kRanks, kColumns>(present, i, hidden_int4,
-                                           [&](int c, int peer, int) { cols[c][peer] = *slot(step, c, peer); });
-        sum_step_store<kRanks, kColumns>(cols, present, args, out_offset, i, hidden_int4);
-    }
-    cp_async_wait_group<0>();  // nothing of this token in flight when the next one reuses the slots
 }
 
 // Boundaries of batches whose per-peer row counts a combine receiver block keeps (see
@@ -818,8 +763,6 @@ __device__ void combine_receive(const CombineArgs& args, int channel, const Warp
     const int end = channel_begin(args.num_tokens, channel + 1, ring.num_channels);
     uint8_t* own = args.buffers.ptrs[args.rank];
 
-    // Dynamic: the staged sums' slots (launch_intranode_combine sizes it; none without staged_sum).
-    extern __shared__ __align__(16) int4 s_combine_stage[];
     __shared__ int s_progress[kIntranodeWarps];               // batches each warp has finished
     __shared__ int s_cum[kCombineCountDepth][kMaxRanks];      // rows per source before boundary b (entry b % depth)
     __shared__ int s_released;                                // boundary up to which slots are released
@@ -939,18 +882,7 @@ __device__ void combine_receive(const CombineArgs& args, int channel, const Warp
 #pragma unroll
                 for (int peer = 0; peer < kRanks; ++peer)
                     present |= rows[peer] != nullptr ? (1u << peer) : 0u;
-                // (The staged form only where two columns per step fit the registers: <= 4 ranks.)
-                bool staged = false;
-                if constexpr (kRanks <= 4)
-                    staged = args.staged_sum != 0;
-                if (staged) {
-                    // Every lane's view of the peers' rows after the tail acquires of lanes < kRanks.
-                    __syncwarp();
-                    sum_rows_staged<kRanks>(args, rows, present, out_offset, hidden_int4,
-                                            s_combine_stage + warp * combine_stage_int4<kRanks>());
-                } else {
-                    sum_rows_direct<kRanks>(args, rows, present, out_offset, hidden_int4);
-                }
+                sum_rows_direct<kRanks>(args, rows, present, out_offset, hidden_int4);
                 if (args.combined_topk_weights != nullptr && lane < args.num_topk) {
                     float sum = 0.0f;
 #pragma unroll
@@ -1060,12 +992,13 @@ void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream) {
     DEEP_EP_HOST_ASSERT(args.hidden_bytes % 16 == 0, "hidden bytes must be a multiple of 16");
     DEEP_EP_HOST_ASSERT(args.num_topk <= kWarpSize, "num_topk must be at most 32");
     DEEP_EP_HOST_ASSERT(args.ring.warps_per_peer * args.num_ranks <= kIntranodeWarps, "too many warps per peer");
-    // DEEP_EP_OWN_ROWS_BY_RECEIVER=1 (read once; the same on every rank): the variant in which the
-    // receiver block copies this rank's rows to itself (dispatch_send), for measuring against the
-    // default.
+    // The receiver block copies the rows this rank sends to itself, so every sender warp pushes
+    // over NVLink (4 x H200, 24 SMs: bf16 / FP8 dispatch +6 % / +4 % over the sender copying them,
+    // three A/B runs; docs/benchmarks.md). DEEP_EP_OWN_ROWS_BY_RECEIVER=0 (read once; the same on
+    // every rank) selects the sender copy, for measuring against it (it was ahead at 20 SMs).
     static const bool own_rows_by_receiver = [] {
         const char* value = std::getenv("DEEP_EP_OWN_ROWS_BY_RECEIVER");
-        return value != nullptr && std::atoi(value) != 0;
+        return value == nullptr || std::atoi(value) != 0;
     }();
     const int grid = args.ring.num_channels * 2;
     if (args.row_segment_end != nullptr) {
@@ -1081,42 +1014,20 @@ void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream) {
     DEEP_EP_LAUNCH_CHECK();
 }
 
-template <int kRanks>
-void launch_combine_instance(const CombineArgs& args, dim3 grid, cudaStream_t stream) {
-    const size_t stage_bytes = args.staged_sum && kRanks <= 4
-                                   ? sizeof(int4) * static_cast<size_t>(kIntranodeWarps) * combine_stage_int4<kRanks>()
-                                   : 0;
-    if (stage_bytes > 0) {
-        // Above the default 48 KB of dynamic shared memory: allowed once per instance.
-        static const cudaError_t allowed = cudaFuncSetAttribute(
-            intranode_combine_kernel<kRanks>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(stage_bytes));
-        DEEP_EP_CUDA_CHECK(allowed);
-    }
-    intranode_combine_kernel<kRanks><<<grid, kThreads, stage_bytes, stream>>>(args);
-}
-
-void launch_intranode_combine(const CombineArgs& args_in, cudaStream_t stream) {
-    // DEEP_EP_COMBINE_STAGED_SUM=1 (read once): the receiver's sums load through shared memory
-    // (sum_rows_staged), for measuring against the default register loads.
-    static const int staged_sum = [] {
-        const char* value = std::getenv("DEEP_EP_COMBINE_STAGED_SUM");
-        return value != nullptr && std::atoi(value) != 0 ? 1 : 0;
-    }();
-    CombineArgs args = args_in;
-    args.staged_sum = staged_sum;
+void launch_intranode_combine(const CombineArgs& args, cudaStream_t stream) {
     DEEP_EP_HOST_ASSERT(args.hidden % 8 == 0, "hidden must be a multiple of 8");
     DEEP_EP_HOST_ASSERT(args.num_topk <= kWarpSize, "num_topk must be at most 32");
     DEEP_EP_HOST_ASSERT(args.ring.warps_per_peer * args.num_ranks <= kWarpSize, "too many sub-rings per channel");
     const dim3 grid(args.ring.num_channels * 2);
     switch (args.num_ranks) {
-    case 1: launch_combine_instance<1>(args, grid, stream); break;
-    case 2: launch_combine_instance<2>(args, grid, stream); break;
-    case 3: launch_combine_instance<3>(args, grid, stream); break;
-    case 4: launch_combine_instance<4>(args, grid, stream); break;
-    case 5: launch_combine_instance<5>(args, grid, stream); break;
-    case 6: launch_combine_instance<6>(args, grid, stream); break;
-    case 7: launch_combine_instance<7>(args, grid, stream); break;
-    case 8: launch_combine_instance<8>(args, grid, stream); break;
+    case 1: intranode_combine_kernel<1><<<grid, kThreads, 0, stream>>>(args); break;
+    case 2: intranode_combine_kernel<2><<<grid, kThreads, 0, stream>>>(args); break;
+    case 3: intranode_combine_kernel<3><<<grid, kThreads, 0, stream>>>(args); break;
+    case 4: intranode_combine_kernel<4><<<grid, kThreads, 0, stream>>>(args); break;
+    case 5: intranode_combine_kernel<5><<<grid, kThreads, 0, stream>>>(args); break;
+    case 6: intranode_combine_kernel<6><<<grid, kThreads, 0, stream>>>(args); break;
+    case 7: intranode_combine_kernel<7><<<grid, kThreads, 0, stream>>>(args); break;
+    case 8: intranode_combine_kernel<8><<<grid, kThreads, 0, stream>>>(args); break;
     default: DEEP_EP_HOST_ASSERT(false, "intranode supports 1..8 ranks");
     }
     DEEP_EP_LAUNCH_CHECK();

@@ -40,21 +40,6 @@ __device__ __forceinline__ void red_max_relaxed_sys(int* ptr, int value) {
     asm volatile("red.relaxed.sys.global.max.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
-// Asynchronous 16-byte copy global -> shared, past L1 (cp.async.cg): no register holds the data
-// until the thread reads it back after cp_async_wait_group. Grouped per thread by commit.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
-    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 // Hand-offs between the warps of a block through shared memory (generic addresses).
 __device__ __forceinline__ void st_release_cta(int* ptr, int value) {
     asm volatile("st.release.cta.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
