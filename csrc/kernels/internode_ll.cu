@@ -670,42 +670,6 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
             }
             if (has_remote && writes) reinterpret_cast<int*>(staging)[lane] = value;
         };
-        // FP8 with scales_by_header: every scale of the token, computed as the data warps do (the
-        // same 128 channels, the same max and rounding: the same bits), stored as whole lines (the
-        // 56 fp32 of 7168 channels: two stores per destination) instead of a 16-byte store per
-        // data warp and destination, each a packet of its own on NVLink. Lane L: groups L, L + 32.
-        auto write_scales = [&]() {
-            const int num_groups = hidden / 128;
-            const size_t scales_offset = kHeaderBytes + static_cast<size_t>(hidden);
-            for (int g0 = 0; g0 < num_groups; g0 += 32) {  // warp-uniform
-                const int group = g0 + lane;
-                const bool in_row = group < num_groups;
-                float amax = 0.f;
-                if (in_row) {
-                    const char* src = token_x + static_cast<size_t>(group) * 256;
-#pragma unroll
-                    for (int h = 0; h < 4; ++h) {  // 4 loads in flight at a time (the kernel is at its register limit)
-                        int4 r[4];
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) r[j] = ld_nc_int4(src + (h * 4 + j) * 16);
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) {
-                            float f[8];
-                            bf16x8_to_floats(r[j], f);
-#pragma unroll
-                            for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(f[k]));
-                        }
-                    }
-                }
-                const float scale = fp8_scale_from_amax(amax, a.round_scale);
-                for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
-                    const unsigned long long base = __shfl_sync(0xffffffffu, dst_base, __ffs(bits) - 1);
-                    if (base != 0ull && in_row)
-                        reinterpret_cast<float*>(reinterpret_cast<char*>(base) + slot_rel + scales_offset)[group] = scale;
-                }
-                if (has_remote && in_row) reinterpret_cast<float*>(staging + scales_offset)[group] = scale;
-            }
-        };
         // For destinations reached by puts every task stages its share of the message; the task
         // that completes the message (data parts and header: task_parts arrivals) puts it, once
         // per such destination. One put per (token, destination), as a NIC wants, while the
@@ -727,9 +691,6 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
             }
         };
         if (!has_data) {  // the token's separate header task
-            if constexpr (kUseFP8) {
-                if (a.scales_by_header) write_scales();
-            }
             write_header();
             if (has_remote) arrive_and_put();
             // `raw` flows round the loop (the first task's was loaded before it); overwriting it
@@ -770,7 +731,7 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
                     for (int k = 0; k < 8; ++k) o[k] = fp8x2_from_floats(__fdiv_rn(f[2 * k], scale), __fdiv_rn(f[2 * k + 1], scale));
                 }
                 const size_t data_offset = kHeaderBytes + static_cast<size_t>(unit) * 16;
-                const bool writes_scale = kUseFP8 && valid && (lane % 8) == 0 && !a.scales_by_header;
+                const bool writes_scale = kUseFP8 && valid && (lane % 8) == 0;
                 const size_t scale_offset = kHeaderBytes + static_cast<size_t>(hidden) + static_cast<size_t>(unit / 8) * 4;
                 // The whole warp walks the destinations (the shuffle needs every lane); only
                 // lanes with a unit store.
@@ -1710,16 +1671,8 @@ cudaError_t trace_read(unsigned long long* cycles, unsigned long long* calls, in
     return status;
 }
 
-cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer_idx, const DispatchArgs& args_in,
+cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer_idx, const DispatchArgs& args,
                             cudaStream_t stream) {
-    // DEEP_EP_LL_SCALES_BY_DATA_WARPS=1 (read once; the same on every rank): the scales' layout
-    // is the same either way, only who stores them differs (for measuring against each other).
-    static const bool scales_by_data_warps = [] {
-        const char* value = std::getenv("DEEP_EP_LL_SCALES_BY_DATA_WARPS");
-        return value != nullptr && std::atoi(value) != 0;
-    }();
-    DispatchArgs args = args_in;
-    args.scales_by_header = !scales_by_data_warps;
     const int grid = num_blocks(args.num_max_tokens, args.num_experts / ctx.num_ranks);
     const Geometry g = make_geometry(ctx, layout, buffer_idx, 0);
     if (args.use_fp8)

@@ -124,10 +124,6 @@ struct DispatchArgs {
     int64_t* wait_recv_cost_stats; // [R] or null
     int num_tokens, hidden, num_topk, num_experts, num_max_tokens;
     bool use_fp8, round_scale, use_ue8m0;
-    // FP8: the token's header task writes all its scales as whole lines beside the header
-    // (launch_dispatch sets it; DEEP_EP_LL_SCALES_BY_DATA_WARPS=1 has each data warp store its
-    // chunk's 16 bytes of scales instead, as before).
-    bool scales_by_header;
     int phases;
 };
 
