@@ -452,15 +452,18 @@ __device__ __forceinline__ bool scan_free_receive(const Context& ctx, const Disp
     return !ctx.enable_shrink && a.num_experts <= kMaxFastExperts;
 }
 
-// A word of the dispatch's count table: the count in the low half, the call's low 32 bits in the
-// high half. A receiver that polls the words it needs (one aligned 8-byte store each: never seen
-// half written) has the counts in its first load round, with no flag to acquire before them.
-__device__ __forceinline__ unsigned long long tagged_count(int count, unsigned long long call) {
-    return (static_cast<unsigned long long>(static_cast<unsigned int>(call)) << 32) | static_cast<unsigned int>(count);
+// A word of the dispatch's count table: the count in the low half (at most 1024 tokens x 16
+// slots < 2^16), the call's low 16 bits in the high half. A word not rewritten in this call is
+// the previous call's (every call writes every word), so its tag differs. A receiver that polls
+// the words it needs (one aligned 4-byte store each: never seen half written) has the counts in
+// its first load round, with no flag to acquire before them.
+__device__ __forceinline__ int tagged_count(int count, unsigned long long call) {
+    return static_cast<int>(((static_cast<unsigned int>(call) & 0xFFFFu) << 16) | (static_cast<unsigned int>(count) & 0xFFFFu));
 }
-__device__ __forceinline__ bool count_is_current(unsigned long long word, unsigned long long call) {
-    return static_cast<unsigned int>(word >> 32) == static_cast<unsigned int>(call);
+__device__ __forceinline__ bool count_is_current(int word, unsigned long long call) {
+    return (static_cast<unsigned int>(word) >> 16) == (static_cast<unsigned int>(call) & 0xFFFFu);
 }
+__device__ __forceinline__ int count_of(int word) { return static_cast<int>(static_cast<unsigned int>(word) & 0xFFFFu); }
 
 // This rank's number of (token, top-k slot) pairs per expert, written as tagged words
 // (tagged_count) into every destination's count table row [this rank] (its local experts only),
@@ -481,14 +484,14 @@ __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, c
         if (id >= 0 && id < num_experts) atomicAdd(&s_hist[id], 1);
     }
     __syncthreads();
-    unsigned long long* counts = reinterpret_cast<unsigned long long*>(g.buf + g.count_offset);  // [source][local]
-    unsigned long long* staging = counts + num_experts;                                           // [destination][local]
+    int* counts = reinterpret_cast<int*>(g.buf + g.count_offset);  // [source][local]
+    int* staging = counts + num_experts;                             // [destination][local]
     for (int i = threadIdx.x; i < num_experts; i += blockDim.x) {
         const int d = i / num_local, e = i % num_local;
         if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + d) != 0) continue;
         char* peer = peer_address(ctx, counts + static_cast<size_t>(ctx.rank) * num_local + e, d);
         if (peer != nullptr)
-            *reinterpret_cast<unsigned long long*>(peer) = tagged_count(s_hist[i], call);
+            *reinterpret_cast<int*>(peer) = tagged_count(s_hist[i], call);
         else
             staging[i] = tagged_count(s_hist[i], call);
     }
@@ -505,8 +508,7 @@ __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, c
         for (int d = warp; d < ctx.num_ranks; d += kNumWarps) {
             if (ctx.peer_bases[d] != 0ull) continue;
             nvshmemx_putmem_signal_nbi_warp(counts + static_cast<size_t>(ctx.rank) * num_local,
-                                            staging + static_cast<size_t>(d) * num_local,
-                                            num_local * sizeof(unsigned long long),
+                                            staging + static_cast<size_t>(d) * num_local, num_local * sizeof(int),
                                             reinterpret_cast<uint64_t*>(flag), call, NVSHMEM_SIGNAL_SET, d);
         }
     }
@@ -1089,60 +1091,45 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
 
     // Each source's last sending block wrote its counts as tagged words (publish_dispatch_counts).
     // The exclusive scan over the sources, per local expert. Up to kScanInRegisters ranks: one
-    // thread per expert (the block's last threads), the words of all sources polled in one round
+    // thread per expert, the words of all sources polled in one round
     // until every one is of this call, the sums in registers (no barrier between load and scan:
-    // the warp-per-expert scan below took ~3 us at 2 ranks). Meanwhile every warp without a
-    // share of the scan waits for the sending blocks of its first task, so after the barrier its
-    // first load round is the message itself (before: count flag, counts, barrier, delivery
-    // flags, message: each round behind the SM's draining NVLink stores).
+    // the warp-per-expert scan below took ~3 us at 2 ranks). (Before: a count flag acquired, a
+    // barrier, then the counts: one load round more, each behind the SM's draining NVLink stores.)
     // More ranks: counts staged in shared memory, one warp per expert scanning 32 sources a step.
-    const unsigned long long* counts = reinterpret_cast<const unsigned long long*>(g.buf + g.count_offset);
+    const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
     const int num_pairs = num_ranks * num_local;
     constexpr int kScanInRegisters = 16;
-    const int send_parts = dispatch_data_parts<kUseFP8>(hidden) + 1;  // the sender's tasks per token
-    // Whole warp: waits for the sending blocks of task `task`'s token; false after a timeout.
-    auto wait_task_senders = [&](int task) {
-        const int slot = task / parts;
-        const int src = slot / num_max, token = slot % num_max;
-        const int first_send_task = token * send_parts;
-        const int first_block = first_send_task / kNumWarps;
-        return wait_sending_blocks(ctx, g, src, first_block,
-                                   (first_send_task + send_parts - 1) / kNumWarps - first_block + 1, seq) >= 0;
-    };
     // Polls count word `i` of the table until it is of this call (one thread); -1 after a timeout
     // (recorded for the host).
     auto poll_count = [&](int i) {
         const unsigned long long start = global_timer_ns();
-        unsigned long long word = ld_relaxed_sys_u64(counts + i);
+        int word = *reinterpret_cast<const volatile int*>(counts + i);
         while (!count_is_current(word, seq)) {
             const unsigned long long waited = global_timer_ns() - start;
             if (waited > ctx.timeout_ns) {
-                report_timeout(ctx.error, ctx.rank, kKernelDispatch, i / num_local, seq, word >> 32, waited);
+                report_timeout(ctx.error, ctx.rank, kKernelDispatch, i / num_local, seq,
+                               static_cast<unsigned int>(word) >> 16, waited);
                 return -1;
             }
-            word = ld_relaxed_sys_u64(counts + i);
+            word = *reinterpret_cast<const volatile int*>(counts + i);
         }
-        return static_cast<int>(static_cast<unsigned int>(word));
+        return count_of(word);
     };
-    const int first_task = blockIdx.x * num_warps + warp;
-    bool first_task_ready = false;
     if (num_ranks <= kScanInRegisters) {
-        const int scan_tid = num_threads - 1 - tid;
-        for (int e = scan_tid; e < num_local; e += num_threads) {
+        for (int e = tid; e < num_local; e += num_threads) {
             if (*reinterpret_cast<volatile int*>(&s_counts_abort) != 0) break;  // one timeout is enough
-            // Plain loads past L1 for the first round: strong (relaxed) loads of one thread went
-            // out one after another here (a receive-only launch took 14 us instead of 10), and an
-            // aligned 8-byte word is never seen half written, its tag tells whether it is this
-            // call's. Only a word not in yet is polled with strong loads (poll_count).
-            unsigned long long w[kScanInRegisters];
+            // Plain loads past L1 for the first round (all in flight together; an aligned word is
+            // never seen half written and its tag says whether it is this call's); only a word
+            // not in yet is polled (poll_count).
+            int w[kScanInRegisters];
 #pragma unroll
             for (int i = 0; i < kScanInRegisters; ++i)
-                w[i] = i < num_ranks ? __ldcg(counts + static_cast<size_t>(i) * num_local + e) : 0ull;
+                w[i] = i < num_ranks ? __ldcg(counts + static_cast<size_t>(i) * num_local + e) : 0;
             int running = 0;
 #pragma unroll
             for (int i = 0; i < kScanInRegisters; ++i) {
                 if (i >= num_ranks) continue;
-                int c = static_cast<int>(static_cast<unsigned int>(w[i]));
+                int c = count_of(w[i]);
                 if (!count_is_current(w[i], seq)) c = poll_count(i * num_local + e);  // not in yet
                 if (c < 0) {
                     s_counts_abort = 1;
@@ -1152,12 +1139,6 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
                 running += c;
             }
             s_total[e] = running;
-        }
-        // (Warp-uniform: whether any lane of this warp had an expert to scan.)
-        const bool scans = num_threads - 32 * (warp + 1) < num_local;
-        if (!flags_first && !scans && first_task < num_tasks) {
-            first_task_ready = wait_task_senders(first_task);
-            if (!first_task_ready && lane == 0) s_abort = 1;
         }
     } else {
         for (int i = tid; i < num_pairs; i += num_threads) {
@@ -1218,14 +1199,19 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         }
     }
 
-    for (int task = first_task; task < num_tasks; task += total_warps) {
+    const int send_parts = dispatch_data_parts<kUseFP8>(hidden) + 1;  // the sender's tasks per token
+    for (int task = blockIdx.x * num_warps + warp; task < num_tasks; task += total_warps) {
         const int slot = task / parts, part = task % parts;
         const int src = slot / num_max, token = slot % num_max;
         const char* msg = regions + static_cast<size_t>(slot) * g.msg_bytes;
         // A timed-out wait ends the receive (the host raises); this warp's next tasks wait no more.
         // One lane's read decides for the warp: the shuffles and ballots below need every lane.
         if (__any_sync(0xffffffffu, *reinterpret_cast<volatile int*>(&s_abort) != 0)) break;
-        if (!flags_first && !(task == first_task && first_task_ready) && !wait_task_senders(task)) {
+        const int first_send_task = token * send_parts;
+        const int first_block = first_send_task / kNumWarps;
+        if (!flags_first &&
+            wait_sending_blocks(ctx, g, src, first_block, (first_send_task + send_parts - 1) / kNumWarps - first_block + 1,
+                                seq) < 0) {
             if (lane == 0) s_abort = 1;
             break;
         }
@@ -1688,7 +1674,7 @@ Layout make_layout(int num_max_tokens, int hidden, int num_ranks, int num_expert
     layout.weights_offset = align_up(layout.combine_send_offset + num_local * r * m * h * 2, kAlign);
     layout.stage_offset = align_up(layout.weights_offset + r * m * kMaxTopk * sizeof(unsigned long long), kAlign);
     layout.count_offset = align_up(layout.stage_offset + r * m * h * 2, kAlign);
-    layout.buffer_bytes = align_up(layout.count_offset + 2 * r * num_local * sizeof(unsigned long long), kAlign);
+    layout.buffer_bytes = align_up(layout.count_offset + 2 * r * num_local * sizeof(int), kAlign);
     layout.buffer_offset[0] = signal_bytes;
     layout.buffer_offset[1] = signal_bytes + layout.buffer_bytes;
     layout.total_bytes = signal_bytes + 2 * layout.buffer_bytes;
