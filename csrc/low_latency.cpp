@@ -191,14 +191,12 @@ void LowLatencyRuntime::clean(int num_max_tokens, int hidden, int num_experts) {
     LL_CUDA_CHECK(cudaMemsetAsync(heap + layout.signal_offset, 0, layout.buffer_offset[0] - layout.signal_offset, stream));
     // Everything that says which call wrote it must match none of the restarted calls: the received
     // messages' tags and the staged messages' arrival words (stage_arrive), two adjacent regions,
-    // the combine weights and the dispatch counts (tagged words).
+    // and the combine weights (tagged words).
     for (int b = 0; b < 2; ++b) {
         char* buffer = heap + layout.buffer_offset[b];
         LL_CUDA_CHECK(cudaMemsetAsync(buffer + layout.dispatch_recv_offset, 0,
                                       layout.combine_recv_offset - layout.dispatch_recv_offset, stream));
         LL_CUDA_CHECK(cudaMemsetAsync(buffer + layout.weights_offset, 0, layout.stage_offset - layout.weights_offset,
-                                      stream));
-        LL_CUDA_CHECK(cudaMemsetAsync(buffer + layout.count_offset, 0, layout.buffer_bytes - layout.count_offset,
                                       stream));
     }
     LL_CUDA_CHECK(cudaMemsetAsync(state_, 0, sizeof(ll::BufferState) * ll::kStateEntries, stream));

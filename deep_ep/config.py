@@ -167,5 +167,5 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     offset = _align(offset + num_local * r * m * h * 2, page)                # combine send
     offset = _align(offset + r * m * MAX_TOPK * 8, page)                     # weights (tagged words)
     offset = _align(offset + r * m * h * 2, page)                            # staging
-    buffer_bytes = _align(offset + 2 * r * num_local * 4, page)              # dispatch counts (tagged words)
+    buffer_bytes = _align(offset + 2 * r * num_local * 4, page)              # dispatch counts
     return signal_bytes + 2 * buffer_bytes

@@ -452,23 +452,9 @@ __device__ __forceinline__ bool scan_free_receive(const Context& ctx, const Disp
     return !ctx.enable_shrink && a.num_experts <= kMaxFastExperts;
 }
 
-// A word of the dispatch's count table: the count in the low half (at most 1024 tokens x 16
-// slots < 2^16), the call's low 16 bits in the high half. A word not rewritten in this call is
-// the previous call's (every call writes every word), so its tag differs. A receiver that polls
-// the words it needs (one aligned 4-byte store each: never seen half written) has the counts in
-// its first load round, with no flag to acquire before them.
-__device__ __forceinline__ int tagged_count(int count, unsigned long long call) {
-    return static_cast<int>(((static_cast<unsigned int>(call) & 0xFFFFu) << 16) | (static_cast<unsigned int>(count) & 0xFFFFu));
-}
-__device__ __forceinline__ bool count_is_current(int word, unsigned long long call) {
-    return (static_cast<unsigned int>(word) >> 16) == (static_cast<unsigned int>(call) & 0xFFFFu);
-}
-__device__ __forceinline__ int count_of(int word) { return static_cast<int>(static_cast<unsigned int>(word) & 0xFFFFu); }
-
-// This rank's number of (token, top-k slot) pairs per expert, written as tagged words
-// (tagged_count) into every destination's count table row [this rank] (its local experts only),
-// then its count flag set to `call` (which a hooked receive and sources reached through puts
-// wait for): the scan-free receive's block offsets, computed while the tokens are on the way.
+// This rank's number of (token, top-k slot) pairs per expert, written into every destination's
+// count table row [this rank] (its local experts only), then its count flag set to `call`: the
+// scan-free receive's block offsets, which it computes while the tokens are still on the way.
 // Ids outside [0, num_experts) count as none, as in the send. Called by one whole block; `s_ids`
 // is the block's narrowed shared copy of the ids, or null (read them from global memory).
 __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, const DispatchArgs& a, const int* s_ids,
@@ -491,9 +477,9 @@ __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, c
         if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + d) != 0) continue;
         char* peer = peer_address(ctx, counts + static_cast<size_t>(ctx.rank) * num_local + e, d);
         if (peer != nullptr)
-            *reinterpret_cast<int*>(peer) = tagged_count(s_hist[i], call);
+            *reinterpret_cast<int*>(peer) = s_hist[i];
         else
-            staging[i] = tagged_count(s_hist[i], call);
+            staging[i] = s_hist[i];
     }
     if (ctx.any_remote) __threadfence();  // the staged counts before the puts that read them
     // Every thread's count stores before the flags (a cumulative release after the barrier, as
@@ -1055,10 +1041,7 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     const int num_flags = num_ranks + (flags_first && !stats_block ? num_ranks * static_cast<int>(gridDim.x) : 0);
     for (int i = tid; i < num_flags; i += num_threads) {
         if (*reinterpret_cast<volatile int*>(&s_counts_abort) != 0) break;  // one timeout is enough
-        // [0, num_ranks): count flags; then the delivery flags [source][sending block]. After this
-        // launch's own send, the count words of a source that stores them directly are polled in
-        // the scan below (tagged_count): only a source reached through puts has its flag waited.
-        if (i < num_ranks && !flags_first && ctx.peer_bases[i] != 0ull) continue;
+        // [0, num_ranks): count flags; then the delivery flags [source][sending block].
         const int src = i < num_ranks ? i : (i - num_ranks) / static_cast<int>(gridDim.x);
         const unsigned long long* flag =
             i < num_ranks ? g.count_flags + i
@@ -1089,66 +1072,31 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         }
     };
 
-    // Each source's last sending block wrote its counts as tagged words (publish_dispatch_counts).
+    // Each source's last sending block wrote its counts before its count flag (publish_dispatch_counts).
     // The exclusive scan over the sources, per local expert. Up to kScanInRegisters ranks: one
-    // thread per expert, the words of all sources polled in one round
-    // until every one is of this call, the sums in registers (no barrier between load and scan:
-    // the warp-per-expert scan below took ~3 us at 2 ranks). (Before: a count flag acquired, a
-    // barrier, then the counts: one load round more, each behind the SM's draining NVLink stores.)
+    // thread per expert, the loads of all sources in one round, the sums in registers (no
+    // barrier between load and scan: the warp-per-expert scan below took ~3 us at 2 ranks).
     // More ranks: counts staged in shared memory, one warp per expert scanning 32 sources a step.
     const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
     const int num_pairs = num_ranks * num_local;
     constexpr int kScanInRegisters = 16;
-    // Polls count word `i` of the table until it is of this call (one thread); -1 after a timeout
-    // (recorded for the host).
-    auto poll_count = [&](int i) {
-        const unsigned long long start = global_timer_ns();
-        int word = *reinterpret_cast<const volatile int*>(counts + i);
-        while (!count_is_current(word, seq)) {
-            const unsigned long long waited = global_timer_ns() - start;
-            if (waited > ctx.timeout_ns) {
-                report_timeout(ctx.error, ctx.rank, kKernelDispatch, i / num_local, seq,
-                               static_cast<unsigned int>(word) >> 16, waited);
-                return -1;
-            }
-            word = *reinterpret_cast<const volatile int*>(counts + i);
-        }
-        return count_of(word);
-    };
     if (num_ranks <= kScanInRegisters) {
         for (int e = tid; e < num_local; e += num_threads) {
-            if (*reinterpret_cast<volatile int*>(&s_counts_abort) != 0) break;  // one timeout is enough
-            // Plain loads past L1 for the first round (all in flight together; an aligned word is
-            // never seen half written and its tag says whether it is this call's); only a word
-            // not in yet is polled (poll_count).
-            int w[kScanInRegisters];
+            int c[kScanInRegisters];
 #pragma unroll
             for (int i = 0; i < kScanInRegisters; ++i)
-                w[i] = i < num_ranks ? __ldcg(counts + static_cast<size_t>(i) * num_local + e) : 0;
+                c[i] = i < num_ranks ? __ldcg(counts + static_cast<size_t>(i) * num_local + e) : 0;
             int running = 0;
 #pragma unroll
             for (int i = 0; i < kScanInRegisters; ++i) {
-                if (i >= num_ranks) continue;
-                int c = count_of(w[i]);
-                if (!count_is_current(w[i], seq)) c = poll_count(i * num_local + e);  // not in yet
-                if (c < 0) {
-                    s_counts_abort = 1;
-                    break;
-                }
-                s_offset[i * num_local + e] = running;
-                running += c;
+                if (i < num_ranks) s_offset[i * num_local + e] = running;
+                running += c[i];
             }
             s_total[e] = running;
         }
     } else {
-        for (int i = tid; i < num_pairs; i += num_threads) {
-            if (*reinterpret_cast<volatile int*>(&s_counts_abort) != 0) break;
-            const int c = poll_count(i);
-            if (c < 0) s_counts_abort = 1;
-            else s_offset[i] = c;
-        }
+        for (int i = tid; i < num_pairs; i += num_threads) s_offset[i] = __ldcg(counts + i);
         recv_barrier(first_warp);
-        if (s_counts_abort != 0) return;  // the host raises
         for (int e = warp; e < num_local; e += num_warps) {
             int running = 0;
             for (int s0 = 0; s0 < num_ranks; s0 += 32) {
@@ -1164,7 +1112,6 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         }
     }
     recv_barrier(first_warp);
-    if (s_counts_abort != 0) return;  // the host raises
     trace_mark(kTraceDispatch, 5, marker);
 
     // Block 0 writes the per-expert bookkeeping (the same values as the scan: counts and block

@@ -98,9 +98,8 @@ struct Layout {
     size_t weights_offset;        // within a buffer: [ranks][max tokens][kMaxTopk] uint64 call << 32 | fp32 bits
                                   // (combine weights inbox)
     size_t stage_offset;          // within a buffer: [ranks * max tokens] bf16 rows (partial sums to put)
-    size_t count_offset;          // within a buffer: int32 [ranks src][local experts] dispatch counts received
-                                  // (count | (call & 0xFFFF) << 16), then [ranks dst][local experts]
-                                  // staging for counts sent with puts
+    size_t count_offset;          // within a buffer: int32 [ranks src][local experts] dispatch counts received,
+                                  // then [ranks dst][local experts] staging for counts sent with puts
     int combine_slots_per_token;  // max(kMaxTopk, ranks)
     size_t buffer_bytes;
     size_t total_bytes;
