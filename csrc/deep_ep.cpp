@@ -137,6 +137,13 @@ RingGeometry Buffer::make_ring(int num_sms, int send_chunk, int ring_capacity, i
     int64_t capacity = std::min<int64_t>(ring_capacity, fit);
     capacity -= capacity % ring.warps_per_peer;
     const int64_t need = static_cast<int64_t>(min_slots_per_sub_ring) * ring.warps_per_peer;
+    // The config's ring capacity itself below the minimum: the buffer is not what is short.
+    if (ring_capacity - ring_capacity % ring.warps_per_peer < need)
+        throw std::invalid_argument("deep_ep: num_max_nvl_chunked_recv_tokens (" + std::to_string(ring_capacity) +
+                                    ") is too small for " + std::to_string(num_ranks_) + " ranks: this kernel needs " +
+                                    std::to_string(need) + " or more tokens per ring (" +
+                                    std::to_string(min_slots_per_sub_ring) + " per warp's sub-ring, " +
+                                    std::to_string(ring.warps_per_peer) + " sub-rings)");
     if (capacity < need) {
         const int64_t need_bytes = static_cast<int64_t>(kDataOffset) +
                                    need * ring.num_channels * static_cast<int64_t>(slot_bytes) * num_ranks_;
