@@ -454,19 +454,13 @@ __device__ bool check_staging_row(const Context& ctx, const RailDispatchArgs& a,
     return false;
 }
 
-// Whole block: the tokens in [0, end_token) that go to some rank of `node` (a per-lane count, then
-// one shared atomic per warp into *s_count, which the caller zeroed before a barrier). Ends with
-// a barrier; returns the count.
+// Whole block: the tokens in [0, end_token) that go to some rank of `node` (block_count: *s_count
+// zeroed by the caller before a barrier; ends with a barrier).
 __device__ __forceinline__ int count_node_tokens(const bool* is_token_in_rank, int end_token, int num_ranks, int node,
                                                  int node_size, int* s_count) {
-    int count = 0;
-    for (int t = threadIdx.x; t < end_token; t += blockDim.x)
-        count += node_rank_bits(is_token_in_rank, t, num_ranks, node, node_size) != 0 ? 1 : 0;
-    count = warp_sum(count);
-    if (lane_id() == 0 && count != 0)
-        atomicAdd(s_count, count);
-    __syncthreads();
-    return *s_count;
+    return block_count(
+        end_token, [&](int t) { return node_rank_bits(is_token_in_rank, t, num_ranks, node, node_size) != 0; },
+        s_count);
 }
 
 // Own-node token k of a channel is staged by warp k % kRailWarps of the sender block when

@@ -232,10 +232,23 @@ __device__ __forceinline__ void store_slot_meta(const DispatchArgs& args, const 
     }
 }
 
+// Lane L's 16-byte metadata word of a slot (load_slot_meta_word's layout): its offset, the end of
+// the metadata, and whether one word per lane covers all of it (else the word-by-word path,
+// write_slot_meta, or the per-field loads).
+struct SlotMetaLane {
+    int offset, end;
+    bool one_word;
+};
+
+__device__ __forceinline__ SlotMetaLane slot_meta_lane(const DispatchSlot& slot, int lane) {
+    const int end = slot.src_idx_offset + 16;
+    return SlotMetaLane{slot.scales_offset + lane * 16, end, end - slot.scales_offset <= kWarpSize * 16};
+}
+
 // The whole metadata of a slot, word by word (the path for metadata longer than a word per lane).
 __device__ __forceinline__ void write_slot_meta(const DispatchArgs& args, uint8_t* slot, int token, int lane) {
-    const int end = args.slot.src_idx_offset + 16;
-    for (int offset = args.slot.scales_offset + lane * 16; offset < end; offset += kWarpSize * 16)
+    const SlotMetaLane lane_meta = slot_meta_lane(args.slot, lane);
+    for (int offset = lane_meta.offset; offset < lane_meta.end; offset += kWarpSize * 16)
         st_int4(reinterpret_cast<int4*>(slot + offset), load_slot_meta_word(args, token, offset));
 }
 
@@ -248,11 +261,7 @@ __device__ __forceinline__ bool stage_own_row(const DispatchArgs& args, int toke
     const int lane = lane_id();
     const int num_local_experts = args.num_experts / args.num_ranks;
     const int expert_begin = args.rank * num_local_experts;
-    // Lane L owns the 16-byte metadata word at meta_offset (load_slot_meta_word); metadata of more
-    // than one word per lane takes the word-by-word path.
-    const int meta_offset = args.slot.scales_offset + lane * 16;
-    const int meta_end = args.slot.src_idx_offset + 16;
-    const bool meta_in_one_word = meta_end - args.slot.scales_offset <= kWarpSize * 16;
+    const SlotMetaLane lane_meta = slot_meta_lane(args.slot, lane);
     // Where the row goes (== row without a row map); recv_src_idx stays at `row`.
     const int64_t out =
         kRowMap ? map_row(args.row_segment_end, args.row_segment_delta, args.num_row_segments, args.rank, row) : row;
@@ -264,13 +273,13 @@ __device__ __forceinline__ bool stage_own_row(const DispatchArgs& args, int toke
     }
     const long long since = trace.now();
     trace.count(kTraceItems);
-    if (meta_in_one_word) {
+    if (lane_meta.one_word) {
         // Metadata loads first, so their latency hides behind the row copy's.
-        const int4 word =
-            meta_offset < meta_end ? load_slot_meta_word(args, token, meta_offset) : make_int4(0, 0, 0, 0);
+        const int4 word = lane_meta.offset < lane_meta.end ? load_slot_meta_word(args, token, lane_meta.offset)
+                                                           : make_int4(0, 0, 0, 0);
         copy_row<false>(args.recv_x + out * args.hidden_bytes, args.x + static_cast<int64_t>(token) * args.hidden_bytes,
                         args.hidden_bytes);
-        store_slot_meta(args, word, meta_offset, out, row, expert_begin, num_local_experts);
+        store_slot_meta(args, word, lane_meta.offset, out, row, expert_begin, num_local_experts);
         trace.add(kTraceLocal, since);
         return true;
     }
@@ -344,11 +353,7 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpT
     if (kOwnRowsByReceiver && local)
         return;
     const int64_t local_first_row = local ? static_cast<int64_t>(args.recv_rank_prefix[args.rank]) + s_before[dest] : 0;
-    // Lane L owns the 16-byte metadata word at meta_offset (load_slot_meta_word); metadata of more
-    // than one word per lane takes the word-by-word path.
-    const int meta_offset = args.slot.scales_offset + lane * 16;
-    const int meta_end = args.slot.src_idx_offset + 16;
-    const bool meta_in_one_word = meta_end - args.slot.scales_offset <= kWarpSize * 16;
+    const SlotMetaLane lane_meta = slot_meta_lane(args.slot, lane);
     if (!local && lane == 0) {
         st_relaxed_sys(counter_ptr(peer, kCounterMetaStart, channel, args.rank, w), s_before[dest]);
         st_release_sys(counter_ptr(peer, kCounterMetaCount, channel, args.rank, w), -my_count - 1);
@@ -394,12 +399,12 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpT
             uint8_t* slot = ring_base + static_cast<size_t>(k % ring.capacity) * ring.slot_bytes;
             long long since = trace.now();
             trace.count(kTraceItems);
-            if (meta_in_one_word) {
-                const int4 word = meta_offset < meta_end ? load_slot_meta_word(args, token, meta_offset)
-                                                         : make_int4(0, 0, 0, 0);
+            if (lane_meta.one_word) {
+                const int4 word = lane_meta.offset < lane_meta.end ? load_slot_meta_word(args, token, lane_meta.offset)
+                                                                   : make_int4(0, 0, 0, 0);
                 copy_row<false>(slot, args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
-                if (meta_offset < meta_end)
-                    st_int4(reinterpret_cast<int4*>(slot + meta_offset), word);
+                if (lane_meta.offset < lane_meta.end)
+                    st_int4(reinterpret_cast<int4*>(slot + lane_meta.offset), word);
             } else {
                 copy_row<false>(slot, args.x + static_cast<int64_t>(token) * args.hidden_bytes, args.hidden_bytes);
                 write_slot_meta(args, slot, token, lane);
@@ -468,16 +473,12 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel, const Wa
             s_own_before = 0;
         __syncthreads();
         const int begin = channel_begin(args.num_tokens, channel, ring.num_channels);
-        int before = 0;
-        for (int t = threadIdx.x; t < begin; t += blockDim.x)
-            before += args.is_token_in_rank[static_cast<int64_t>(t) * args.num_ranks + args.rank] ? 1 : 0;
-        before = warp_sum(before);
-        if (lane == 0 && before != 0)
-            atomicAdd(&s_own_before, before);
-        __syncthreads();
+        const int own_before = block_count(
+            begin, [&](int t) { return args.is_token_in_rank[static_cast<int64_t>(t) * args.num_ranks + args.rank]; },
+            &s_own_before);
         if (source == args.rank)
-            stage_own_rows<kRowMap>(args, channel, w, static_cast<int64_t>(args.recv_rank_prefix[args.rank]) +
-                                                          s_own_before, trace);
+            stage_own_rows<kRowMap>(args, channel, w,
+                                    static_cast<int64_t>(args.recv_rank_prefix[args.rank]) + own_before, trace);
     }
     if (source < args.num_ranks && source != args.rank) {
         uint8_t* own = args.buffers.ptrs[args.rank];
@@ -496,11 +497,7 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel, const Wa
         const int first_row = args.recv_rank_prefix[source] + (ok ? ld_relaxed_sys(own_meta_start) : 0);
         const int num_local_experts = args.num_experts / args.num_ranks;
         const int expert_begin = args.rank * num_local_experts;
-        // Lane L owns the 16-byte metadata word at offset meta_offset (load_slot_meta_word's layout);
-        // metadata of more than one word per lane takes the per-field path.
-        const int meta_offset = args.slot.scales_offset + lane * 16;
-        const int meta_end = args.slot.src_idx_offset + 16;
-        const bool meta_in_one_word = meta_end - args.slot.scales_offset <= kWarpSize * 16;
+        const SlotMetaLane lane_meta = slot_meta_lane(args.slot, lane);
         int tail = 0;
         for (int i = 0; ok && i < my_count; ++i) {
             if (i >= tail) {
@@ -528,13 +525,14 @@ __device__ void dispatch_receive(const DispatchArgs& args, int channel, const Wa
             }
             since = trace.now();
             trace.count(kTraceItems);
-            if (meta_in_one_word) {
+            if (lane_meta.one_word) {
                 // The metadata load goes out before the row copy, so its latency hides behind the
                 // copy's instead of adding round trips per token.
-                const int4 word = meta_offset < meta_end ? ld_ring_int4(reinterpret_cast<const int4*>(slot + meta_offset))
-                                                         : make_int4(0, 0, 0, 0);
+                const int4 word = lane_meta.offset < lane_meta.end
+                                      ? ld_ring_int4(reinterpret_cast<const int4*>(slot + lane_meta.offset))
+                                      : make_int4(0, 0, 0, 0);
                 copy_row<true>(args.recv_x + out * args.hidden_bytes, slot, args.hidden_bytes);
-                store_slot_meta(args, word, meta_offset, out, row, expert_begin, num_local_experts);
+                store_slot_meta(args, word, lane_meta.offset, out, row, expert_begin, num_local_experts);
             } else {
                 // With a map, `row` is stored first so that it is dead during the copy (fewer spills).
                 if (kRowMap && lane == 0)
@@ -683,12 +681,6 @@ __device__ void combine_send(const CombineArgs& args, int channel, const WarpTra
         *own_head = 0;
 }
 
-// 16-byte columns per lane and step of a combine sum: kColumns * kRanks loads in flight.
-template <int kRanks>
-__host__ __device__ constexpr int combine_columns() {
-    return kRanks <= 4 ? 2 : 1;
-}
-
 // Sums one 16-byte column (8 bf16) of every present row, adds the biases, stores bf16.
 template <int kRanks>
 __device__ __forceinline__ void sum_column_store(const int4 (&loaded)[kRanks], unsigned present,
@@ -723,7 +715,8 @@ __device__ __forceinline__ int pick(const int (&values)[N], int i) {
 template <int kRanks>
 __device__ __forceinline__ void sum_rows_direct(const CombineArgs& args, const uint8_t* const (&rows)[kRanks],
                                                 unsigned present, int64_t out_offset, int hidden_int4) {
-    constexpr int kColumns = combine_columns<kRanks>();
+    // kColumns 16-byte columns per lane and step: kColumns * kRanks loads in flight.
+    constexpr int kColumns = kRanks <= 4 ? 2 : 1;
     for (int i = lane_id(); i < hidden_int4; i += kColumns * kWarpSize) {
         int4 cols[kColumns][kRanks];
 #pragma unroll

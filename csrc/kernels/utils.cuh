@@ -126,6 +126,20 @@ __device__ __forceinline__ int warp_sum(int value) {
 
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) % kWarpSize; }
 
+// Whole block: how many t in [0, end) satisfy pred(t) (a count per thread, then one shared atomic
+// per warp into *s_count, which the caller zeroed before a barrier). Ends with a barrier.
+template <typename Pred>
+__device__ __forceinline__ int block_count(int end, Pred pred, int* s_count) {
+    int count = 0;
+    for (int t = threadIdx.x; t < end; t += blockDim.x)
+        count += pred(t) ? 1 : 0;
+    count = warp_sum(count);
+    if (lane_id() == 0 && count != 0)
+        atomicAdd(s_count, count);
+    __syncthreads();
+    return *s_count;
+}
+
 // First index in [lo, hi) of the ascending `values` that is >= target (hi if none), found by the
 // whole warp: each round probes 32 evenly spaced entries, so a range of n entries takes about
 // log32(n) rounds of one load per lane.
