@@ -23,6 +23,8 @@
 #   probe: the NVLink ceiling (scripts/nvlink_probe.cu: SM push / pull, copy engines, all pairs at once,
 #   the rail pairs alone, low-latency-sized bursts);
 #   trace: the warp traces of the intranode and rail kernels (a KERNEL_TRACE=1 rebuild; put it last);
+#   llbenchsm / llnoshrinksm: the low-latency benchmark / checks without shrink mode with the
+#   dispatch's SM stores instead of its copy-engine send (DEEP_EP_LL_BULK_SEND=0);
 #   benchsendown: the intranode benchmark with the sender block copying a rank's rows to itself
 #   (the variant before the receiver block did).
 #
@@ -119,6 +121,10 @@ run_named() {
     ll4) run_step ll4 "${LL4_LIMIT:-240}" "$(low_latency 4)" ;;
     llnoshrink) run_step llnoshrink "${LL4_LIMIT:-240}" "$(low_latency 4 --no-shrink)" ;;
     llbench) run_step llbench "${LLBENCH_LIMIT:-180}" "$(low_latency 4 --bench-only)" ;;
+    # The low-latency dispatch with the SM's own stores instead of the copy-engine send
+    # (DEEP_EP_LL_BULK_SEND=0), for A/B against llbench / llnoshrink in the same call.
+    llbenchsm) run_step llbenchsm "${LLBENCH_LIMIT:-180}" "DEEP_EP_LL_BULK_SEND=0 $(low_latency 4 --bench-only)" ;;
+    llnoshrinksm) run_step llnoshrinksm "${LL4_LIMIT:-240}" "DEEP_EP_LL_BULK_SEND=0 $(low_latency 4 --no-shrink)" ;;
     ll2) run_step ll2 "${LL2_LIMIT:-150}" "$(low_latency 2 --quick)" ;;
     ll2full) run_step ll2full "${LL2_LIMIT:-150}" "$(low_latency 2)" ;;
     ll2noshrink) run_step ll2noshrink "${LL2_LIMIT:-150}" "$(low_latency 2 --quick --no-shrink)" ;;

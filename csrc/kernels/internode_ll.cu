@@ -25,6 +25,8 @@
 //
 // Peers reachable through nvshmem_ptr are written with plain stores (with
 // allow_nvlink_for_low_latency_mode); the others with NVSHMEM puts from the local staging area.
+// Where every peer is reachable so, the dispatch assembles each message in shared memory and the
+// SM's copy engine writes it to its destinations (dispatch_send_bulk).
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
@@ -32,6 +34,7 @@
 #include <cstdlib>
 
 #include "internode_ll_api.cuh"
+#include "bulk_copy.cuh"
 #include "nvshmem_utils.cuh"
 #include "phase_trace.cuh"
 
@@ -532,14 +535,112 @@ __device__ __forceinline__ int dispatch_data_parts(int hidden) {
     return min(kWarpsPerToken, (num_units + 31) / 32);
 }
 
+// Shared memory of the dispatch send (both forms, one allocation): the block's narrowed copy of
+// the top-k ids, header_position_word's per-warp expert -> top-k slot tables (zero between uses)
+// and its per-warp slot counts.
+struct SendShared {
+    int ids[kSendIdsMax];
+    __align__(16) uint8_t expert_slot[kNumWarps * kMaxFastExperts];
+    int slot_count[kNumWarps * kMaxTopk];
+};
+__shared__ SendShared s_send;
+
+// The block's copy of every top-k id (s_send.ids, narrowed to int; ids outside [0, num_experts),
+// unchecked inside graph capture, count as "none": -1). All of a thread's loads go out before its
+// shared stores (one round, not one per id); meanwhile the used part of every warp's expert table
+// is cleared. Whole block, num_pairs <= kSendIdsMax; the caller's barrier completes it.
+__device__ __forceinline__ void stage_send_ids(const DispatchArgs& a, int num_pairs) {
+    static_assert(kSendIdsMax % kNumThreads == 0, "whole rounds of ids per thread");
+    constexpr int kIdsPerThread = kSendIdsMax / kNumThreads;
+    int64_t id[kIdsPerThread];
+#pragma unroll
+    for (int i = 0; i < kIdsPerThread; ++i) {
+        const int j = static_cast<int>(threadIdx.x) + i * kNumThreads;
+        id[i] = j < num_pairs ? __ldg(a.topk_idx + j) : -1;
+    }
+    if (a.num_experts <= kMaxFastExperts) {
+        const int per_warp = (a.num_experts + 15) / 16;  // int4 per warp
+        for (int i = threadIdx.x; i < kNumWarps * per_warp; i += blockDim.x)
+            reinterpret_cast<int4*>(s_send.expert_slot)[(i / per_warp) * (kMaxFastExperts / 16) + i % per_warp] =
+                make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kIdsPerThread; ++i) {
+        const int j = static_cast<int>(threadIdx.x) + i * kNumThreads;
+        if (j < num_pairs) s_send.ids[j] = id[i] >= 0 && id[i] < a.num_experts ? static_cast<int>(id[i]) : -1;
+    }
+}
+
+// Lane k (< num_topk) of a warp: top-k slot k's expert id of `token` and its destination rank;
+// -1 for none (ids outside [0, num_experts), unchecked inside graph capture, count as none) and
+// a masked destination is -1 too. `ids`: the block's shared copy (stage_send_ids) or null.
+__device__ __forceinline__ void route_token(const Context& ctx, const DispatchArgs& a, const int* ids, int token,
+                                            int& expert, int& dst) {
+    const int lane = threadIdx.x % 32;
+    expert = -1;
+    dst = -1;
+    if (lane >= a.num_topk) return;
+    if (ids != nullptr) {
+        expert = ids[token * a.num_topk + lane];
+    } else {
+        const int64_t id = __ldg(a.topk_idx + static_cast<size_t>(token) * a.num_topk + lane);
+        expert = id >= 0 && id < a.num_experts ? static_cast<int>(id) : -1;
+    }
+    if (expert >= 0) {
+        dst = expert / (a.num_experts / ctx.num_ranks);
+        if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + dst) != 0) dst = -1;
+    }
+}
+
+// A dispatch header's int `lane` (lanes < kHeaderInts + kHeaderPosInts write one): the top-k ids
+// (route_token's `expert`), token, tag, top-k count and header_position_word's `pos_word`.
+__device__ __forceinline__ int header_lane_value(const DispatchArgs& a, int token, unsigned long long tag, int expert,
+                                                 int pos_word) {
+    const int lane = threadIdx.x % 32;
+    if (lane < kMaxTopk) return lane < a.num_topk ? expert : -1;
+    if (lane == kTokenInt) return token;
+    if (lane == kTagInt) return static_cast<int>(static_cast<unsigned int>(tag));
+    if (lane == kTopkCountInt) return a.num_topk;
+    return lane >= kHeaderInts ? pos_word : 0;
+}
+
+// The lanes that lead a message: one per distinct destination rank, the first top-k slot naming
+// it (route_token's `dst`). Whole warp.
+__device__ __forceinline__ unsigned int message_leaders(int dst, int num_topk) {
+    const int lane = threadIdx.x % 32;
+    bool leader = dst >= 0;
+    for (int k = 0; k < num_topk; ++k) {
+        const int other = __shfl_sync(0xffffffffu, dst, k);
+        if (k < lane && other == dst) leader = false;
+    }
+    return __ballot_sync(0xffffffffu, leader);
+}
+
+// Casts one lane's unit (16 bf16 channels in `raw`) to FP8 into `out` and returns the scale its
+// 8-lane group (128 channels) shares; groups never straddle a warp. Whole warp (shuffles).
+__device__ __forceinline__ float cast_unit_fp8(const int4 (&raw)[2], bool round_scale, int4& out) {
+    float f[16];
+    bf16x8_to_floats(raw[0], f);
+    bf16x8_to_floats(raw[1], f + 8);
+    float amax = 0.f;
+#pragma unroll
+    for (int k = 0; k < 16; ++k) amax = fmaxf(amax, fabsf(f[k]));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+    const float scale = fp8_scale_from_amax(amax, round_scale);
+    uint16_t* o = reinterpret_cast<uint16_t*>(&out);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) o[k] = fp8x2_from_floats(__fdiv_rn(f[2 * k], scale), __fdiv_rn(f[2 * k + 1], scale));
+    return scale;
+}
+
 template <bool kUseFP8>
 __device__ void dispatch_send(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
-    __shared__ int s_ids[kSendIdsMax];
-    // header_position_word's per-warp expert -> top-k slot tables (zero between uses) and counts.
-    __shared__ __align__(16) uint8_t s_expert_slot[kNumWarps * kMaxFastExperts];
-    __shared__ int s_slot_count[kNumWarps * kMaxTopk];
+    int* s_ids = s_send.ids;
+    uint8_t* s_expert_slot = s_send.expert_slot;
+    int* s_slot_count = s_send.slot_count;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int num_local = a.num_experts / ctx.num_ranks;
     const int hidden = a.hidden;
     // A unit is what one lane moves at a time: 16 channels (fp8 out) or 8 channels (bf16).
     const int num_units = kUseFP8 ? hidden / 16 : hidden / 8;
@@ -581,30 +682,7 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
         load_send_chunks<kUseFP8>(raw, reinterpret_cast<const char*>(x + static_cast<size_t>(first_task / task_parts) * hidden),
                                   first_task % task_parts, parts, num_units);
     const unsigned long long lane_base = lane_bases && lane < ctx.num_ranks ? ctx.peer_bases[lane] : 0ull;
-    if (ids_shared) {
-        // All of this thread's loads before its shared stores (one round, not one per id).
-        static_assert(kSendIdsMax % kNumThreads == 0, "whole rounds of ids per thread");
-        constexpr int kIdsPerThread = kSendIdsMax / kNumThreads;
-        int64_t id[kIdsPerThread];
-#pragma unroll
-        for (int i = 0; i < kIdsPerThread; ++i) {
-            const int j = static_cast<int>(threadIdx.x) + i * kNumThreads;
-            id[i] = j < num_pairs ? __ldg(a.topk_idx + j) : -1;
-        }
-        // While the ids are on their way: clear the used part of every warp's expert table.
-        if (a.num_experts <= kMaxFastExperts) {
-            const int per_warp = (a.num_experts + 15) / 16;  // int4 per warp
-            for (int i = threadIdx.x; i < kNumWarps * per_warp; i += blockDim.x)
-                reinterpret_cast<int4*>(s_expert_slot)[(i / per_warp) * (kMaxFastExperts / 16) + i % per_warp] =
-                    make_int4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int i = 0; i < kIdsPerThread; ++i) {
-            const int j = static_cast<int>(threadIdx.x) + i * kNumThreads;
-            // Ids outside [0, num_experts) (unchecked inside graph capture) count as "none" (-1).
-            if (j < num_pairs) s_ids[j] = id[i] >= 0 && id[i] < a.num_experts ? static_cast<int>(id[i]) : -1;
-        }
-    }
+    if (ids_shared) stage_send_ids(a, num_pairs);
     const bool use_tables = ids_shared && a.num_experts <= kMaxFastExperts;  // block-uniform
     uint8_t* expert_table = use_tables ? s_expert_slot + warp * kMaxFastExperts : nullptr;
     __syncthreads();  // s_ids complete (the input loads above stay in flight)
@@ -619,27 +697,9 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
         // routing): one load round before the first stores instead of two. The first task's
         // went out before the barrier above.
         if (task != first_task) load_send_chunks<kUseFP8>(raw, token_x, part, parts, num_units);
-        int expert = -1, dst = -1;
-        if (lane < a.num_topk) {
-            if (ids != nullptr) {
-                expert = ids[token * a.num_topk + lane];
-            } else {
-                const int64_t id = __ldg(a.topk_idx + static_cast<size_t>(token) * a.num_topk + lane);
-                // Ids outside [0, num_experts) (unchecked inside graph capture) count as "none".
-                expert = id >= 0 && id < a.num_experts ? static_cast<int>(id) : -1;
-            }
-            if (expert >= 0) {
-                dst = expert / num_local;
-                if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + dst) != 0) dst = -1;
-            }
-        }
-        // One message per distinct destination rank: the first top-k slot naming it leads.
-        bool leader = dst >= 0;
-        for (int k = 0; k < a.num_topk; ++k) {
-            const int other = __shfl_sync(0xffffffffu, dst, k);
-            if (k < lane && other == dst) leader = false;
-        }
-        const unsigned int leaders = __ballot_sync(0xffffffffu, leader);
+        int expert, dst;
+        route_token(ctx, a, ids, token, expert, dst);
+        const unsigned int leaders = message_leaders(dst, a.num_topk);
         if (leaders == 0u) continue;
 
         // Local (symmetric) address of this token's slot, identical in every rank's heap.
@@ -651,18 +711,13 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
         unsigned long long dst_base = __shfl_sync(0xffffffffu, lane_base, dst >= 0 ? dst : 0);  // lane_bases: dst < 32
         if (dst < 0) dst_base = 0ull;
         else if (!lane_bases) dst_base = ctx.peer_bases[dst];
-        const bool has_remote = __any_sync(0xffffffffu, leader && dst_base == 0ull);
+        const bool has_remote = __any_sync(0xffffffffu, ((leaders >> lane) & 1u) != 0u && dst_base == 0ull);
 
         // Header: the top-k ids, token, tag, count and the positions (header_position_word).
         auto write_header = [&]() {
             const int pos_word = header_position_word(a.topk_idx, ids, token, a.num_topk, a.num_experts, expert,
                                                       expert_table, s_slot_count + warp * kMaxTopk);
-            int value = 0;
-            if (lane < kMaxTopk) value = lane < a.num_topk ? expert : -1;
-            else if (lane == kTokenInt) value = token;
-            else if (lane == kTagInt) value = static_cast<int>(static_cast<unsigned int>(tag));
-            else if (lane == kTopkCountInt) value = a.num_topk;
-            else if (lane >= kHeaderInts) value = pos_word;
+            const int value = header_lane_value(a, token, tag, expert, pos_word);
             const bool writes = lane < kHeaderInts + kHeaderPosInts;
             for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
                 const unsigned long long base = __shfl_sync(0xffffffffu, dst_base, __ffs(bits) - 1);
@@ -714,22 +769,7 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
                 const bool valid = unit < num_units;
                 int4 out = raw[i][0];
                 float scale = 0.f;
-                if constexpr (kUseFP8) {
-                    float f[16];
-                    bf16x8_to_floats(raw[i][0], f);
-                    bf16x8_to_floats(raw[i][1], f + 8);
-                    float amax = 0.f;
-#pragma unroll
-                    for (int k = 0; k < 16; ++k) amax = fmaxf(amax, fabsf(f[k]));
-                    // 8 lanes (128 channels) share one scale; groups never straddle a warp.
-                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-                    scale = fp8_scale_from_amax(amax, a.round_scale);
-                    uint16_t* o = reinterpret_cast<uint16_t*>(&out);
-#pragma unroll
-                    for (int k = 0; k < 8; ++k) o[k] = fp8x2_from_floats(__fdiv_rn(f[2 * k], scale), __fdiv_rn(f[2 * k + 1], scale));
-                }
+                if constexpr (kUseFP8) scale = cast_unit_fp8(raw[i], a.round_scale, out);
                 const size_t data_offset = kHeaderBytes + static_cast<size_t>(unit) * 16;
                 const bool writes_scale = kUseFP8 && valid && (lane % 8) == 0;
                 const size_t scale_offset = kHeaderBytes + static_cast<size_t>(hidden) + static_cast<size_t>(unit / 8) * 4;
@@ -762,6 +802,132 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
                        (a.phases & kPhaseRecv) ? 32 : static_cast<int>(blockDim.x));
     } else {
         finish_send(ctx, g.signals, kTraceDispatch);
+    }
+    trace_mark(kTraceDispatch, 3);
+}
+
+// The dispatch send through the copy engine (DispatchArgs::bulk_send: every peer reached by
+// direct stores). Block b sends tokens b, b + grid, ...: its warps assemble each message (header,
+// data, scales, the layout the receivers read) in a shared-memory stage, and one thread hands it
+// to the copy engine once per destination rank. The NVLink stores then leave through the copy
+// engine, not the SM's load/store pipeline: the receive that follows in the same launch loads
+// its messages without queueing behind them, and the flag waits in one thread for the writes to
+// complete. kBulkStages stages let a block with several tokens assemble the next message while
+// the last ones are still read out.
+constexpr int kBulkStages = 2;
+
+// A stage's size in bytes (the widest message form, 128-byte aligned); the launcher sizes the
+// dynamic shared memory with it.
+__host__ __device__ __forceinline__ size_t bulk_stage_bytes(size_t msg_bytes) { return (msg_bytes + 127) / 128 * 128; }
+
+template <bool kUseFP8>
+__device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
+    extern __shared__ __align__(128) uint8_t s_stages[];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int hidden = a.hidden;
+    const int num_units = kUseFP8 ? hidden / 16 : hidden / 8;
+    const int num_chunks = (num_units + 31) / 32;
+    // Warps [0, parts) cast and stage the data; the last warp writes the header.
+    const int parts = min(kNumWarps - 1, num_chunks);
+    const int header_warp = kNumWarps - 1;
+    const size_t data_bytes = kUseFP8 ? static_cast<size_t>(hidden) + hidden / 32 : static_cast<size_t>(hidden) * 2;
+    const uint32_t copy_bytes = static_cast<uint32_t>((kHeaderBytes + data_bytes + 15) / 16 * 16);  // <= msg_bytes
+    const size_t stage_bytes = bulk_stage_bytes(g.msg_bytes);
+    const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
+    const bool scan_free = scan_free_receive(ctx, a);  // block-uniform
+
+    // The counts first, from the last block, as in dispatch_send (published after its token, they
+    // arrived with the last data, ~13 us: measured).
+    if (scan_free && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, nullptr, tag);
+    trace_mark(kTraceDispatch, 2);
+
+    // One load round: the first token's input chunks and the block's ids.
+    int4 raw[kPrefetch][kUseFP8 ? 2 : 1];
+    const int first_token = blockIdx.x;
+    if (warp < parts && first_token < a.num_tokens)
+        load_send_chunks<kUseFP8>(raw, reinterpret_cast<const char*>(x + static_cast<size_t>(first_token) * hidden), warp, parts,
+                                  num_units);
+    const int num_pairs = a.num_tokens * a.num_topk;
+    const bool ids_shared = num_pairs <= kSendIdsMax;  // block-uniform
+    if (ids_shared) stage_send_ids(a, num_pairs);
+    const bool use_tables = ids_shared && a.num_experts <= kMaxFastExperts;  // block-uniform
+    uint8_t* expert_table = use_tables ? s_send.expert_slot + warp * kMaxFastExperts : nullptr;
+    const int* ids = ids_shared ? s_send.ids : nullptr;
+    __syncthreads();  // the shared ids complete (the input loads stay in flight)
+    trace_mark(kTraceDispatch, 0);
+
+    int iteration = 0;
+    for (int token = first_token; token < a.num_tokens; token += gridDim.x, ++iteration) {
+        uint8_t* stage = s_stages + static_cast<size_t>(iteration % kBulkStages) * stage_bytes;
+        // The copies that last read this stage are done (thread 0 waited after issuing them).
+        if (iteration >= kBulkStages) __syncthreads();
+        const char* token_x = reinterpret_cast<const char*>(x + static_cast<size_t>(token) * hidden);
+        if (warp < parts) {
+            for (int first = warp; first < num_chunks; first += kPrefetch * parts) {
+                if (token != first_token || first != warp) load_send_chunks<kUseFP8>(raw, token_x, first, parts, num_units);
+#pragma unroll
+                for (int i = 0; i < kPrefetch; ++i) {
+                    const int unit = (first + i * parts) * 32 + lane;
+                    if (first + i * parts >= num_chunks) break;  // warp-uniform
+                    int4 out = raw[i][0];
+                    float scale = 0.f;
+                    if constexpr (kUseFP8) scale = cast_unit_fp8(raw[i], a.round_scale, out);
+                    if (unit >= num_units) continue;
+                    *reinterpret_cast<int4*>(stage + kHeaderBytes + static_cast<size_t>(unit) * 16) = out;
+                    if (kUseFP8 && lane % 8 == 0)
+                        *reinterpret_cast<float*>(stage + kHeaderBytes + hidden + static_cast<size_t>(unit / 8) * 4) = scale;
+                }
+            }
+        } else if (warp == header_warp) {
+            int expert, dst;
+            route_token(ctx, a, ids, token, expert, dst);
+            const int pos_word = header_position_word(a.topk_idx, ids, token, a.num_topk, a.num_experts, expert,
+                                                      expert_table, s_send.slot_count + warp * kMaxTopk);
+            const int value = header_lane_value(a, token, tag, expert, pos_word);
+            if (lane < kHeaderInts + kHeaderPosInts) reinterpret_cast<int*>(stage)[lane] = value;
+        }
+        fence_proxy_async_shared();  // this thread's stage stores, before the copy engine reads them
+        __syncthreads();
+        if (warp == 0) {
+            int expert, dst;
+            route_token(ctx, a, ids, token, expert, dst);
+            const unsigned int leaders = message_leaders(dst, a.num_topk);
+            const size_t slot_rel = g.dispatch_recv_offset + (static_cast<size_t>(ctx.rank) * a.num_max_tokens + token) * g.msg_bytes +
+                                    static_cast<size_t>(g.buf - static_cast<char*>(ctx.heap));
+            for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {  // warp-uniform
+                const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
+                if (lane == 0) bulk_store_from_shared(reinterpret_cast<char*>(ctx.peer_bases[d]) + slot_rel, stage, copy_bytes);
+            }
+            if (lane == 0) {
+                bulk_commit_group();
+                // The stage written next (kBulkStages - 1 tokens on) is free once this wait returns.
+                bulk_wait_group_read<kBulkStages - 1>();
+            }
+        }
+    }
+    trace_mark(kTraceDispatch, 1);
+    if (scan_free) {
+        // This block's delivery flag on every rank, by warp 0 once the copies have completed; the
+        // other warps go on to the receive (a release publishes the copy engine's completed
+        // writes observed by the releasing thread; __syncwarp passes them on to the other lanes).
+        if (warp != 0) return;
+        trace_mark(kTraceDispatch, kTraceFenced);
+        if (lane == 0) {
+            bulk_wait_all_complete();
+            fence_proxy_async_global();
+        }
+        __syncwarp();
+        unsigned long long* flag = g.block_flags + static_cast<size_t>(ctx.rank) * kMaxBlocks + blockIdx.x;
+        for (int pe = lane; pe < ctx.num_ranks; pe += 32) {
+            if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + pe) != 0) continue;
+            st_release_sys_u64(reinterpret_cast<unsigned long long*>(peer_address(ctx, flag, pe)), tag);
+        }
+    } else {
+        if (threadIdx.x == 0) {
+            bulk_wait_all_complete();
+            fence_proxy_async_global();
+        }
+        finish_send(ctx, g.signals, kTraceDispatch);  // its barrier orders thread 0's wait first
     }
     trace_mark(kTraceDispatch, 3);
 }
@@ -1154,11 +1320,12 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         // A timed-out wait ends the receive (the host raises); this warp's next tasks wait no more.
         // One lane's read decides for the warp: the shuffles and ballots below need every lane.
         if (__any_sync(0xffffffffu, *reinterpret_cast<volatile int*>(&s_abort) != 0)) break;
+        // The sending blocks of this token: its tasks' blocks, or with the bulk send block
+        // token % grid alone (dispatch_send_bulk).
         const int first_send_task = token * send_parts;
-        const int first_block = first_send_task / kNumWarps;
-        if (!flags_first &&
-            wait_sending_blocks(ctx, g, src, first_block, (first_send_task + send_parts - 1) / kNumWarps - first_block + 1,
-                                seq) < 0) {
+        const int first_block = a.bulk_send ? token % static_cast<int>(gridDim.x) : first_send_task / kNumWarps;
+        const int num_senders = a.bulk_send ? 1 : (first_send_task + send_parts - 1) / kNumWarps - first_block + 1;
+        if (!flags_first && wait_sending_blocks(ctx, g, src, first_block, num_senders, seq) < 0) {
             if (lane == 0) s_abort = 1;
             break;
         }
@@ -1240,7 +1407,12 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Context ctx, G
     const unsigned long long send_call = state->dispatch_send_calls + 1;
     const unsigned long long recv_call = state->dispatch_recv_calls + 1;
     trace_start();
-    if (a.phases & kPhaseSend) dispatch_send<kUseFP8>(ctx, g, a, send_call);
+    if (a.phases & kPhaseSend) {
+        if (a.bulk_send)
+            dispatch_send_bulk<kUseFP8>(ctx, g, a, send_call);
+        else
+            dispatch_send<kUseFP8>(ctx, g, a, send_call);
+    }
     if (a.phases & kPhaseRecv) {
         // The senders publish counts and delivery flags exactly when the receive is scan-free.
         // After this launch's send, warp 0 is still setting the block's delivery flags: the
@@ -1671,15 +1843,37 @@ cudaError_t trace_read(unsigned long long* cycles, unsigned long long* calls, in
     return status;
 }
 
+// Raises a kernel's dynamic shared memory limit to `bytes` when that is above the default 48 KB
+// less its static shared memory (the bulk send's stages on top of the kernel's 40+ KB).
+template <typename Kernel>
+cudaError_t allow_dynamic_shared(Kernel kernel, size_t bytes) {
+    if (bytes == 0) return cudaSuccess;
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
 cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer_idx, const DispatchArgs& args,
                             cudaStream_t stream) {
     const int grid = num_blocks(args.num_max_tokens, args.num_experts / ctx.num_ranks);
     const Geometry g = make_geometry(ctx, layout, buffer_idx, 0);
-    if (args.use_fp8)
-        dispatch_kernel<true><<<grid, kNumThreads, 0, stream>>>(ctx, g, args, buffer_idx);
-    else
-        dispatch_kernel<false><<<grid, kNumThreads, 0, stream>>>(ctx, g, args, buffer_idx);
-    return cudaGetLastError();
+    // The bulk send (dispatch_send_bulk) where every peer takes direct stores; DEEP_EP_LL_BULK_SEND=0
+    // keeps the stores of the SM (read once; every rank of a job must see the same value, as the
+    // receivers derive each token's sending block from it).
+    static const bool bulk_wanted = [] {
+        const char* value = std::getenv("DEEP_EP_LL_BULK_SEND");
+        return value == nullptr || std::atoi(value) != 0;
+    }();
+    DispatchArgs a = args;
+    a.bulk_send = bulk_wanted && !ctx.any_remote;
+    const size_t shared_bytes = a.bulk_send ? kBulkStages * bulk_stage_bytes(layout.msg_bytes) : 0;
+    cudaError_t status = cudaSuccess;
+    if (a.use_fp8) {
+        status = allow_dynamic_shared(dispatch_kernel<true>, shared_bytes);
+        if (status == cudaSuccess) dispatch_kernel<true><<<grid, kNumThreads, shared_bytes, stream>>>(ctx, g, a, buffer_idx);
+    } else {
+        status = allow_dynamic_shared(dispatch_kernel<false>, shared_bytes);
+        if (status == cudaSuccess) dispatch_kernel<false><<<grid, kNumThreads, shared_bytes, stream>>>(ctx, g, a, buffer_idx);
+    }
+    return status != cudaSuccess ? status : cudaGetLastError();
 }
 
 cudaError_t launch_combine(const Context& ctx, const Layout& layout, int buffer_idx, const CombineArgs& args,

@@ -125,6 +125,7 @@ struct DispatchArgs {
     int num_tokens, hidden, num_topk, num_experts, num_max_tokens;
     bool use_fp8, round_scale, use_ue8m0;
     int phases;
+    bool bulk_send;                // set by launch_dispatch: the copy-engine send (every peer direct)
 };
 
 struct CombineArgs {

@@ -1,0 +1,45 @@
+// Bulk stores through the SM's copy engine (sm_90 `cp.async.bulk`, shared -> global). One thread
+// hands a whole message to the copy engine, which writes it to global memory (a peer's, mapped
+// over NVLink, included) as large transactions outside the SM's load/store pipeline: the SM's own
+// loads do not queue behind those stores, while plain stores to a slow link hold them up.
+// Sizes and both addresses must be multiples of 16. The copies run in the async proxy (PTX ISA,
+// "Async Proxy"): shared memory written by ordinary stores needs fence_proxy_async_shared() by the
+// writing threads before the copy is issued.
+#pragma once
+
+#include <cstdint>
+
+namespace deep_ep {
+
+__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// Makes this thread's ordinary stores to shared memory visible to later async-proxy reads (a
+// barrier then orders them before the thread that issues the copy).
+__device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// Orders this thread's async-proxy writes of global memory with its later ordinary accesses.
+__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+
+// shared -> global; completion is tracked by bulk groups (bulk_commit_group).
+__device__ __forceinline__ void bulk_store_from_shared(void* dst, const void* src, uint32_t bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(__cvta_generic_to_global(dst)),
+                 "r"(shared_address(src)), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+
+// Waits until at most N of this thread's newest bulk groups still read their shared source (the
+// older ones' shared memory may be rewritten).
+template <int N>
+__device__ __forceinline__ void bulk_wait_group_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+
+// Waits until every bulk group of this thread has completed, its writes included: a release by
+// this thread afterwards publishes them (with fence_proxy_async_global() between).
+__device__ __forceinline__ void bulk_wait_all_complete() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+}  // namespace deep_ep
