@@ -31,15 +31,30 @@ __device__ __forceinline__ void bulk_store_from_shared(void* dst, const void* sr
 
 __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 
-// Waits until at most N of this thread's newest bulk groups still read their shared source (the
-// older ones' shared memory may be rewritten).
+// Waits until at most N of this thread's newest bulk groups are incomplete: the older ones have
+// completed, their writes included, and a release by this thread afterwards publishes them (with
+// fence_proxy_async_global() between).
 template <int N>
-__device__ __forceinline__ void bulk_wait_group_read() {
-    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+__device__ __forceinline__ void bulk_wait_group() {
+    asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// Waits until every bulk group of this thread has completed, its writes included: a release by
-// this thread afterwards publishes them (with fence_proxy_async_global() between).
-__device__ __forceinline__ void bulk_wait_all_complete() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all_complete() { bulk_wait_group<0>(); }
+
+// bulk_wait_group with a run-time count (the instruction takes an immediate): counts above
+// kMaxBulkPending wait for more than asked, which is always correct.
+constexpr int kMaxBulkPending = 7;
+__device__ __forceinline__ void bulk_wait_group_at_most(int pending) {
+    switch (pending < kMaxBulkPending ? pending : kMaxBulkPending) {
+        case 0: bulk_wait_group<0>(); break;
+        case 1: bulk_wait_group<1>(); break;
+        case 2: bulk_wait_group<2>(); break;
+        case 3: bulk_wait_group<3>(); break;
+        case 4: bulk_wait_group<4>(); break;
+        case 5: bulk_wait_group<5>(); break;
+        case 6: bulk_wait_group<6>(); break;
+        default: bulk_wait_group<7>(); break;
+    }
+}
 
 }  // namespace deep_ep

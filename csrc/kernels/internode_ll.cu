@@ -807,18 +807,26 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
 }
 
 // The dispatch send through the copy engine (DispatchArgs::bulk_send: every peer reached by
-// direct stores). Block b sends tokens b, b + grid, ...: its warps assemble each message (header,
-// data, scales, the layout the receivers read) in a shared-memory stage, and one thread hands it
-// to the copy engine once per destination rank. The NVLink stores then leave through the copy
-// engine, not the SM's load/store pipeline: the receive that follows in the same launch loads
-// its messages without queueing behind them, and the flag waits in one thread for the writes to
-// complete. kBulkStages stages let a block with several tokens assemble the next message while
-// the last ones are still read out.
-constexpr int kBulkStages = 2;
+// direct stores). Block b sends tokens b, b + grid, ...: its warps assemble each message
+// (header, data, scales, the layout the receivers read) in a shared-memory stage, and one thread
+// hands it to the copy engine once per destination rank. The NVLink stores then leave through the
+// copy engine, not the SM's load/store pipeline, and only the flag waits for them (in one
+// thread). With more tokens than blocks, a block's first tokens may land while the rest still
+// travel: the flag counts the tokens whose copies have completed (bulk_flag), and a receiver
+// waits for its token's.
+// DispatchArgs::bulk_stages stages (the launcher sizes the dynamic shared memory) let a block
+// issue that many tokens before it waits for a stage.
 
-// A stage's size in bytes (the widest message form, 128-byte aligned); the launcher sizes the
-// dynamic shared memory with it.
+// A stage's size in bytes (the widest message form, 128-byte aligned).
 __host__ __device__ __forceinline__ size_t bulk_stage_bytes(size_t msg_bytes) { return (msg_bytes + 127) / 128 * 128; }
+constexpr int kMaxBulkStages = 8;
+
+// A bulk-sending block's delivery flag: (call << 16) | its tokens whose copies have completed in
+// the call, kFlagAllTokens once all have (at once for a block without tokens).
+constexpr unsigned long long kFlagAllTokens = 0xFFFFull;
+__device__ __forceinline__ unsigned long long bulk_flag(unsigned long long call, unsigned long long tokens_done) {
+    return (call << 16) | tokens_done;
+}
 
 template <bool kUseFP8>
 __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
@@ -833,8 +841,20 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
     const size_t data_bytes = kUseFP8 ? static_cast<size_t>(hidden) + hidden / 32 : static_cast<size_t>(hidden) * 2;
     const uint32_t copy_bytes = static_cast<uint32_t>((kHeaderBytes + data_bytes + 15) / 16 * 16);  // <= msg_bytes
     const size_t stage_bytes = bulk_stage_bytes(g.msg_bytes);
+    const int stages = a.bulk_stages;
     const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
     const bool scan_free = scan_free_receive(ctx, a);  // block-uniform
+    unsigned long long* flag = g.block_flags + static_cast<size_t>(ctx.rank) * kMaxBlocks + blockIdx.x;
+    // Warp 0: `value` into this block's flag on every unmasked rank, once lane 0 has waited for
+    // the copies it covers (a release publishes the copy engine's completed writes the releasing
+    // thread observed; __syncwarp passes them on to the other lanes).
+    auto release_flag = [&](unsigned long long value) {
+        __syncwarp();
+        for (int pe = lane; pe < ctx.num_ranks; pe += 32) {
+            if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + pe) != 0) continue;
+            st_release_sys_u64(reinterpret_cast<unsigned long long*>(peer_address(ctx, flag, pe)), value);
+        }
+    };
 
     // The counts first, from the last block, as in dispatch_send (published after its token, they
     // arrived with the last data, ~13 us: measured).
@@ -843,7 +863,7 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
 
     // One load round: the first token's input chunks and the block's ids.
     int4 raw[kPrefetch][kUseFP8 ? 2 : 1];
-    const int first_token = blockIdx.x;
+    const int first_token = static_cast<int>(blockIdx.x);
     if (warp < parts && first_token < a.num_tokens)
         load_send_chunks<kUseFP8>(raw, reinterpret_cast<const char*>(x + static_cast<size_t>(first_token) * hidden), warp, parts,
                                   num_units);
@@ -856,11 +876,12 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
     __syncthreads();  // the shared ids complete (the input loads stay in flight)
     trace_mark(kTraceDispatch, 0);
 
-    int iteration = 0;
+    // Tokens issued (`iteration`) and flagged as complete (`released`, warp 0's count).
+    int iteration = 0, released = 0;
     for (int token = first_token; token < a.num_tokens; token += gridDim.x, ++iteration) {
-        uint8_t* stage = s_stages + static_cast<size_t>(iteration % kBulkStages) * stage_bytes;
-        // The copies that last read this stage are done (thread 0 waited after issuing them).
-        if (iteration >= kBulkStages) __syncthreads();
+        uint8_t* stage = s_stages + static_cast<size_t>(iteration % stages) * stage_bytes;
+        // The copies that last read this stage have completed (warp 0 waited after issuing).
+        if (iteration >= stages) __syncthreads();
         const char* token_x = reinterpret_cast<const char*>(x + static_cast<size_t>(token) * hidden);
         if (warp < parts) {
             for (int first = warp; first < num_chunks; first += kPrefetch * parts) {
@@ -898,30 +919,34 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
                 const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
                 if (lane == 0) bulk_store_from_shared(reinterpret_cast<char*>(ctx.peer_bases[d]) + slot_rel, stage, copy_bytes);
             }
-            if (lane == 0) {
-                bulk_commit_group();
-                // The stage written next (kBulkStages - 1 tokens on) is free once this wait returns.
-                bulk_wait_group_read<kBulkStages - 1>();
+            if (lane == 0) bulk_commit_group();
+            // The next token reuses the stage of the token `stages` back: its copies must have
+            // completed (then its flag goes out too: it is due anyway).
+            if (token + static_cast<int>(gridDim.x) < a.num_tokens && iteration + 1 >= stages) {
+                if (lane == 0) {
+                    bulk_wait_group_at_most(stages - 1);
+                    fence_proxy_async_global();
+                }
+                ++released;
+                if (scan_free) release_flag(bulk_flag(tag, released));
             }
         }
     }
     trace_mark(kTraceDispatch, 1);
     if (scan_free) {
-        // This block's delivery flag on every rank, by warp 0 once the copies have completed; the
-        // other warps go on to the receive (a release publishes the copy engine's completed
-        // writes observed by the releasing thread; __syncwarp passes them on to the other lanes).
+        // The remaining tokens' flags, each once its copies have completed, the last one as
+        // kFlagAllTokens; the other warps go on to the receive.
         if (warp != 0) return;
         trace_mark(kTraceDispatch, kTraceFenced);
-        if (lane == 0) {
-            bulk_wait_all_complete();
-            fence_proxy_async_global();
+        const int issued = iteration;
+        for (int r = released; r < issued; ++r) {
+            if (lane == 0) {
+                bulk_wait_group_at_most(issued - 1 - r);
+                fence_proxy_async_global();
+            }
+            release_flag(bulk_flag(tag, r + 1 == issued ? kFlagAllTokens : static_cast<unsigned long long>(r + 1)));
         }
-        __syncwarp();
-        unsigned long long* flag = g.block_flags + static_cast<size_t>(ctx.rank) * kMaxBlocks + blockIdx.x;
-        for (int pe = lane; pe < ctx.num_ranks; pe += 32) {
-            if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + pe) != 0) continue;
-            st_release_sys_u64(reinterpret_cast<unsigned long long*>(peer_address(ctx, flag, pe)), tag);
-        }
+        if (issued == 0) release_flag(bulk_flag(tag, kFlagAllTokens));
     } else {
         if (threadIdx.x == 0) {
             bulk_wait_all_complete();
@@ -1140,11 +1165,12 @@ __device__ __forceinline__ void recv_barrier(int first_warp) {
 }
 
 // Whole warp: waits until source `src`'s sending blocks first_block ... first_block + count - 1
-// (modulo the grid) have set their delivery flags to `seq` (a lane per flag). Returns the longest
+// (modulo the grid) have set their delivery flags to `expected` or more (a lane per flag: the
+// call, or a bulk sender's bulk_flag). Returns the longest
 // wait (ns) of the warp, or -1 after a timeout (recorded for the host). The barrier after the
 // lanes' acquires orders every lane's later reads of the data those blocks delivered.
 __device__ long long wait_sending_blocks(const Context& ctx, const Geometry& g, int src, int first_block, int count,
-                                         unsigned long long seq) {
+                                         unsigned long long expected) {
     const int lane = threadIdx.x % 32;
     const int span = min(count, static_cast<int>(gridDim.x));
     long long waited_max = 0;
@@ -1153,8 +1179,8 @@ __device__ long long wait_sending_blocks(const Context& ctx, const Geometry& g, 
         const int block = (first_block + i) % static_cast<int>(gridDim.x);
         const unsigned long long* flag = g.block_flags + static_cast<size_t>(src) * kMaxBlocks + block;
         unsigned long long seen = 0, waited = 0;
-        if (wait_counter_at_least(flag, seq, ctx.timeout_ns, &seen, &waited) != kWaitOk) {
-            report_timeout(ctx.error, ctx.rank, kKernelDispatch, src, seq, seen, waited);
+        if (wait_counter_at_least(flag, expected, ctx.timeout_ns, &seen, &waited) != kWaitOk) {
+            report_timeout(ctx.error, ctx.rank, kKernelDispatch, src, expected, seen, waited);
             failed = true;
             break;  // the source is gone: one timeout, not one per flag
         }
@@ -1196,6 +1222,8 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     // (a dependent round trip each). After this launch's own send, tasks wait for their token's
     // senders only, to place tokens while others still travel.
     const bool flags_first = first_warp == 0;
+    // A sending block's flag once all its data is here (bulk_flag counts a bulk sender's tokens).
+    const unsigned long long all_sent = a.bulk_send ? bulk_flag(seq, kFlagAllTokens) : seq;
     // Block 0 measures the wait per source (wait_recv_cost_stats) below, so there it waits for
     // the delivery flags there, not here (the statistic would read zero).
     const bool stats_block = blockIdx.x == 0 && a.wait_recv_cost_stats != nullptr;
@@ -1213,7 +1241,8 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             i < num_ranks ? g.count_flags + i
                           : g.block_flags + static_cast<size_t>(src) * kMaxBlocks + (i - num_ranks) % static_cast<int>(gridDim.x);
         // Without shrink mode wait_peer returns 0 (in) or 2 (timed out, recorded).
-        if (wait_peer(ctx, flag, seq, src, kKernelDispatch, nullptr, false) != 0) s_counts_abort = 1;
+        if (wait_peer(ctx, flag, i < num_ranks ? seq : all_sent, src, kKernelDispatch, nullptr, false) != 0)
+            s_counts_abort = 1;
     }
     recv_barrier(first_warp);
     if (s_counts_abort != 0) return;  // the host raises
@@ -1301,7 +1330,7 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             for (int src = warp; src < num_ranks; src += num_warps) {
                 // One timeout is enough; one lane's read decides for the warp (whole-warp wait below).
                 if (__any_sync(0xffffffffu, *reinterpret_cast<volatile int*>(&s_abort) != 0)) break;
-                const long long waited = wait_sending_blocks(ctx, g, src, 0, static_cast<int>(gridDim.x), seq);
+                const long long waited = wait_sending_blocks(ctx, g, src, 0, static_cast<int>(gridDim.x), all_sent);
                 if (waited < 0) s_abort = 1;
                 else if (lane == 0) atomicAdd(reinterpret_cast<unsigned long long*>(a.wait_recv_cost_stats + src),
                                               static_cast<unsigned long long>(waited));
@@ -1325,7 +1354,9 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         const int first_send_task = token * send_parts;
         const int first_block = a.bulk_send ? token % static_cast<int>(gridDim.x) : first_send_task / kNumWarps;
         const int num_senders = a.bulk_send ? 1 : (first_send_task + send_parts - 1) / kNumWarps - first_block + 1;
-        if (!flags_first && wait_sending_blocks(ctx, g, src, first_block, num_senders, seq) < 0) {
+        // A bulk sender's token is in once its flag counts the token's turn in the block.
+        const unsigned long long sent = a.bulk_send ? bulk_flag(seq, token / static_cast<int>(gridDim.x) + 1) : seq;
+        if (!flags_first && wait_sending_blocks(ctx, g, src, first_block, num_senders, sent) < 0) {
             if (lane == 0) s_abort = 1;
             break;
         }
@@ -1864,7 +1895,10 @@ cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer
     }();
     DispatchArgs a = args;
     a.bulk_send = bulk_wanted && !ctx.any_remote;
-    const size_t shared_bytes = a.bulk_send ? kBulkStages * bulk_stage_bytes(layout.msg_bytes) : 0;
+    // Enough stages for a block's every token (up to kMaxBulkStages): then no block waits for a
+    // stage and all its copies are issued at once.
+    a.bulk_stages = std::min(kMaxBulkStages, std::max(1, (a.num_max_tokens + grid - 1) / grid));
+    const size_t shared_bytes = a.bulk_send && (a.phases & kPhaseSend) ? a.bulk_stages * bulk_stage_bytes(layout.msg_bytes) : 0;
     cudaError_t status = cudaSuccess;
     if (a.use_fp8) {
         status = allow_dynamic_shared(dispatch_kernel<true>, shared_bytes);

@@ -125,7 +125,10 @@ struct DispatchArgs {
     int num_tokens, hidden, num_topk, num_experts, num_max_tokens;
     bool use_fp8, round_scale, use_ue8m0;
     int phases;
-    bool bulk_send;                // set by launch_dispatch: the copy-engine send (every peer direct)
+    // Set by launch_dispatch: the copy-engine send (every peer direct; token t goes from block
+    // t % grid) and its shared-memory stages per block.
+    bool bulk_send;
+    int bulk_stages;
 };
 
 struct CombineArgs {
