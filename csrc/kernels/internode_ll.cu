@@ -31,6 +31,7 @@
 #include <nvshmemx.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 
 #include "internode_ll_api.cuh"
@@ -1874,13 +1875,26 @@ cudaError_t trace_read(unsigned long long* cycles, unsigned long long* calls, in
     return status;
 }
 
-// Raises a kernel's dynamic shared memory limit to `bytes` when that is above the default 48 KB
-// less its static shared memory (the bulk send's stages on top of the kernel's 40+ KB).
+// Raises a kernel's dynamic shared memory limit to `bytes` (the bulk send's stages on top of the
+// kernel's 40+ KB of static shared memory pass the default 48 KB). The limit belongs to the
+// current device's context: `allowed` holds the largest set so far per device, so a launch makes
+// the driver call only when it needs more.
+constexpr int kMaxDevices = 64;
 template <typename Kernel>
-cudaError_t allow_dynamic_shared(Kernel kernel, size_t bytes) {
+cudaError_t allow_dynamic_shared(Kernel kernel, size_t bytes, std::atomic<size_t> (&allowed)[kMaxDevices]) {
     if (bytes == 0) return cudaSuccess;
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    int device = 0;
+    const bool cached = cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < kMaxDevices;
+    if (cached && allowed[device].load(std::memory_order_relaxed) >= bytes) return cudaSuccess;
+    const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (status == cudaSuccess && cached) {
+        size_t seen = allowed[device].load(std::memory_order_relaxed);
+        while (seen < bytes && !allowed[device].compare_exchange_weak(seen, bytes, std::memory_order_relaxed)) {
+        }
+    }
+    return status;
 }
+static std::atomic<size_t> g_dispatch_shared_allowed[2][kMaxDevices];  // [use_fp8][device]
 
 cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer_idx, const DispatchArgs& args,
                             cudaStream_t stream) {
@@ -1901,10 +1915,10 @@ cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer
     const size_t shared_bytes = a.bulk_send && (a.phases & kPhaseSend) ? a.bulk_stages * bulk_stage_bytes(layout.msg_bytes) : 0;
     cudaError_t status = cudaSuccess;
     if (a.use_fp8) {
-        status = allow_dynamic_shared(dispatch_kernel<true>, shared_bytes);
+        status = allow_dynamic_shared(dispatch_kernel<true>, shared_bytes, g_dispatch_shared_allowed[1]);
         if (status == cudaSuccess) dispatch_kernel<true><<<grid, kNumThreads, shared_bytes, stream>>>(ctx, g, a, buffer_idx);
     } else {
-        status = allow_dynamic_shared(dispatch_kernel<false>, shared_bytes);
+        status = allow_dynamic_shared(dispatch_kernel<false>, shared_bytes, g_dispatch_shared_allowed[0]);
         if (status == cudaSuccess) dispatch_kernel<false><<<grid, kNumThreads, shared_bytes, stream>>>(ctx, g, a, buffer_idx);
     }
     return status != cudaSuccess ? status : cudaGetLastError();
