@@ -648,9 +648,9 @@ def _kernel_durations(fn, iterations: int, keys: Optional[List[str]] = None) -> 
 _TRACE_POINTS = {
     "dispatch": ["ids in smem", "send tasks done", "counts published", "send signalled", "counts/sources in",
                  "recv offsets ready", "rows placed", "end", "header read (sum)", "row loaded (sum)", "send fenced",
-                 "send-only end"],
+                 "send-only end", "bulk: staged (sum)", "bulk: issued (sum)"],
     "combine": ["weights sent", "send tasks done", "", "send signalled", "sources arrived", "", "rows reduced", "end",
-                "", "", "send fenced", "send-only end"],
+                "", "", "send fenced", "send-only end", "", ""],
 }
 
 

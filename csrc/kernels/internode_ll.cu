@@ -910,6 +910,7 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
         }
         fence_proxy_async_shared();  // this thread's stage stores, before the copy engine reads them
         __syncthreads();
+        trace_mark(kTraceDispatch, 12);
         if (warp == 0) {
             int expert, dst;
             route_token(ctx, a, ids, token, expert, dst);
@@ -921,6 +922,7 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
                 if (lane == 0) bulk_store_from_shared(reinterpret_cast<char*>(ctx.peer_bases[d]) + slot_rel, stage, copy_bytes);
             }
             if (lane == 0) bulk_commit_group();
+            trace_mark(kTraceDispatch, 13);
             // The next token reuses the stage of the token `stages` back: its copies must have
             // completed (then its flag goes out too: it is due anyway).
             if (token + static_cast<int>(gridDim.x) < a.num_tokens && iteration + 1 >= stages) {

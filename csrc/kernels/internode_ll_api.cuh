@@ -44,7 +44,7 @@ constexpr int kMaxBlocks = 128;
 // Both: 10 send fenced, 11 end of a send-only launch (hook mode; point 7 is then the receive
 // launch's end).
 constexpr int kTraceKernels = 2;  // 0 dispatch, 1 combine
-constexpr int kTracePoints = 12;
+constexpr int kTracePoints = 14;
 // Clears the trace and turns it on or off (for every later launch of this process).
 cudaError_t trace_reset(bool enable);
 // Copies the trace out: cycles [kTraceKernels][kMaxBlocks][kTracePoints], then the calls per
