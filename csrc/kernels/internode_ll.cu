@@ -118,6 +118,22 @@ __device__ void signal_all_ranks(const Context& ctx, unsigned long long* signals
     }
 }
 
+// Sets `flag` (a local symmetric address) to `value` on the unmasked ranks first, first + stride,
+// ...: a release store where the rank takes direct stores, else an NVSHMEM fence and signal.
+__device__ __forceinline__ void set_flag_on_ranks(const Context& ctx, unsigned long long* flag, unsigned long long value,
+                                                  int first, int stride) {
+    for (int pe = first; pe < ctx.num_ranks; pe += stride) {
+        if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + pe) != 0) continue;
+        char* direct = peer_address(ctx, flag, pe);
+        if (direct != nullptr) {
+            st_release_sys_u64(reinterpret_cast<unsigned long long*>(direct), value);
+        } else {
+            nvshmem_fence();
+            nvshmemx_signal_op(reinterpret_cast<uint64_t*>(flag), value, NVSHMEM_SIGNAL_SET, pe);
+        }
+    }
+}
+
 // Sets `flag` (a local symmetric address; its copy on every unmasked rank) to `call`: everything
 // this block wrote there before is visible first. Called by the whole block after its stores; the
 // barrier and the cumulative release as in signal_all_ranks, the releases by the first
@@ -127,17 +143,7 @@ __device__ void flag_all_ranks(const Context& ctx, unsigned long long* flag, uns
                                int num_setters) {
     trace_mark(trace_kernel, kTraceFenced);
     __syncthreads();
-    if (static_cast<int>(threadIdx.x) >= num_setters) return;
-    for (int pe = threadIdx.x; pe < ctx.num_ranks; pe += num_setters) {
-        if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + pe) != 0) continue;
-        char* direct = peer_address(ctx, flag, pe);
-        if (direct != nullptr) {
-            st_release_sys_u64(reinterpret_cast<unsigned long long*>(direct), call);
-        } else {
-            nvshmem_fence();
-            nvshmemx_signal_op(reinterpret_cast<uint64_t*>(flag), call, NVSHMEM_SIGNAL_SET, pe);
-        }
-    }
+    if (static_cast<int>(threadIdx.x) < num_setters) set_flag_on_ranks(ctx, flag, call, threadIdx.x, num_setters);
 }
 
 // Lane 0 of every warp completes its NVSHMEM puts (before the block's signal).
@@ -638,9 +644,6 @@ __device__ __forceinline__ float cast_unit_fp8(const int4 (&raw)[2], bool round_
 
 template <bool kUseFP8>
 __device__ void dispatch_send(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
-    int* s_ids = s_send.ids;
-    uint8_t* s_expert_slot = s_send.expert_slot;
-    int* s_slot_count = s_send.slot_count;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int hidden = a.hidden;
     // A unit is what one lane moves at a time: 16 channels (fp8 out) or 8 channels (bf16).
@@ -685,10 +688,10 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     const unsigned long long lane_base = lane_bases && lane < ctx.num_ranks ? ctx.peer_bases[lane] : 0ull;
     if (ids_shared) stage_send_ids(a, num_pairs);
     const bool use_tables = ids_shared && a.num_experts <= kMaxFastExperts;  // block-uniform
-    uint8_t* expert_table = use_tables ? s_expert_slot + warp * kMaxFastExperts : nullptr;
-    __syncthreads();  // s_ids complete (the input loads above stay in flight)
+    uint8_t* expert_table = use_tables ? s_send.expert_slot + warp * kMaxFastExperts : nullptr;
+    __syncthreads();  // the shared ids complete (the input loads above stay in flight)
     trace_mark(kTraceDispatch, 0);
-    const int* ids = ids_shared ? s_ids : nullptr;
+    const int* ids = ids_shared ? s_send.ids : nullptr;
 
     for (int task = first_task; task < num_tasks; task += gridDim.x * kNumWarps) {
         const int token = task / task_parts, part = task % task_parts;
@@ -717,7 +720,7 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
         // Header: the top-k ids, token, tag, count and the positions (header_position_word).
         auto write_header = [&]() {
             const int pos_word = header_position_word(a.topk_idx, ids, token, a.num_topk, a.num_experts, expert,
-                                                      expert_table, s_slot_count + warp * kMaxTopk);
+                                                      expert_table, s_send.slot_count + warp * kMaxTopk);
             const int value = header_lane_value(a, token, tag, expert, pos_word);
             const bool writes = lane < kHeaderInts + kHeaderPosInts;
             for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {
@@ -846,15 +849,18 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
     const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
     const bool scan_free = scan_free_receive(ctx, a);  // block-uniform
     unsigned long long* flag = g.block_flags + static_cast<size_t>(ctx.rank) * kMaxBlocks + blockIdx.x;
-    // Warp 0: `value` into this block's flag on every unmasked rank, once lane 0 has waited for
-    // the copies it covers (a release publishes the copy engine's completed writes the releasing
-    // thread observed; __syncwarp passes them on to the other lanes).
+    // The issuing thread: waits until at most `pending` of its newest tokens' copies are
+    // incomplete; their writes are then ordered before its later releases.
+    auto wait_copies = [](int pending) {
+        bulk_wait_group_at_most(pending);
+        fence_proxy_async_global();
+    };
+    // Warp 0, after lane 0's wait_copies: `value` into this block's flag on every unmasked rank (a
+    // release publishes the copy engine's completed writes the releasing thread observed;
+    // __syncwarp passes them on to the other lanes).
     auto release_flag = [&](unsigned long long value) {
         __syncwarp();
-        for (int pe = lane; pe < ctx.num_ranks; pe += 32) {
-            if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + pe) != 0) continue;
-            st_release_sys_u64(reinterpret_cast<unsigned long long*>(peer_address(ctx, flag, pe)), value);
-        }
+        set_flag_on_ranks(ctx, flag, value, lane, 32);
     };
 
     // The counts first, from the last block, as in dispatch_send (published after its token, they
@@ -926,10 +932,7 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
             // The next token reuses the stage of the token `stages` back: its copies must have
             // completed (then its flag goes out too: it is due anyway).
             if (token + static_cast<int>(gridDim.x) < a.num_tokens && iteration + 1 >= stages) {
-                if (lane == 0) {
-                    bulk_wait_group_at_most(stages - 1);
-                    fence_proxy_async_global();
-                }
+                if (lane == 0) wait_copies(stages - 1);
                 ++released;
                 if (scan_free) release_flag(bulk_flag(tag, released));
             }
@@ -943,18 +946,12 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
         trace_mark(kTraceDispatch, kTraceFenced);
         const int issued = iteration;
         for (int r = released; r < issued; ++r) {
-            if (lane == 0) {
-                bulk_wait_group_at_most(issued - 1 - r);
-                fence_proxy_async_global();
-            }
+            if (lane == 0) wait_copies(issued - 1 - r);
             release_flag(bulk_flag(tag, r + 1 == issued ? kFlagAllTokens : static_cast<unsigned long long>(r + 1)));
         }
         if (issued == 0) release_flag(bulk_flag(tag, kFlagAllTokens));
     } else {
-        if (threadIdx.x == 0) {
-            bulk_wait_all_complete();
-            fence_proxy_async_global();
-        }
+        if (threadIdx.x == 0) wait_copies(0);
         finish_send(ctx, g.signals, kTraceDispatch);  // its barrier orders thread 0's wait first
     }
     trace_mark(kTraceDispatch, 3);
@@ -1915,15 +1912,11 @@ cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer
     // stage and all its copies are issued at once.
     a.bulk_stages = std::min(kMaxBulkStages, std::max(1, (a.num_max_tokens + grid - 1) / grid));
     const size_t shared_bytes = a.bulk_send && (a.phases & kPhaseSend) ? a.bulk_stages * bulk_stage_bytes(layout.msg_bytes) : 0;
-    cudaError_t status = cudaSuccess;
-    if (a.use_fp8) {
-        status = allow_dynamic_shared(dispatch_kernel<true>, shared_bytes, g_dispatch_shared_allowed[1]);
-        if (status == cudaSuccess) dispatch_kernel<true><<<grid, kNumThreads, shared_bytes, stream>>>(ctx, g, a, buffer_idx);
-    } else {
-        status = allow_dynamic_shared(dispatch_kernel<false>, shared_bytes, g_dispatch_shared_allowed[0]);
-        if (status == cudaSuccess) dispatch_kernel<false><<<grid, kNumThreads, shared_bytes, stream>>>(ctx, g, a, buffer_idx);
-    }
-    return status != cudaSuccess ? status : cudaGetLastError();
+    const auto kernel = a.use_fp8 ? dispatch_kernel<true> : dispatch_kernel<false>;
+    const cudaError_t status = allow_dynamic_shared(kernel, shared_bytes, g_dispatch_shared_allowed[a.use_fp8 ? 1 : 0]);
+    if (status != cudaSuccess) return status;
+    kernel<<<grid, kNumThreads, shared_bytes, stream>>>(ctx, g, a, buffer_idx);
+    return cudaGetLastError();
 }
 
 cudaError_t launch_combine(const Context& ctx, const Layout& layout, int buffer_idx, const CombineArgs& args,
