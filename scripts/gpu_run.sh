@@ -25,6 +25,8 @@
 #   trace: the warp traces of the intranode and rail kernels (a KERNEL_TRACE=1 rebuild; put it last);
 #   llbenchsm / llnoshrinksm: the low-latency benchmark / checks without shrink mode with the
 #   dispatch's SM stores instead of its copy-engine send (DEEP_EP_LL_BULK_SEND=0);
+#   llbenchearly / llnoshrinkearly: the same with the receive offsets computed during the send
+#   (DEEP_EP_LL_EARLY_OFFSETS=1, an experiment);
 #   benchsendown: the intranode benchmark with the sender block copying a rank's rows to itself
 #   (the variant before the receiver block did).
 #
@@ -125,6 +127,10 @@ run_named() {
     # (DEEP_EP_LL_BULK_SEND=0), for A/B against llbench / llnoshrink in the same call.
     llbenchsm) run_step llbenchsm "${LLBENCH_LIMIT:-180}" "DEEP_EP_LL_BULK_SEND=0 $(low_latency 4 --bench-only)" ;;
     llnoshrinksm) run_step llnoshrinksm "${LL4_LIMIT:-240}" "DEEP_EP_LL_BULK_SEND=0 $(low_latency 4 --no-shrink)" ;;
+    # Experiment: the receive offsets computed during the send by a warp without a send role
+    # (DEEP_EP_LL_EARLY_OFFSETS=1), A/B against llbench / llnoshrink in the same call.
+    llbenchearly) run_step llbenchearly "${LLBENCH_LIMIT:-180}" "DEEP_EP_LL_EARLY_OFFSETS=1 $(low_latency 4 --bench-only)" ;;
+    llnoshrinkearly) run_step llnoshrinkearly "${LL4_LIMIT:-240}" "DEEP_EP_LL_EARLY_OFFSETS=1 $(low_latency 4 --no-shrink)" ;;
     ll2) run_step ll2 "${LL2_LIMIT:-150}" "$(low_latency 2 --quick)" ;;
     ll2full) run_step ll2full "${LL2_LIMIT:-150}" "$(low_latency 2)" ;;
     ll2noshrink) run_step ll2noshrink "${LL2_LIMIT:-150}" "$(low_latency 2 --quick --no-shrink)" ;;

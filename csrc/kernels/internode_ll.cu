@@ -552,6 +552,16 @@ struct SendShared {
 };
 __shared__ SendShared s_send;
 
+// The scan-free receive's row offsets (dispatch_recv_direct), here so that a warp of the send can
+// fill them early (dispatch_early_offsets): [source][local expert] first row of the block, and
+// [local expert] rows before the num_slots clamp; a timed-out count wait.
+struct RecvOffsets {
+    int offset[kMaxFastExperts];
+    int total[kMaxFastExperts];
+    int counts_abort;
+};
+__shared__ RecvOffsets s_recv;
+
 // The block's copy of every top-k id (s_send.ids, narrowed to int; ids outside [0, num_experts),
 // unchecked inside graph capture, count as "none": -1). All of a thread's loads go out before its
 // shared stores (one round, not one per id); meanwhile the used part of every warp's expert table
@@ -832,16 +842,82 @@ __device__ __forceinline__ unsigned long long bulk_flag(unsigned long long call,
     return (call << 16) | tokens_done;
 }
 
+// The bulk send's data warps: [0, parts) cast and stage a token, the last warp writes its header.
 template <bool kUseFP8>
-__device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
+__device__ __forceinline__ int bulk_data_warps(int hidden) {
+    const int num_units = kUseFP8 ? hidden / 16 : hidden / 8;
+    return min(kNumWarps - 1, (num_units + 31) / 32);
+}
+
+// The warp without a send role (the bulk send's data warps stop below it) that computes the
+// receive offsets early (DispatchArgs::early_offsets), and whether this launch does: it sends with
+// the copy engine and receives scan-free. Block-uniform.
+constexpr int kEarlyOffsetsWarp = kNumWarps - 2;
+template <bool kUseFP8>
+__device__ __forceinline__ bool early_offsets(const Context& ctx, const DispatchArgs& a) {
+    return a.early_offsets && a.bulk_send && a.phases == (kPhaseSend | kPhaseRecv) && scan_free_receive(ctx, a) &&
+           bulk_data_warps<kUseFP8>(a.hidden) <= kEarlyOffsetsWarp;
+}
+
+// Every source's per-expert counts (a lane per source waits for its count flag), then the
+// exclusive scan over the sources per local expert (a lane per expert) into s_recv, by one
+// warp; s_recv.counts_abort after a timeout (recorded, the host raises). The receiving warps'
+// first barrier publishes it (dispatch_recv_direct).
+__device__ void dispatch_early_offsets(const Context& ctx, const Geometry& g, const DispatchArgs& a,
+                                       unsigned long long seq) {
+    const int lane = threadIdx.x % 32;
+    const int marker = kEarlyOffsetsWarp * 32;
+    const int num_ranks = ctx.num_ranks, num_local = a.num_experts / num_ranks;
+    if (lane == 0) s_recv.counts_abort = 0;
+    __syncwarp();
+    for (int src = lane; src < num_ranks; src += 32) {
+        if (*reinterpret_cast<volatile int*>(&s_recv.counts_abort) != 0) break;  // one timeout is enough
+        if (wait_peer(ctx, g.count_flags + src, seq, src, kKernelDispatch, nullptr, false) != 0)
+            s_recv.counts_abort = 1;
+    }
+    __syncwarp();  // the lanes' acquires, before every lane's count loads
+    if (*reinterpret_cast<volatile int*>(&s_recv.counts_abort) != 0) return;
+    trace_mark(kTraceDispatch, 4, marker);
+    const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
+    for (int e = lane; e < num_local; e += 32) {
+        int running = 0;
+        constexpr int kRound = 8;  // loads in flight per lane
+        for (int i0 = 0; i0 < num_ranks; i0 += kRound) {
+            int c[kRound];
+#pragma unroll
+            for (int i = 0; i < kRound; ++i)
+                c[i] = i0 + i < num_ranks ? __ldcg(counts + static_cast<size_t>(i0 + i) * num_local + e) : 0;
+#pragma unroll
+            for (int i = 0; i < kRound; ++i) {
+                if (i0 + i < num_ranks) s_recv.offset[(i0 + i) * num_local + e] = running;
+                running += c[i];
+            }
+        }
+        s_recv.total[e] = running;
+    }
+    trace_mark(kTraceDispatch, 5, marker);
+}
+
+template <bool kUseFP8>
+__device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag,
+                                   unsigned long long recv_seq) {
     extern __shared__ __align__(128) uint8_t s_stages[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int hidden = a.hidden;
     const int num_units = kUseFP8 ? hidden / 16 : hidden / 8;
     const int num_chunks = (num_units + 31) / 32;
     // Warps [0, parts) cast and stage the data; the last warp writes the header.
-    const int parts = min(kNumWarps - 1, num_chunks);
+    const int parts = bulk_data_warps<kUseFP8>(hidden);
     const int header_warp = kNumWarps - 1;
+    // With early offsets, kEarlyOffsetsWarp leaves after the ids barrier below, and the send's
+    // later barriers count the other warps only.
+    const bool early = early_offsets<kUseFP8>(ctx, a);  // block-uniform
+    auto send_barrier = [&]() {
+        if (early)
+            asm volatile("bar.sync 3, %0;" ::"r"(kNumThreads - 32) : "memory");
+        else
+            __syncthreads();
+    };
     const size_t data_bytes = kUseFP8 ? static_cast<size_t>(hidden) + hidden / 32 : static_cast<size_t>(hidden) * 2;
     const uint32_t copy_bytes = static_cast<uint32_t>((kHeaderBytes + data_bytes + 15) / 16 * 16);  // <= msg_bytes
     const size_t stage_bytes = bulk_stage_bytes(g.msg_bytes);
@@ -882,13 +958,17 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
     const int* ids = ids_shared ? s_send.ids : nullptr;
     __syncthreads();  // the shared ids complete (the input loads stay in flight)
     trace_mark(kTraceDispatch, 0);
+    if (early && warp == kEarlyOffsetsWarp) {
+        dispatch_early_offsets(ctx, g, a, recv_seq);
+        return;  // to the receive (dispatch_kernel)
+    }
 
     // Tokens issued (`iteration`) and flagged as complete (`released`, warp 0's count).
     int iteration = 0, released = 0;
     for (int token = first_token; token < a.num_tokens; token += gridDim.x, ++iteration) {
         uint8_t* stage = s_stages + static_cast<size_t>(iteration % stages) * stage_bytes;
         // The copies that last read this stage have completed (warp 0 waited after issuing).
-        if (iteration >= stages) __syncthreads();
+        if (iteration >= stages) send_barrier();
         const char* token_x = reinterpret_cast<const char*>(x + static_cast<size_t>(token) * hidden);
         if (warp < parts) {
             for (int first = warp; first < num_chunks; first += kPrefetch * parts) {
@@ -917,7 +997,7 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
             trace_mark(kTraceDispatch, 15, header_warp * 32);
         }
         fence_proxy_async_shared();  // this thread's stage stores, before the copy engine reads them
-        __syncthreads();
+        send_barrier();
         trace_mark(kTraceDispatch, 12);
         if (warp == 0) {
             int expert, dst;
@@ -1199,10 +1279,10 @@ __device__ long long wait_sending_blocks(const Context& ctx, const Geometry& g, 
 template <bool kUseFP8>
 __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long seq,
                                      int first_warp) {
-    __shared__ int s_offset[kMaxFastExperts];  // [source][local expert]: first row of the block
-    __shared__ int s_total[kMaxFastExperts];   // [local expert]: rows (before the num_slots clamp)
+    int* s_offset = s_recv.offset;
+    int* s_total = s_recv.total;
+    int& s_counts_abort = s_recv.counts_abort;
     __shared__ int s_abort;
-    __shared__ int s_counts_abort;
 
     // The receiving warps: [first_warp, kNumWarps) of the block (warp 0 may still be setting the
     // block's delivery flags, see dispatch_kernel); tid / warp count from the first of them.
@@ -1229,12 +1309,14 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     // Block 0 measures the wait per source (wait_recv_cost_stats) below, so there it waits for
     // the delivery flags there, not here (the statistic would read zero).
     const bool stats_block = blockIdx.x == 0 && a.wait_recv_cost_stats != nullptr;
+    // The offsets (and counts_abort) came from dispatch_early_offsets: the first barrier publishes them.
+    const bool early = early_offsets<kUseFP8>(ctx, a);
     if (tid == 0) {
-        s_counts_abort = 0;
+        if (!early) s_counts_abort = 0;
         s_abort = 0;  // read only after the barrier below the scan
     }
     recv_barrier(first_warp);
-    const int num_flags = num_ranks + (flags_first && !stats_block ? num_ranks * static_cast<int>(gridDim.x) : 0);
+    const int num_flags = early ? 0 : num_ranks + (flags_first && !stats_block ? num_ranks * static_cast<int>(gridDim.x) : 0);
     for (int i = tid; i < num_flags; i += num_threads) {
         if (*reinterpret_cast<volatile int*>(&s_counts_abort) != 0) break;  // one timeout is enough
         // [0, num_ranks): count flags; then the delivery flags [source][sending block].
@@ -1246,9 +1328,9 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         if (wait_peer(ctx, flag, i < num_ranks ? seq : all_sent, src, kKernelDispatch, nullptr, false) != 0)
             s_counts_abort = 1;
     }
-    recv_barrier(first_warp);
+    if (!early) recv_barrier(first_warp);
     if (s_counts_abort != 0) return;  // the host raises
-    trace_mark(kTraceDispatch, 4, marker);
+    if (!early) trace_mark(kTraceDispatch, 4, marker);
 
     const int row_bytes = kUseFP8 ? hidden : hidden * 2;
     const int num_units = row_bytes / 16;
@@ -1277,7 +1359,9 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
     const int num_pairs = num_ranks * num_local;
     constexpr int kScanInRegisters = 16;
-    if (num_ranks <= kScanInRegisters) {
+    if (early) {
+        // Scanned already (dispatch_early_offsets; the barrier above published it).
+    } else if (num_ranks <= kScanInRegisters) {
         for (int e = tid; e < num_local; e += num_threads) {
             int c[kScanInRegisters];
 #pragma unroll
@@ -1308,8 +1392,10 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             if (lane == 0) s_total[e] = running;
         }
     }
-    recv_barrier(first_warp);
-    trace_mark(kTraceDispatch, 5, marker);
+    if (!early) {
+        recv_barrier(first_warp);
+        trace_mark(kTraceDispatch, 5, marker);
+    }
 
     // Block 0 writes the per-expert bookkeeping (the same values as the scan: counts and block
     // starts unclamped, recv_count clamped to the slots).
@@ -1447,7 +1533,7 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Context ctx, G
     trace_start();
     if (a.phases & kPhaseSend) {
         if (a.bulk_send)
-            dispatch_send_bulk<kUseFP8>(ctx, g, a, send_call);
+            dispatch_send_bulk<kUseFP8>(ctx, g, a, send_call, recv_call);
         else
             dispatch_send<kUseFP8>(ctx, g, a, send_call);
     }
@@ -1913,8 +1999,13 @@ cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer
         const char* value = std::getenv("DEEP_EP_LL_BULK_SEND");
         return value == nullptr || std::atoi(value) != 0;
     }();
+    static const bool early_offsets_wanted = [] {
+        const char* value = std::getenv("DEEP_EP_LL_EARLY_OFFSETS");
+        return value != nullptr && std::atoi(value) != 0;
+    }();
     DispatchArgs a = args;
     a.bulk_send = bulk_wanted && !ctx.any_remote;
+    a.early_offsets = early_offsets_wanted;
     // Enough stages for a block's every token (up to kMaxBulkStages): then no block waits for a
     // stage and all its copies are issued at once.
     a.bulk_stages = std::min(kMaxBulkStages, std::max(1, (a.num_max_tokens + grid - 1) / grid));

@@ -131,6 +131,10 @@ struct DispatchArgs {
     // t % grid) and its shared-memory stages per block.
     bool bulk_send;
     int bulk_stages;
+    // Experiment (DEEP_EP_LL_EARLY_OFFSETS=1; off by default): in a launch that sends with the
+    // copy engine and receives, a warp without a send role waits for the counts and computes the
+    // receive offsets during the send (dispatch_early_offsets).
+    bool early_offsets;
 };
 
 struct CombineArgs {
