@@ -131,6 +131,12 @@ run_named() {
     # (DEEP_EP_LL_EARLY_OFFSETS=1), A/B against llbench / llnoshrink in the same call.
     llbenchearly) run_step llbenchearly "${LLBENCH_LIMIT:-180}" "DEEP_EP_LL_EARLY_OFFSETS=1 $(low_latency 4 --bench-only)" ;;
     llnoshrinkearly) run_step llnoshrinkearly "${LL4_LIMIT:-240}" "DEEP_EP_LL_EARLY_OFFSETS=1 $(low_latency 4 --no-shrink)" ;;
+    # Experiments: the token's header copied after its data (DEEP_EP_LL_SPLIT_HEADER=1), and both.
+    llbenchsplit) run_step llbenchsplit "${LLBENCH_LIMIT:-180}" "DEEP_EP_LL_SPLIT_HEADER=1 $(low_latency 4 --bench-only)" ;;
+    llbenchboth) run_step llbenchboth "${LLBENCH_LIMIT:-180}" \
+        "DEEP_EP_LL_SPLIT_HEADER=1 DEEP_EP_LL_EARLY_OFFSETS=1 $(low_latency 4 --bench-only)" ;;
+    llnoshrinkboth) run_step llnoshrinkboth "${LL4_LIMIT:-240}" \
+        "DEEP_EP_LL_SPLIT_HEADER=1 DEEP_EP_LL_EARLY_OFFSETS=1 $(low_latency 4 --no-shrink)" ;;
     ll2) run_step ll2 "${LL2_LIMIT:-150}" "$(low_latency 2 --quick)" ;;
     ll2full) run_step ll2full "${LL2_LIMIT:-150}" "$(low_latency 2)" ;;
     ll2noshrink) run_step ll2noshrink "${LL2_LIMIT:-150}" "$(low_latency 2 --quick --no-shrink)" ;;

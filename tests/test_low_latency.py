@@ -649,9 +649,9 @@ _TRACE_POINTS = {
     "dispatch": ["ids in smem", "send tasks done", "counts published", "send signalled", "counts/sources in",
                  "recv offsets ready", "rows placed", "end", "header read (sum)", "row loaded (sum)", "send fenced",
                  "send-only end", "bulk: staged (sum)", "bulk: issued (sum)", "bulk: x in, w0 (sum)",
-                 "bulk: header (sum)"],
+                 "bulk: header (sum)", "bulk: header start", "bulk: positions"],
     "combine": ["weights sent", "send tasks done", "", "send signalled", "sources arrived", "", "rows reduced", "end",
-                "", "", "send fenced", "send-only end", "", "", "", ""],
+                "", "", "send fenced", "send-only end", "", "", "", "", "", ""],
 }
 
 

@@ -970,6 +970,19 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
         // The copies that last read this stage have completed (warp 0 waited after issuing).
         if (iteration >= stages) send_barrier();
         const char* token_x = reinterpret_cast<const char*>(x + static_cast<size_t>(token) * hidden);
+        // Warp 0: the token's destinations (route_token, message_leaders), its slot relative to the
+        // heap base (the same on every rank), and the copies of stage bytes [offset, offset + bytes).
+        int expert = -1, dst = -1;
+        unsigned int leaders = 0u;
+        const size_t slot_rel = g.dispatch_recv_offset + (static_cast<size_t>(ctx.rank) * a.num_max_tokens + token) * g.msg_bytes +
+                                static_cast<size_t>(g.buf - static_cast<char*>(ctx.heap));
+        auto issue_copies = [&](uint32_t offset, uint32_t bytes) {
+            for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {  // warp-uniform
+                const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
+                if (lane == 0)
+                    bulk_store_from_shared(reinterpret_cast<char*>(ctx.peer_bases[d]) + slot_rel + offset, stage + offset, bytes);
+            }
+        };
         if (warp < parts) {
             for (int first = warp; first < num_chunks; first += kPrefetch * parts) {
                 if (token != first_token || first != warp) load_send_chunks<kUseFP8>(raw, token_x, first, parts, num_units);
@@ -987,11 +1000,23 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
                         *reinterpret_cast<float*>(stage + kHeaderBytes + hidden + static_cast<size_t>(unit / 8) * 4) = scale;
                 }
             }
+            if (a.split_header) {
+                // The data warps' part leaves at once (the header warp finishes later: measured
+                // ~1.4 us after them); the header's copies follow in the token's group below.
+                fence_proxy_async_shared();
+                asm volatile("bar.sync 2, %0;" ::"r"(parts * 32) : "memory");
+                if (warp == 0) {
+                    route_token(ctx, a, ids, token, expert, dst);
+                    leaders = message_leaders(dst, a.num_topk);
+                    issue_copies(kHeaderBytes, copy_bytes - kHeaderBytes);
+                }
+            }
         } else if (warp == header_warp) {
-            int expert, dst;
+            trace_mark(kTraceDispatch, 16, header_warp * 32);
             route_token(ctx, a, ids, token, expert, dst);
             const int pos_word = header_position_word(a.topk_idx, ids, token, a.num_topk, a.num_experts, expert,
                                                       expert_table, s_send.slot_count + warp * kMaxTopk);
+            trace_mark_loaded(kTraceDispatch, 17, pos_word, header_warp * 32);
             const int value = header_lane_value(a, token, tag, expert, pos_word);
             if (lane < kHeaderInts + kHeaderPosInts) reinterpret_cast<int*>(stage)[lane] = value;
             trace_mark(kTraceDispatch, 15, header_warp * 32);
@@ -1000,14 +1025,12 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
         send_barrier();
         trace_mark(kTraceDispatch, 12);
         if (warp == 0) {
-            int expert, dst;
-            route_token(ctx, a, ids, token, expert, dst);
-            const unsigned int leaders = message_leaders(dst, a.num_topk);
-            const size_t slot_rel = g.dispatch_recv_offset + (static_cast<size_t>(ctx.rank) * a.num_max_tokens + token) * g.msg_bytes +
-                                    static_cast<size_t>(g.buf - static_cast<char*>(ctx.heap));
-            for (unsigned int bits = leaders; bits != 0u; bits &= bits - 1u) {  // warp-uniform
-                const int d = __shfl_sync(0xffffffffu, dst, __ffs(bits) - 1);
-                if (lane == 0) bulk_store_from_shared(reinterpret_cast<char*>(ctx.peer_bases[d]) + slot_rel, stage, copy_bytes);
+            if (a.split_header) {
+                issue_copies(0, kHeaderBytes);
+            } else {
+                route_token(ctx, a, ids, token, expert, dst);
+                leaders = message_leaders(dst, a.num_topk);
+                issue_copies(0, copy_bytes);
             }
             if (lane == 0) bulk_commit_group();
             trace_mark(kTraceDispatch, 13);
@@ -2006,6 +2029,11 @@ cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer
     DispatchArgs a = args;
     a.bulk_send = bulk_wanted && !ctx.any_remote;
     a.early_offsets = early_offsets_wanted;
+    static const bool split_header_wanted = [] {
+        const char* value = std::getenv("DEEP_EP_LL_SPLIT_HEADER");
+        return value != nullptr && std::atoi(value) != 0;
+    }();
+    a.split_header = split_header_wanted;
     // Enough stages for a block's every token (up to kMaxBulkStages): then no block waits for a
     // stage and all its copies are issued at once.
     a.bulk_stages = std::min(kMaxBulkStages, std::max(1, (a.num_max_tokens + grid - 1) / grid));

@@ -40,13 +40,13 @@ constexpr int kMaxBlocks = 128;
 // 1 this warp's send tasks done, 2 counts published, 3 send signalled, 4 every source's counts
 // (scan-free receive) or signals (scan) arrived, 5 receive offsets ready, 6 rows placed, 7 end,
 // 8 (receive, summed over this warp's tasks) header read, 9 row loaded; the bulk send's 12 stage
-// assembled, 13 copies issued, 14 warp 0's first input chunk loaded, 15 header staged (each summed
-// over the block's tokens). Combine points: 0 weights
+// assembled, 13 copies issued, 14 warp 0's first input chunk loaded, 15 header staged, 16 header
+// warp started, 17 header positions computed (each summed over the block's tokens). Combine points: 0 weights
 // broadcast, 1 send tasks done, 3 send signalled, 4 every source arrived, 6 rows reduced, 7 end.
 // Both: 10 send fenced, 11 end of a send-only launch (hook mode; point 7 is then the receive
 // launch's end).
 constexpr int kTraceKernels = 2;  // 0 dispatch, 1 combine
-constexpr int kTracePoints = 16;
+constexpr int kTracePoints = 18;
 // Clears the trace and turns it on or off (for every later launch of this process).
 cudaError_t trace_reset(bool enable);
 // Copies the trace out: cycles [kTraceKernels][kMaxBlocks][kTracePoints], then the calls per
@@ -135,6 +135,9 @@ struct DispatchArgs {
     // copy engine and receives, a warp without a send role waits for the counts and computes the
     // receive offsets during the send (dispatch_early_offsets).
     bool early_offsets;
+    // Experiment (DEEP_EP_LL_SPLIT_HEADER=1; off by default): the bulk send copies a token's data
+    // and scales once the data warps have staged them, and its header after (in the same group).
+    bool split_header;
 };
 
 struct CombineArgs {
