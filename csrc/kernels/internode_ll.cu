@@ -32,10 +32,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 
 #include "internode_ll_api.cuh"
 #include "bulk_copy.cuh"
+#include "launch.cuh"
 #include "nvshmem_utils.cuh"
 #include "phase_trace.cuh"
 
@@ -859,6 +859,28 @@ __device__ __forceinline__ bool early_offsets(const Context& ctx, const Dispatch
            bulk_data_warps<kUseFP8>(a.hidden) <= kEarlyOffsetsWarp;
 }
 
+// One local expert's exclusive scan over the sources of the count table ([source][local], written
+// by publish_dispatch_counts): the first row of each source's block into offset[source * num_local
+// + e], the sum into total[e]. The loads go out kScanRound at a time (all of them in one round up to
+// kScanRound ranks), the sums stay in registers.
+constexpr int kScanRound = 16;
+__device__ __forceinline__ void scan_expert_counts(const int* counts, int e, int num_ranks, int num_local, int* offset,
+                                                   int* total) {
+    int running = 0;
+    for (int i0 = 0; i0 < num_ranks; i0 += kScanRound) {
+        int c[kScanRound];
+#pragma unroll
+        for (int i = 0; i < kScanRound; ++i)
+            c[i] = i0 + i < num_ranks ? __ldcg(counts + static_cast<size_t>(i0 + i) * num_local + e) : 0;
+#pragma unroll
+        for (int i = 0; i < kScanRound; ++i) {
+            if (i0 + i < num_ranks) offset[(i0 + i) * num_local + e] = running;
+            running += c[i];
+        }
+    }
+    total[e] = running;
+}
+
 // Every source's per-expert counts (a lane per source waits for its count flag), then the
 // exclusive scan over the sources per local expert (a lane per expert) into s_recv, by one
 // warp; s_recv.counts_abort after a timeout (recorded, the host raises). The receiving warps'
@@ -879,22 +901,7 @@ __device__ void dispatch_early_offsets(const Context& ctx, const Geometry& g, co
     if (*reinterpret_cast<volatile int*>(&s_recv.counts_abort) != 0) return;
     trace_mark(kTraceDispatch, 4, marker);
     const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
-    for (int e = lane; e < num_local; e += 32) {
-        int running = 0;
-        constexpr int kRound = 8;  // loads in flight per lane
-        for (int i0 = 0; i0 < num_ranks; i0 += kRound) {
-            int c[kRound];
-#pragma unroll
-            for (int i = 0; i < kRound; ++i)
-                c[i] = i0 + i < num_ranks ? __ldcg(counts + static_cast<size_t>(i0 + i) * num_local + e) : 0;
-#pragma unroll
-            for (int i = 0; i < kRound; ++i) {
-                if (i0 + i < num_ranks) s_recv.offset[(i0 + i) * num_local + e] = running;
-                running += c[i];
-            }
-        }
-        s_recv.total[e] = running;
-    }
+    for (int e = lane; e < num_local; e += 32) scan_expert_counts(counts, e, num_ranks, num_local, s_recv.offset, s_recv.total);
     trace_mark(kTraceDispatch, 5, marker);
 }
 
@@ -1375,29 +1382,16 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     };
 
     // Each source's last sending block wrote its counts before its count flag (publish_dispatch_counts).
-    // The exclusive scan over the sources, per local expert. Up to kScanInRegisters ranks: one
-    // thread per expert, the loads of all sources in one round, the sums in registers (no
+    // The exclusive scan over the sources, per local expert. Up to kScanRound ranks: one
+    // thread per expert (scan_expert_counts: every source's load in one round, the sums in registers; no
     // barrier between load and scan: the warp-per-expert scan below took ~3 us at 2 ranks).
     // More ranks: counts staged in shared memory, one warp per expert scanning 32 sources a step.
     const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
     const int num_pairs = num_ranks * num_local;
-    constexpr int kScanInRegisters = 16;
     if (early) {
         // Scanned already (dispatch_early_offsets; the barrier above published it).
-    } else if (num_ranks <= kScanInRegisters) {
-        for (int e = tid; e < num_local; e += num_threads) {
-            int c[kScanInRegisters];
-#pragma unroll
-            for (int i = 0; i < kScanInRegisters; ++i)
-                c[i] = i < num_ranks ? __ldcg(counts + static_cast<size_t>(i) * num_local + e) : 0;
-            int running = 0;
-#pragma unroll
-            for (int i = 0; i < kScanInRegisters; ++i) {
-                if (i < num_ranks) s_offset[i * num_local + e] = running;
-                running += c[i];
-            }
-            s_total[e] = running;
-        }
+    } else if (num_ranks <= kScanRound) {
+        for (int e = tid; e < num_local; e += num_threads) scan_expert_counts(counts, e, num_ranks, num_local, s_offset, s_total);
     } else {
         for (int i = tid; i < num_pairs; i += num_threads) s_offset[i] = __ldcg(counts + i);
         recv_barrier(first_warp);
@@ -1963,10 +1957,7 @@ int num_blocks(int num_max_tokens, int num_local_experts) {
     const int limit = std::min(kMaxBlocks, num_sms);
     // DEEP_EP_LL_NUM_BLOCKS (read once; the same on every rank) fixes the grid, for measuring
     // other geometries: every loop of the kernels is grid-stride, any grid size is correct.
-    static const int forced = [] {
-        const char* value = std::getenv("DEEP_EP_LL_NUM_BLOCKS");
-        return value != nullptr ? std::atoi(value) : 0;
-    }();
+    static const int forced = env_int("DEEP_EP_LL_NUM_BLOCKS", 0);
     if (forced > 0) return std::min(limit, forced);
     return std::max(1, std::min(limit, std::max(for_send, num_local_experts)));
 }
@@ -2018,21 +2009,13 @@ cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer
     // The bulk send (dispatch_send_bulk) where every peer takes direct stores; DEEP_EP_LL_BULK_SEND=0
     // keeps the stores of the SM (read once; every rank of a job must see the same value, as the
     // receivers derive each token's sending block from it).
-    static const bool bulk_wanted = [] {
-        const char* value = std::getenv("DEEP_EP_LL_BULK_SEND");
-        return value == nullptr || std::atoi(value) != 0;
-    }();
-    static const bool early_offsets_wanted = [] {
-        const char* value = std::getenv("DEEP_EP_LL_EARLY_OFFSETS");
-        return value != nullptr && std::atoi(value) != 0;
-    }();
+    static const bool bulk_wanted = env_int("DEEP_EP_LL_BULK_SEND", 1) != 0;
+    // Experiments, off unless set (DispatchArgs::early_offsets, ::split_header).
+    static const bool early_offsets_wanted = env_int("DEEP_EP_LL_EARLY_OFFSETS", 0) != 0;
+    static const bool split_header_wanted = env_int("DEEP_EP_LL_SPLIT_HEADER", 0) != 0;
     DispatchArgs a = args;
     a.bulk_send = bulk_wanted && !ctx.any_remote;
     a.early_offsets = early_offsets_wanted;
-    static const bool split_header_wanted = [] {
-        const char* value = std::getenv("DEEP_EP_LL_SPLIT_HEADER");
-        return value != nullptr && std::atoi(value) != 0;
-    }();
     a.split_header = split_header_wanted;
     // Enough stages for a block's every token (up to kMaxBulkStages): then no block waits for a
     // stage and all its copies are issued at once.

@@ -16,7 +16,6 @@
 // head. Hence no barrier is needed between calls, and a cached dispatch or a combine is one
 // kernel launch.
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include <cuda_bf16.h>
@@ -989,10 +988,7 @@ void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream) {
     // over NVLink (4 x H200, 24 SMs: bf16 / FP8 dispatch +6 % / +4 % over the sender copying them,
     // three A/B runs; docs/benchmarks.md). DEEP_EP_OWN_ROWS_BY_RECEIVER=0 (read once; the same on
     // every rank) selects the sender copy, for measuring against it (it was ahead at 20 SMs).
-    static const bool own_rows_by_receiver = [] {
-        const char* value = std::getenv("DEEP_EP_OWN_ROWS_BY_RECEIVER");
-        return value == nullptr || std::atoi(value) != 0;
-    }();
+    static const bool own_rows_by_receiver = env_int("DEEP_EP_OWN_ROWS_BY_RECEIVER", 1) != 0;
     const int grid = args.ring.num_channels * 2;
     if (args.row_segment_end != nullptr) {
         if (own_rows_by_receiver)
