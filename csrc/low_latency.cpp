@@ -179,6 +179,11 @@ void LowLatencyRuntime::ensure_layout(int num_max_tokens, int hidden, int num_ex
     layout_key_ = key;
 }
 
+void LowLatencyRuntime::barrier() {
+    TORCH_CHECK(!destroyed_, "deep_ep low-latency: the runtime has been destroyed");
+    ll::nvshmem_barrier_on_stream(at::cuda::getCurrentCUDAStream());
+}
+
 void LowLatencyRuntime::clean(int num_max_tokens, int hidden, int num_experts) {
     TORCH_CHECK(!destroyed_, "deep_ep low-latency: the runtime has been destroyed");
     const ll::Layout layout = ll::make_layout(num_max_tokens, hidden, num_ranks_, num_experts);
@@ -404,6 +409,7 @@ void register_low_latency(pybind11::module_& m) {
         .def("dispatch", &LowLatencyRuntime::dispatch)
         .def("combine", &LowLatencyRuntime::combine)
         .def("clean", &LowLatencyRuntime::clean)
+        .def("barrier", &LowLatencyRuntime::barrier)
         .def("combine_buffer", &LowLatencyRuntime::combine_buffer)
         .def("rdma_buffer", &LowLatencyRuntime::rdma_buffer)
         .def("update_mask", &LowLatencyRuntime::update_mask)

@@ -48,6 +48,10 @@ public:
 
     // Collective: resets counters, call numbers and slot tags of both buffers.
     void clean(int num_max_tokens, int hidden, int num_experts);
+    // A device-side barrier of all ranks on the current stream (NVSHMEM's, over the symmetric
+    // heap): the ranks leave it within about one NVLink latency of each other, where a host or
+    // NCCL barrier leaves microseconds between them. Benchmarks line up kernel starts with it.
+    void barrier();
 
     // bf16 [num_local_experts, num_ranks * num_max_tokens, hidden] view of a buffer's combine area.
     torch::Tensor combine_buffer(int buffer_idx, int num_max_tokens, int hidden, int num_experts);

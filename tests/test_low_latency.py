@@ -30,7 +30,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -607,11 +607,16 @@ def _print_host_profile(fn, rank: int, calls: int = 200) -> None:
 _ALIGN_SLEEP_CYCLES = 1_000_000  # about 0.5 ms at Hopper clocks
 
 
-def _kernel_durations(fn, iterations: int, keys: Optional[List[str]] = None) -> Dict[str, List[float]]:
+def _kernel_durations(fn, iterations: int, keys: Optional[List[str]] = None,
+                      align: Optional[Callable[[], None]] = None) -> Dict[str, List[float]]:
     """Device durations (us) of our kernels over ``iterations`` calls of ``fn``, in launch order.
 
     ``keys`` (default: the low-latency dispatch and combine kernels) are substrings of kernel
     names; each kernel counts under the first key its name contains (``""`` catches the rest).
+    ``align``, if given, is a device-side barrier of all ranks enqueued right before each call
+    (after the GPU-side sleep): without it the kernels start as the NCCL all-reduce leaves the
+    ranks, microseconds apart (its last step reaches the ranks at different times), and the
+    earliest rank's kernel time includes the wait for the latest one's data.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -628,6 +633,8 @@ def _kernel_durations(fn, iterations: int, keys: Optional[List[str]] = None) -> 
         for _ in range(iterations):
             dist.all_reduce(token)
             torch.cuda._sleep(_ALIGN_SLEEP_CYCLES)
+            if align is not None:
+                align()
             fn()
         torch.cuda.synchronize()
     found: Dict[str, List[Tuple[float, float]]] = {k: [] for k in (keys or ["dispatch_kernel", "combine_kernel"])}
@@ -655,13 +662,13 @@ _TRACE_POINTS = {
 }
 
 
-def _print_phase_trace(title: str, fn, rank: int, iterations: int) -> None:
+def _print_phase_trace(title: str, fn, rank: int, iterations: int, align: Optional[Callable[[], None]] = None) -> None:
     """DEEP_EP_LL_TRACE=1: where the kernels' time goes (kernels/phase_trace.cuh). For each marked
     point, the time from a block's start, averaged over the calls: median and max over blocks."""
     import deep_ep_cpp
 
     deep_ep_cpp.ll_trace_reset(True)
-    _kernel_durations(fn, iterations)
+    _kernel_durations(fn, iterations, align=align)
     torch.cuda.synchronize()
     cycles, calls, clock_khz = deep_ep_cpp.ll_trace_read()
     deep_ep_cpp.ll_trace_reset(False)
@@ -721,13 +728,22 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
         r = buffer.low_latency_dispatch(x, topk_idx, num_max, num_experts)
         buffer.low_latency_combine(y, topk_idx, weights, r[2])
 
-    # Kernel device times (profiler), dispatch and combine back to back as in a decode step.
+    # Kernel device times (profiler), dispatch and combine back to back as in a decode step, the
+    # ranks' starts lined up by a device-side barrier (the runtime's NVSHMEM barrier). The same
+    # with the starts as the NCCL all-reduce leaves them (the method of earlier sessions) is
+    # printed too: the difference is the ranks' start skew, which the earliest rank waits out.
+    runtime = getattr(buffer._backend, "_ll", None)
+    device_barrier = runtime.barrier if runtime is not None else None
     for combine_mode in reversed(COMBINE_MODES):
         _set_combine_mode(buffer, combine_mode)
-        durations = _kernel_durations(both, iterations)
+        durations = _kernel_durations(both, iterations, align=device_barrier)
         results["kernel_dispatch_us"] = _median_max(durations["dispatch_kernel"] or [0.0])
         results[f"kernel_combine_{combine_mode}_us"] = _median_max(durations["combine_kernel"] or [0.0])
     results["kernel_combine_us"] = results[f"kernel_combine_{COMBINE_MODES[0]}_us"]
+    _set_combine_mode(buffer, COMBINE_MODES[0])
+    durations = _kernel_durations(both, iterations)
+    results["kernel_dispatch_nccl_aligned_us"] = _median_max(durations["dispatch_kernel"] or [0.0])
+    results["kernel_combine_nccl_aligned_us"] = _median_max(durations["combine_kernel"] or [0.0])
 
     # Per call as seen by a stream (includes host launch overhead when the GPU waits for it).
     results["call_dispatch_us"] = _time_calls(dispatch, iterations)
@@ -787,7 +803,9 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
 
     if os.environ.get("DEEP_EP_LL_TRACE", "0") == "1":
         _set_combine_mode(buffer, COMBINE_MODES[0])
-        _print_phase_trace("one launch", both, rank, iterations)
+        _print_phase_trace("one launch, starts lined up by a device barrier", both, rank, iterations,
+                           align=device_barrier)
+        _print_phase_trace("one launch, starts as the NCCL all-reduce leaves them", both, rank, iterations)
         _print_phase_trace("hook mode", hooked, rank, iterations)
 
     durations = _kernel_durations(hooked, iterations)
