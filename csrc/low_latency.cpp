@@ -78,6 +78,7 @@ const char* kernel_name(int kernel) {
     switch (kernel) {
         case ll::kKernelDispatch: return "low_latency_dispatch";
         case ll::kKernelCombine: return "low_latency_combine";
+        case ll::kKernelRankBarrier: return "the rank barrier (LowLatencyRuntime.barrier)";
         default: return "low-latency kernel";
     }
 }
@@ -102,6 +103,11 @@ LowLatencyRuntime::LowLatencyRuntime(int rank, int num_ranks, const std::string&
     TORCH_CHECK(heap_ != nullptr, "deep_ep low-latency: nvshmem_malloc of ", num_rdma_bytes,
                 " bytes failed (raise NVSHMEM_SYMMETRIC_SIZE)");
     LL_CUDA_CHECK(cudaMemset(heap_, 0, static_cast<size_t>(num_rdma_bytes)));
+    // The rank barrier's flags: their own symmetric allocation, so clean() and the layout never touch them.
+    const size_t barrier_bytes = sizeof(unsigned long long) * 2 * static_cast<size_t>(num_ranks);
+    barrier_flags_ = static_cast<unsigned long long*>(ll::nvshmem_alloc(barrier_bytes));
+    TORCH_CHECK(barrier_flags_ != nullptr, "deep_ep low-latency: nvshmem_malloc of the barrier flags failed");
+    LL_CUDA_CHECK(cudaMemset(barrier_flags_, 0, barrier_bytes));
 
     host_peer_bases_.assign(num_ranks, 0ull);
     for (int pe = 0; pe < num_ranks; ++pe) {
@@ -144,6 +150,10 @@ int64_t LowLatencyRuntime::required_bytes(int num_max_tokens, int hidden, int nu
 ll::Context LowLatencyRuntime::context(int num_max_tokens, int hidden, int num_experts) {
     TORCH_CHECK(!destroyed_, "deep_ep low-latency: the runtime has been destroyed");
     ensure_layout(num_max_tokens, hidden, num_experts);
+    return base_context();
+}
+
+ll::Context LowLatencyRuntime::base_context() const {
     ll::Context ctx;
     ctx.rank = rank_;
     ctx.num_ranks = num_ranks_;
@@ -181,7 +191,8 @@ void LowLatencyRuntime::ensure_layout(int num_max_tokens, int hidden, int num_ex
 
 void LowLatencyRuntime::barrier() {
     TORCH_CHECK(!destroyed_, "deep_ep low-latency: the runtime has been destroyed");
-    ll::nvshmem_barrier_on_stream(at::cuda::getCurrentCUDAStream());
+    LL_CUDA_CHECK(ll::launch_rank_barrier(base_context(), barrier_flags_, ++barrier_calls_,
+                                          at::cuda::getCurrentCUDAStream()));
 }
 
 void LowLatencyRuntime::clean(int num_max_tokens, int hidden, int num_experts) {
@@ -388,6 +399,8 @@ void LowLatencyRuntime::destroy() {
     const c10::cuda::CUDAGuard guard(device_);
     LL_CUDA_CHECK(cudaDeviceSynchronize());
     ll::nvshmem_barrier_all_host();
+    ll::nvshmem_release(barrier_flags_);
+    barrier_flags_ = nullptr;
     ll::nvshmem_release(heap_);
     heap_ = nullptr;
     ll::nvshmem_finalize_runtime();

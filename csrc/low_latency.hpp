@@ -48,9 +48,9 @@ public:
 
     // Collective: resets counters, call numbers and slot tags of both buffers.
     void clean(int num_max_tokens, int hidden, int num_experts);
-    // A device-side barrier of all ranks on the current stream (NVSHMEM's, over the symmetric
-    // heap): the ranks leave it within about one NVLink latency of each other, where a host or
-    // NCCL barrier leaves microseconds between them. Benchmarks line up kernel starts with it.
+    // Collective: a device-side barrier of all ranks on the current stream (ll::launch_rank_barrier):
+    // the ranks leave it within about one NVLink latency of each other, where NCCL's all-reduce or
+    // NVSHMEM's barrier leave microseconds between them. Benchmarks line up kernel starts with it.
     void barrier();
 
     // bf16 [num_local_experts, num_ranks * num_max_tokens, hidden] view of a buffer's combine area.
@@ -72,6 +72,8 @@ public:
 
 private:
     ll::Context context(int num_max_tokens, int hidden, int num_experts);
+    // The context without a layout (calls that touch no buffer: the rank barrier).
+    ll::Context base_context() const;
     // Launches `kernel` (ll::launch_dispatch or ll::launch_combine) on this runtime's device and
     // current stream, with the buffers laid out for the shape in `args`.
     template <typename Args>
@@ -87,6 +89,8 @@ private:
     unsigned long long timeout_ns_;
     int device_ = 0;
     void* heap_ = nullptr;
+    unsigned long long* barrier_flags_ = nullptr;  // symmetric [2 rounds][num_ranks], see barrier()
+    unsigned long long barrier_calls_ = 0;
     unsigned long long* peer_bases_ = nullptr;  // device
     ll::BufferState* state_ = nullptr;          // device [2][kMaxBlocks]
     int* mask_ = nullptr;                       // device [num_ranks]

@@ -729,7 +729,7 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
         buffer.low_latency_combine(y, topk_idx, weights, r[2])
 
     # Kernel device times (profiler), dispatch and combine back to back as in a decode step, the
-    # ranks' starts lined up by a device-side barrier (the runtime's NVSHMEM barrier). The same
+    # ranks' starts lined up by a device-side barrier (the runtime's rank barrier). The same
     # with the starts as the NCCL all-reduce leaves them (the method of earlier sessions) is
     # printed too: the difference is the ranks' start skew, which the earliest rank waits out.
     runtime = getattr(buffer._backend, "_ll", None)
@@ -803,9 +803,8 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
 
     if os.environ.get("DEEP_EP_LL_TRACE", "0") == "1":
         _set_combine_mode(buffer, COMBINE_MODES[0])
-        _print_phase_trace("one launch, starts lined up by a device barrier", both, rank, iterations,
+        _print_phase_trace("one launch, starts lined up by the rank barrier", both, rank, iterations,
                            align=device_barrier)
-        _print_phase_trace("one launch, starts as the NCCL all-reduce leaves them", both, rank, iterations)
         _print_phase_trace("hook mode", hooked, rank, iterations)
 
     durations = _kernel_durations(hooked, iterations)

@@ -59,7 +59,7 @@ constexpr int kPhaseSend = 1;
 constexpr int kPhaseRecv = 2;
 
 // Kernel identifiers in an error record.
-enum KernelId : int { kKernelDispatch = 1, kKernelCombine = 2 };
+enum KernelId : int { kKernelDispatch = 1, kKernelCombine = 2, kKernelRankBarrier = 3 };
 
 // Written by a kernel that gave up waiting (into host-mapped memory, so the host can read it
 // without a device synchronization). flag == 0: no error.
@@ -175,6 +175,14 @@ cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer
                             cudaStream_t stream);
 cudaError_t launch_combine(const Context& ctx, const Layout& layout, int buffer_idx, const CombineArgs& args,
                            cudaStream_t stream);
+
+// A barrier of every unmasked rank on `stream` (nvshmem_rank_barrier.cu) that leaves the ranks
+// within about one NVLink latency of each other: benchmarks line up kernel starts with it.
+// `flags`: a symmetric allocation of 2 * num_ranks uint64, zeroed once; `call`: this runtime's
+// barrier count, 1 for the first call, the same on every rank. A wait past ctx.timeout_ns is
+// reported into ctx.error (kKernelRankBarrier).
+cudaError_t launch_rank_barrier(const Context& ctx, unsigned long long* flags, unsigned long long call,
+                                cudaStream_t stream);
 
 // NVSHMEM host side (nvshmem_runtime.cu). Each returns 0 on success, else an NVSHMEM/CUDA status.
 size_t nvshmem_unique_id_bytes();
