@@ -465,24 +465,35 @@ __device__ __forceinline__ bool scan_free_receive(const Context& ctx, const Disp
 // This rank's number of (token, top-k slot) pairs per expert, written into every destination's
 // count table row [this rank] (its local experts only), then its count flag set to `call`: the
 // scan-free receive's block offsets, which it computes while the tokens are still on the way.
-// Ids outside [0, num_experts) count as none, as in the send. Called by one whole block; `s_ids`
-// is the block's narrowed shared copy of the ids, or null (read them from global memory).
+// Ids outside [0, num_experts) count as none, as in the send. Called by one whole block, or with
+// kOneWarp by one whole warp (the bulk send's warp without a send role, kCountsWarp, while the
+// other warps send); `s_ids` is the block's narrowed shared copy of the ids, or null (read them
+// from global memory).
+template <bool kOneWarp>
 __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, const DispatchArgs& a, const int* s_ids,
                                         unsigned long long call) {
     __shared__ int s_hist[kMaxFastExperts];
-    const int warp = threadIdx.x / 32;
+    const int tid = kOneWarp ? static_cast<int>(threadIdx.x % 32) : static_cast<int>(threadIdx.x);
+    const int num_threads = kOneWarp ? 32 : static_cast<int>(blockDim.x);
+    // __syncwarp orders memory among the warp's lanes as __syncthreads does among the block's.
+    auto sync = []() {
+        if constexpr (kOneWarp)
+            __syncwarp();
+        else
+            __syncthreads();
+    };
     const int num_experts = a.num_experts, num_local = num_experts / ctx.num_ranks;
-    for (int i = threadIdx.x; i < num_experts; i += blockDim.x) s_hist[i] = 0;
-    __syncthreads();
+    for (int i = tid; i < num_experts; i += num_threads) s_hist[i] = 0;
+    sync();
     const int num_pairs = a.num_tokens * a.num_topk;
-    for (int j = threadIdx.x; j < num_pairs; j += blockDim.x) {
+    for (int j = tid; j < num_pairs; j += num_threads) {
         const int64_t id = s_ids != nullptr ? static_cast<int64_t>(s_ids[j]) : __ldg(a.topk_idx + j);
         if (id >= 0 && id < num_experts) atomicAdd(&s_hist[id], 1);
     }
-    __syncthreads();
+    sync();
     int* counts = reinterpret_cast<int*>(g.buf + g.count_offset);  // [source][local]
     int* staging = counts + num_experts;                             // [destination][local]
-    for (int i = threadIdx.x; i < num_experts; i += blockDim.x) {
+    for (int i = tid; i < num_experts; i += num_threads) {
         const int d = i / num_local, e = i % num_local;
         if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + d) != 0) continue;
         char* peer = peer_address(ctx, counts + static_cast<size_t>(ctx.rank) * num_local + e, d);
@@ -494,14 +505,16 @@ __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, c
     if (ctx.any_remote) __threadfence();  // the staged counts before the puts that read them
     // Every thread's count stores before the flags (a cumulative release after the barrier, as
     // in signal_all_ranks); a peer reached through puts gets its flag with its counts' put.
-    __syncthreads();
+    sync();
     unsigned long long* flag = g.count_flags + ctx.rank;
-    for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x) {
+    for (int d = tid; d < ctx.num_ranks; d += num_threads) {
         char* peer = peer_address(ctx, flag, d);
         if (peer != nullptr) st_release_sys_u64(reinterpret_cast<unsigned long long*>(peer), call);
     }
     if (ctx.any_remote) {
-        for (int d = warp; d < ctx.num_ranks; d += kNumWarps) {
+        const int warp = kOneWarp ? 0 : static_cast<int>(threadIdx.x / 32);
+        const int num_warps = kOneWarp ? 1 : kNumWarps;
+        for (int d = warp; d < ctx.num_ranks; d += num_warps) {
             if (ctx.peer_bases[d] != 0ull) continue;
             nvshmemx_putmem_signal_nbi_warp(counts + static_cast<size_t>(ctx.rank) * num_local,
                                             staging + static_cast<size_t>(d) * num_local, num_local * sizeof(int),
@@ -551,16 +564,6 @@ struct SendShared {
     int slot_count[kNumWarps * kMaxTopk];
 };
 __shared__ SendShared s_send;
-
-// The scan-free receive's row offsets (dispatch_recv_direct), here so that a warp of the send can
-// fill them early (dispatch_early_offsets): [source][local expert] first row of the block, and
-// [local expert] rows before the num_slots clamp; a timed-out count wait.
-struct RecvOffsets {
-    int offset[kMaxFastExperts];
-    int total[kMaxFastExperts];
-    int counts_abort;
-};
-__shared__ RecvOffsets s_recv;
 
 // The block's copy of every top-k id (s_send.ids, narrowed to int; ids outside [0, num_experts),
 // unchecked inside graph capture, count as "none": -1). All of a thread's loads go out before its
@@ -675,7 +678,7 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     // loaded (its ids from global memory): nothing of the send is live across it, so it costs
     // the other blocks no registers.
     const bool scan_free = scan_free_receive(ctx, a);  // block-uniform
-    if (scan_free && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, nullptr, tag);
+    if (scan_free && blockIdx.x == gridDim.x - 1) publish_dispatch_counts<false>(ctx, g, a, nullptr, tag);
     trace_mark(kTraceDispatch, 2);
 
     // Every global load the send needs goes out in one round before any store: the first task's
@@ -849,14 +852,18 @@ __device__ __forceinline__ int bulk_data_warps(int hidden) {
     return min(kNumWarps - 1, (num_units + 31) / 32);
 }
 
-// The warp without a send role (the bulk send's data warps stop below it) that computes the
-// receive offsets early (DispatchArgs::early_offsets), and whether this launch does: it sends with
-// the copy engine and receives scan-free. Block-uniform.
-constexpr int kEarlyOffsetsWarp = kNumWarps - 2;
+// The warp without a send role (the bulk send's data warps stop below it, the header warp is
+// the last) that publishes the counts in the last block while the other warps send
+// (publish_dispatch_counts<true>), and whether this launch does: it sends with the copy engine,
+// receives scan-free, and has the ids in shared memory (the histogram reads them there). Before
+// this, the last block's whole send waited ~2.6 us for the counts (trace: its token staged
+// ~3 us after the others). Block-uniform.
+constexpr int kCountsWarp = kNumWarps - 2;
 template <bool kUseFP8>
-__device__ __forceinline__ bool early_offsets(const Context& ctx, const DispatchArgs& a) {
-    return a.early_offsets && a.bulk_send && a.phases == (kPhaseSend | kPhaseRecv) && scan_free_receive(ctx, a) &&
-           bulk_data_warps<kUseFP8>(a.hidden) <= kEarlyOffsetsWarp;
+__device__ __forceinline__ bool counts_on_idle_warp(const Context& ctx, const DispatchArgs& a) {
+    return a.counts_warp && a.bulk_send && (a.phases & kPhaseSend) && blockIdx.x == gridDim.x - 1 &&
+           scan_free_receive(ctx, a) && a.num_tokens * a.num_topk <= kSendIdsMax &&
+           bulk_data_warps<kUseFP8>(a.hidden) <= kCountsWarp;
 }
 
 // One local expert's exclusive scan over the sources of the count table ([source][local], written
@@ -881,33 +888,8 @@ __device__ __forceinline__ void scan_expert_counts(const int* counts, int e, int
     total[e] = running;
 }
 
-// Every source's per-expert counts (a lane per source waits for its count flag), then the
-// exclusive scan over the sources per local expert (a lane per expert) into s_recv, by one
-// warp; s_recv.counts_abort after a timeout (recorded, the host raises). The receiving warps'
-// first barrier publishes it (dispatch_recv_direct).
-__device__ void dispatch_early_offsets(const Context& ctx, const Geometry& g, const DispatchArgs& a,
-                                       unsigned long long seq) {
-    const int lane = threadIdx.x % 32;
-    const int marker = kEarlyOffsetsWarp * 32;
-    const int num_ranks = ctx.num_ranks, num_local = a.num_experts / num_ranks;
-    if (lane == 0) s_recv.counts_abort = 0;
-    __syncwarp();
-    for (int src = lane; src < num_ranks; src += 32) {
-        if (*reinterpret_cast<volatile int*>(&s_recv.counts_abort) != 0) break;  // one timeout is enough
-        if (wait_peer(ctx, g.count_flags + src, seq, src, kKernelDispatch, nullptr, false) != 0)
-            s_recv.counts_abort = 1;
-    }
-    __syncwarp();  // the lanes' acquires, before every lane's count loads
-    if (*reinterpret_cast<volatile int*>(&s_recv.counts_abort) != 0) return;
-    trace_mark(kTraceDispatch, 4, marker);
-    const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
-    for (int e = lane; e < num_local; e += 32) scan_expert_counts(counts, e, num_ranks, num_local, s_recv.offset, s_recv.total);
-    trace_mark(kTraceDispatch, 5, marker);
-}
-
 template <bool kUseFP8>
-__device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag,
-                                   unsigned long long recv_seq) {
+__device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
     extern __shared__ __align__(128) uint8_t s_stages[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int hidden = a.hidden;
@@ -916,11 +898,11 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
     // Warps [0, parts) cast and stage the data; the last warp writes the header.
     const int parts = bulk_data_warps<kUseFP8>(hidden);
     const int header_warp = kNumWarps - 1;
-    // With early offsets, kEarlyOffsetsWarp leaves after the ids barrier below, and the send's
-    // later barriers count the other warps only.
-    const bool early = early_offsets<kUseFP8>(ctx, a);  // block-uniform
+    // Where kCountsWarp publishes the counts, it leaves after the ids barrier below, and the
+    // send's later barriers count the other warps only.
+    const bool counts_warp = counts_on_idle_warp<kUseFP8>(ctx, a);  // block-uniform
     auto send_barrier = [&]() {
-        if (early)
+        if (counts_warp)
             asm volatile("bar.sync 3, %0;" ::"r"(kNumThreads - 32) : "memory");
         else
             __syncthreads();
@@ -947,9 +929,9 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
     };
 
     // The counts first, from the last block, as in dispatch_send (published after its token, they
-    // arrived with the last data, ~13 us: measured).
-    if (scan_free && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, nullptr, tag);
-    trace_mark(kTraceDispatch, 2);
+    // arrived with the last data, ~13 us: measured); by kCountsWarp below where it can.
+    if (scan_free && blockIdx.x == gridDim.x - 1 && !counts_warp) publish_dispatch_counts<false>(ctx, g, a, nullptr, tag);
+    if (!counts_warp) trace_mark(kTraceDispatch, 2);  // else kCountsWarp marks it when done
 
     // One load round: the first token's input chunks and the block's ids.
     int4 raw[kPrefetch][kUseFP8 ? 2 : 1];
@@ -965,10 +947,7 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
     const int* ids = ids_shared ? s_send.ids : nullptr;
     __syncthreads();  // the shared ids complete (the input loads stay in flight)
     trace_mark(kTraceDispatch, 0);
-    if (early && warp == kEarlyOffsetsWarp) {
-        dispatch_early_offsets(ctx, g, a, recv_seq);
-        return;  // to the receive (dispatch_kernel)
-    }
+    if (counts_warp && warp == kCountsWarp) return;  // to publish the counts (dispatch_kernel)
 
     // Tokens issued (`iteration`) and flagged as complete (`released`, warp 0's count).
     int iteration = 0, released = 0;
@@ -1309,10 +1288,11 @@ __device__ long long wait_sending_blocks(const Context& ctx, const Geometry& g, 
 template <bool kUseFP8>
 __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long seq,
                                      int first_warp) {
-    int* s_offset = s_recv.offset;
-    int* s_total = s_recv.total;
-    int& s_counts_abort = s_recv.counts_abort;
-    __shared__ int s_abort;
+    // [source][local expert] first row of the block, [local expert] rows before the num_slots
+    // clamp; a timed-out count wait, a timed-out task wait.
+    __shared__ int s_offset[kMaxFastExperts];
+    __shared__ int s_total[kMaxFastExperts];
+    __shared__ int s_counts_abort, s_abort;
 
     // The receiving warps: [first_warp, kNumWarps) of the block (warp 0 may still be setting the
     // block's delivery flags, see dispatch_kernel); tid / warp count from the first of them.
@@ -1339,14 +1319,12 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     // Block 0 measures the wait per source (wait_recv_cost_stats) below, so there it waits for
     // the delivery flags there, not here (the statistic would read zero).
     const bool stats_block = blockIdx.x == 0 && a.wait_recv_cost_stats != nullptr;
-    // The offsets (and counts_abort) came from dispatch_early_offsets: the first barrier publishes them.
-    const bool early = early_offsets<kUseFP8>(ctx, a);
     if (tid == 0) {
-        if (!early) s_counts_abort = 0;
+        s_counts_abort = 0;
         s_abort = 0;  // read only after the barrier below the scan
     }
     recv_barrier(first_warp);
-    const int num_flags = early ? 0 : num_ranks + (flags_first && !stats_block ? num_ranks * static_cast<int>(gridDim.x) : 0);
+    const int num_flags = num_ranks + (flags_first && !stats_block ? num_ranks * static_cast<int>(gridDim.x) : 0);
     for (int i = tid; i < num_flags; i += num_threads) {
         if (*reinterpret_cast<volatile int*>(&s_counts_abort) != 0) break;  // one timeout is enough
         // [0, num_ranks): count flags; then the delivery flags [source][sending block].
@@ -1358,9 +1336,9 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         if (wait_peer(ctx, flag, i < num_ranks ? seq : all_sent, src, kKernelDispatch, nullptr, false) != 0)
             s_counts_abort = 1;
     }
-    if (!early) recv_barrier(first_warp);
+    recv_barrier(first_warp);
     if (s_counts_abort != 0) return;  // the host raises
-    if (!early) trace_mark(kTraceDispatch, 4, marker);
+    trace_mark(kTraceDispatch, 4, marker);
 
     const int row_bytes = kUseFP8 ? hidden : hidden * 2;
     const int num_units = row_bytes / 16;
@@ -1388,9 +1366,7 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     // More ranks: counts staged in shared memory, one warp per expert scanning 32 sources a step.
     const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
     const int num_pairs = num_ranks * num_local;
-    if (early) {
-        // Scanned already (dispatch_early_offsets; the barrier above published it).
-    } else if (num_ranks <= kScanRound) {
+    if (num_ranks <= kScanRound) {
         for (int e = tid; e < num_local; e += num_threads) scan_expert_counts(counts, e, num_ranks, num_local, s_offset, s_total);
     } else {
         for (int i = tid; i < num_pairs; i += num_threads) s_offset[i] = __ldcg(counts + i);
@@ -1409,10 +1385,8 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             if (lane == 0) s_total[e] = running;
         }
     }
-    if (!early) {
-        recv_barrier(first_warp);
-        trace_mark(kTraceDispatch, 5, marker);
-    }
+    recv_barrier(first_warp);
+    trace_mark(kTraceDispatch, 5, marker);
 
     // Block 0 writes the per-expert bookkeeping (the same values as the scan: counts and block
     // starts unclamped, recv_count clamped to the slots).
@@ -1549,9 +1523,14 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Context ctx, G
     const unsigned long long recv_call = state->dispatch_recv_calls + 1;
     trace_start();
     if (a.phases & kPhaseSend) {
-        if (a.bulk_send)
-            dispatch_send_bulk<kUseFP8>(ctx, g, a, send_call, recv_call);
-        else
+        if (a.bulk_send) {
+            dispatch_send_bulk<kUseFP8>(ctx, g, a, send_call);
+            // Out here rather than inside the send: inlined there, it made the send spill.
+            if (counts_on_idle_warp<kUseFP8>(ctx, a) && static_cast<int>(threadIdx.x) / 32 == kCountsWarp) {
+                publish_dispatch_counts<true>(ctx, g, a, s_send.ids, send_call);
+                trace_mark(kTraceDispatch, 2, kCountsWarp * 32);
+            }
+        } else
             dispatch_send<kUseFP8>(ctx, g, a, send_call);
     }
     if (a.phases & kPhaseRecv) {
@@ -2010,12 +1989,12 @@ cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer
     // keeps the stores of the SM (read once; every rank of a job must see the same value, as the
     // receivers derive each token's sending block from it).
     static const bool bulk_wanted = env_int("DEEP_EP_LL_BULK_SEND", 1) != 0;
-    // Experiments, off unless set (DispatchArgs::early_offsets, ::split_header).
-    static const bool early_offsets_wanted = env_int("DEEP_EP_LL_EARLY_OFFSETS", 0) != 0;
-    static const bool split_header_wanted = env_int("DEEP_EP_LL_SPLIT_HEADER", 0) != 0;
+    // For A/B measurements, on unless set to 0 (DispatchArgs::counts_warp, ::split_header).
+    static const bool counts_warp_wanted = env_int("DEEP_EP_LL_COUNTS_WARP", 1) != 0;
+    static const bool split_header_wanted = env_int("DEEP_EP_LL_SPLIT_HEADER", 1) != 0;
     DispatchArgs a = args;
     a.bulk_send = bulk_wanted && !ctx.any_remote;
-    a.early_offsets = early_offsets_wanted;
+    a.counts_warp = counts_warp_wanted;
     a.split_header = split_header_wanted;
     // Enough stages for a block's every token (up to kMaxBulkStages): then no block waits for a
     // stage and all its copies are issued at once.
