@@ -25,9 +25,8 @@
 #   trace: the warp traces of the intranode and rail kernels (a KERNEL_TRACE=1 rebuild; put it last);
 #   llbenchsm / llnoshrinksm: the low-latency benchmark / checks without shrink mode with the
 #   dispatch's SM stores instead of its copy-engine send (DEEP_EP_LL_BULK_SEND=0);
-#   llbenchnocounts / llbenchnosplit / llnoshrinkold: the low-latency benchmark / checks with the
-#   counts published before the last block's send (DEEP_EP_LL_COUNTS_WARP=0) / the header copied
-#   with the data (DEEP_EP_LL_SPLIT_HEADER=0) / both;
+#   llbenchnosplit / llnoshrinknosplit: the low-latency benchmark / checks with the header copied
+#   with the data (DEEP_EP_LL_SPLIT_HEADER=0);
 #   benchsendown: the intranode benchmark with the sender block copying a rank's rows to itself
 #   (the variant before the receiver block did).
 #
@@ -128,13 +127,9 @@ run_named() {
     # (DEEP_EP_LL_BULK_SEND=0), for A/B against llbench / llnoshrink in the same call.
     llbenchsm) run_step llbenchsm "${LLBENCH_LIMIT:-180}" "DEEP_EP_LL_BULK_SEND=0 $(low_latency 4 --bench-only)" ;;
     llnoshrinksm) run_step llnoshrinksm "${LL4_LIMIT:-240}" "DEEP_EP_LL_BULK_SEND=0 $(low_latency 4 --no-shrink)" ;;
-    # A/B against the defaults: the last block publishing the counts before its send instead of on
-    # its idle warp during it (DEEP_EP_LL_COUNTS_WARP=0), the header copied with the data
-    # (DEEP_EP_LL_SPLIT_HEADER=0); llnoshrinkold: the checks with both.
-    llbenchnocounts) run_step llbenchnocounts "${LLBENCH_LIMIT:-180}" "DEEP_EP_LL_COUNTS_WARP=0 $(low_latency 4 --bench-only)" ;;
+    # A/B against the default: the header copied with the data (DEEP_EP_LL_SPLIT_HEADER=0).
     llbenchnosplit) run_step llbenchnosplit "${LLBENCH_LIMIT:-180}" "DEEP_EP_LL_SPLIT_HEADER=0 $(low_latency 4 --bench-only)" ;;
-    llnoshrinkold) run_step llnoshrinkold "${LL4_LIMIT:-240}" \
-        "DEEP_EP_LL_COUNTS_WARP=0 DEEP_EP_LL_SPLIT_HEADER=0 $(low_latency 4 --no-shrink)" ;;
+    llnoshrinknosplit) run_step llnoshrinknosplit "${LL4_LIMIT:-240}" "DEEP_EP_LL_SPLIT_HEADER=0 $(low_latency 4 --no-shrink)" ;;
     ll2) run_step ll2 "${LL2_LIMIT:-150}" "$(low_latency 2 --quick)" ;;
     ll2full) run_step ll2full "${LL2_LIMIT:-150}" "$(low_latency 2)" ;;
     ll2noshrink) run_step ll2noshrink "${LL2_LIMIT:-150}" "$(low_latency 2 --quick --no-shrink)" ;;

@@ -465,35 +465,26 @@ __device__ __forceinline__ bool scan_free_receive(const Context& ctx, const Disp
 // This rank's number of (token, top-k slot) pairs per expert, written into every destination's
 // count table row [this rank] (its local experts only), then its count flag set to `call`: the
 // scan-free receive's block offsets, which it computes while the tokens are still on the way.
-// Ids outside [0, num_experts) count as none, as in the send. Called by one whole block, or with
-// kOneWarp by one whole warp (the bulk send's warp without a send role, kCountsWarp, while the
-// other warps send); `s_ids` is the block's narrowed shared copy of the ids, or null (read them
-// from global memory).
-template <bool kOneWarp>
+// Ids outside [0, num_experts) count as none, as in the send. Called by one whole block; `s_ids`
+// is the block's narrowed shared copy of the ids, or null (read them from global memory). (One
+// warp of the bulk send's last block publishing them during the send, measured: its release
+// waited behind the SM's copies in flight, counts at ~14 us, dispatch 26.1 vs 20.0 us.)
 __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, const DispatchArgs& a, const int* s_ids,
                                         unsigned long long call) {
     __shared__ int s_hist[kMaxFastExperts];
-    const int tid = kOneWarp ? static_cast<int>(threadIdx.x % 32) : static_cast<int>(threadIdx.x);
-    const int num_threads = kOneWarp ? 32 : static_cast<int>(blockDim.x);
-    // __syncwarp orders memory among the warp's lanes as __syncthreads does among the block's.
-    auto sync = []() {
-        if constexpr (kOneWarp)
-            __syncwarp();
-        else
-            __syncthreads();
-    };
+    const int warp = threadIdx.x / 32;
     const int num_experts = a.num_experts, num_local = num_experts / ctx.num_ranks;
-    for (int i = tid; i < num_experts; i += num_threads) s_hist[i] = 0;
-    sync();
+    for (int i = threadIdx.x; i < num_experts; i += blockDim.x) s_hist[i] = 0;
+    __syncthreads();
     const int num_pairs = a.num_tokens * a.num_topk;
-    for (int j = tid; j < num_pairs; j += num_threads) {
+    for (int j = threadIdx.x; j < num_pairs; j += blockDim.x) {
         const int64_t id = s_ids != nullptr ? static_cast<int64_t>(s_ids[j]) : __ldg(a.topk_idx + j);
         if (id >= 0 && id < num_experts) atomicAdd(&s_hist[id], 1);
     }
-    sync();
+    __syncthreads();
     int* counts = reinterpret_cast<int*>(g.buf + g.count_offset);  // [source][local]
     int* staging = counts + num_experts;                             // [destination][local]
-    for (int i = tid; i < num_experts; i += num_threads) {
+    for (int i = threadIdx.x; i < num_experts; i += blockDim.x) {
         const int d = i / num_local, e = i % num_local;
         if (ctx.enable_shrink && *reinterpret_cast<volatile int*>(ctx.mask + d) != 0) continue;
         char* peer = peer_address(ctx, counts + static_cast<size_t>(ctx.rank) * num_local + e, d);
@@ -505,16 +496,14 @@ __device__ void publish_dispatch_counts(const Context& ctx, const Geometry& g, c
     if (ctx.any_remote) __threadfence();  // the staged counts before the puts that read them
     // Every thread's count stores before the flags (a cumulative release after the barrier, as
     // in signal_all_ranks); a peer reached through puts gets its flag with its counts' put.
-    sync();
+    __syncthreads();
     unsigned long long* flag = g.count_flags + ctx.rank;
-    for (int d = tid; d < ctx.num_ranks; d += num_threads) {
+    for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x) {
         char* peer = peer_address(ctx, flag, d);
         if (peer != nullptr) st_release_sys_u64(reinterpret_cast<unsigned long long*>(peer), call);
     }
     if (ctx.any_remote) {
-        const int warp = kOneWarp ? 0 : static_cast<int>(threadIdx.x / 32);
-        const int num_warps = kOneWarp ? 1 : kNumWarps;
-        for (int d = warp; d < ctx.num_ranks; d += num_warps) {
+        for (int d = warp; d < ctx.num_ranks; d += kNumWarps) {
             if (ctx.peer_bases[d] != 0ull) continue;
             nvshmemx_putmem_signal_nbi_warp(counts + static_cast<size_t>(ctx.rank) * num_local,
                                             staging + static_cast<size_t>(d) * num_local, num_local * sizeof(int),
@@ -678,7 +667,7 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
     // loaded (its ids from global memory): nothing of the send is live across it, so it costs
     // the other blocks no registers.
     const bool scan_free = scan_free_receive(ctx, a);  // block-uniform
-    if (scan_free && blockIdx.x == gridDim.x - 1) publish_dispatch_counts<false>(ctx, g, a, nullptr, tag);
+    if (scan_free && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, nullptr, tag);
     trace_mark(kTraceDispatch, 2);
 
     // Every global load the send needs goes out in one round before any store: the first task's
@@ -852,20 +841,6 @@ __device__ __forceinline__ int bulk_data_warps(int hidden) {
     return min(kNumWarps - 1, (num_units + 31) / 32);
 }
 
-// The warp without a send role (the bulk send's data warps stop below it, the header warp is
-// the last) that publishes the counts in the last block while the other warps send
-// (publish_dispatch_counts<true>), and whether this launch does: it sends with the copy engine,
-// receives scan-free, and has the ids in shared memory (the histogram reads them there). Before
-// this, the last block's whole send waited ~2.6 us for the counts (trace: its token staged
-// ~3 us after the others). Block-uniform.
-constexpr int kCountsWarp = kNumWarps - 2;
-template <bool kUseFP8>
-__device__ __forceinline__ bool counts_on_idle_warp(const Context& ctx, const DispatchArgs& a) {
-    return a.counts_warp && a.bulk_send && (a.phases & kPhaseSend) && blockIdx.x == gridDim.x - 1 &&
-           scan_free_receive(ctx, a) && a.num_tokens * a.num_topk <= kSendIdsMax &&
-           bulk_data_warps<kUseFP8>(a.hidden) <= kCountsWarp;
-}
-
 // One local expert's exclusive scan over the sources of the count table ([source][local], written
 // by publish_dispatch_counts): the first row of each source's block into offset[source * num_local
 // + e], the sum into total[e]. The loads go out kScanRound at a time (all of them in one round up to
@@ -898,15 +873,6 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
     // Warps [0, parts) cast and stage the data; the last warp writes the header.
     const int parts = bulk_data_warps<kUseFP8>(hidden);
     const int header_warp = kNumWarps - 1;
-    // Where kCountsWarp publishes the counts, it leaves after the ids barrier below, and the
-    // send's later barriers count the other warps only.
-    const bool counts_warp = counts_on_idle_warp<kUseFP8>(ctx, a);  // block-uniform
-    auto send_barrier = [&]() {
-        if (counts_warp)
-            asm volatile("bar.sync 3, %0;" ::"r"(kNumThreads - 32) : "memory");
-        else
-            __syncthreads();
-    };
     const size_t data_bytes = kUseFP8 ? static_cast<size_t>(hidden) + hidden / 32 : static_cast<size_t>(hidden) * 2;
     const uint32_t copy_bytes = static_cast<uint32_t>((kHeaderBytes + data_bytes + 15) / 16 * 16);  // <= msg_bytes
     const size_t stage_bytes = bulk_stage_bytes(g.msg_bytes);
@@ -929,9 +895,9 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
     };
 
     // The counts first, from the last block, as in dispatch_send (published after its token, they
-    // arrived with the last data, ~13 us: measured); by kCountsWarp below where it can.
-    if (scan_free && blockIdx.x == gridDim.x - 1 && !counts_warp) publish_dispatch_counts<false>(ctx, g, a, nullptr, tag);
-    if (!counts_warp) trace_mark(kTraceDispatch, 2);  // else kCountsWarp marks it when done
+    // arrived with the last data, ~13 us: measured).
+    if (scan_free && blockIdx.x == gridDim.x - 1) publish_dispatch_counts(ctx, g, a, nullptr, tag);
+    trace_mark(kTraceDispatch, 2);
 
     // One load round: the first token's input chunks and the block's ids.
     int4 raw[kPrefetch][kUseFP8 ? 2 : 1];
@@ -947,14 +913,13 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
     const int* ids = ids_shared ? s_send.ids : nullptr;
     __syncthreads();  // the shared ids complete (the input loads stay in flight)
     trace_mark(kTraceDispatch, 0);
-    if (counts_warp && warp == kCountsWarp) return;  // to publish the counts (dispatch_kernel)
 
     // Tokens issued (`iteration`) and flagged as complete (`released`, warp 0's count).
     int iteration = 0, released = 0;
     for (int token = first_token; token < a.num_tokens; token += gridDim.x, ++iteration) {
         uint8_t* stage = s_stages + static_cast<size_t>(iteration % stages) * stage_bytes;
         // The copies that last read this stage have completed (warp 0 waited after issuing).
-        if (iteration >= stages) send_barrier();
+        if (iteration >= stages) __syncthreads();
         const char* token_x = reinterpret_cast<const char*>(x + static_cast<size_t>(token) * hidden);
         // Warp 0: the token's destinations (route_token, message_leaders), its slot relative to the
         // heap base (the same on every rank), and the copies of stage bytes [offset, offset + bytes).
@@ -1008,7 +973,7 @@ __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const 
             trace_mark(kTraceDispatch, 15, header_warp * 32);
         }
         fence_proxy_async_shared();  // this thread's stage stores, before the copy engine reads them
-        send_barrier();
+        __syncthreads();
         trace_mark(kTraceDispatch, 12);
         if (warp == 0) {
             if (a.split_header) {
@@ -1523,14 +1488,9 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Context ctx, G
     const unsigned long long recv_call = state->dispatch_recv_calls + 1;
     trace_start();
     if (a.phases & kPhaseSend) {
-        if (a.bulk_send) {
+        if (a.bulk_send)
             dispatch_send_bulk<kUseFP8>(ctx, g, a, send_call);
-            // Out here rather than inside the send: inlined there, it made the send spill.
-            if (counts_on_idle_warp<kUseFP8>(ctx, a) && static_cast<int>(threadIdx.x) / 32 == kCountsWarp) {
-                publish_dispatch_counts<true>(ctx, g, a, s_send.ids, send_call);
-                trace_mark(kTraceDispatch, 2, kCountsWarp * 32);
-            }
-        } else
+        else
             dispatch_send<kUseFP8>(ctx, g, a, send_call);
     }
     if (a.phases & kPhaseRecv) {
@@ -1989,12 +1949,10 @@ cudaError_t launch_dispatch(const Context& ctx, const Layout& layout, int buffer
     // keeps the stores of the SM (read once; every rank of a job must see the same value, as the
     // receivers derive each token's sending block from it).
     static const bool bulk_wanted = env_int("DEEP_EP_LL_BULK_SEND", 1) != 0;
-    // For A/B measurements, on unless set to 0 (DispatchArgs::counts_warp, ::split_header).
-    static const bool counts_warp_wanted = env_int("DEEP_EP_LL_COUNTS_WARP", 1) != 0;
+    // For A/B measurements, on unless set to 0 (DispatchArgs::split_header).
     static const bool split_header_wanted = env_int("DEEP_EP_LL_SPLIT_HEADER", 1) != 0;
     DispatchArgs a = args;
     a.bulk_send = bulk_wanted && !ctx.any_remote;
-    a.counts_warp = counts_warp_wanted;
     a.split_header = split_header_wanted;
     // Enough stages for a block's every token (up to kMaxBulkStages): then no block waits for a
     // stage and all its copies are issued at once.

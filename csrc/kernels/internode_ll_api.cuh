@@ -131,10 +131,6 @@ struct DispatchArgs {
     // t % grid) and its shared-memory stages per block.
     bool bulk_send;
     int bulk_stages;
-    // Set by launch_dispatch (DEEP_EP_LL_COUNTS_WARP=0 turns it off): in the copy-engine send, the
-    // last block's warp without a send role publishes the counts while the others send
-    // (counts_on_idle_warp).
-    bool counts_warp;
     // Set by launch_dispatch (DEEP_EP_LL_SPLIT_HEADER=0 turns it off): the bulk send copies a
     // token's data and scales once the data warps have staged them, and its header after (in the
     // same bulk group): dispatch 0.4-0.5 us faster in three A/B runs of 2026-11-28 (11th session).
