@@ -554,6 +554,34 @@ def run_timeout(buffer, rank: int, num_ranks: int, seed: int) -> None:
     dist.barrier()
 
 
+def run_barrier_timeout(buffer, rank: int, num_ranks: int) -> None:
+    """One rank skips the runtime's rank barrier (the benchmark's start alignment): the others'
+    barrier ends after the timeout with DeepEPTimeoutError naming the barrier and the rank it waited
+    for (the error record stays set: run last)."""
+    from deep_ep import DeepEPTimeoutError
+
+    runtime = buffer._backend._ll
+    victim = num_ranks - 1
+    buffer._backend.low_latency_set_timeout(_FAULT_TIMEOUT_S)
+    runtime.barrier()  # every rank: the barrier works when all take part
+    torch.cuda.synchronize()
+    _check_errors(buffer)
+    dist.barrier()
+    if rank != victim:
+        start = time.time()
+        runtime.barrier()
+        torch.cuda.synchronize()
+        try:
+            _check_errors(buffer)
+        except DeepEPTimeoutError as error:
+            message = str(error)
+            assert "rank barrier" in message and f"waiting for rank {victim}" in message, f"wrong timeout: {message}"
+            log(rank, f"  ok  rank barrier timeout after {time.time() - start:.1f} s: {message}")
+        else:
+            raise AssertionError("a rank barrier that one rank skipped did not time out")
+    dist.barrier()
+
+
 # ----------------------------------------------------------------------------------------------
 # Benchmark
 # ----------------------------------------------------------------------------------------------
@@ -870,6 +898,8 @@ def _worker(rank: int, num_ranks: int, group, bench: bool, iterations: int, seed
             run_options(buffer, rank, num_ranks, seed)
             if not quick and shrink:
                 run_shrink(buffer, rank, num_ranks, seed)
+                if not bench:
+                    run_barrier_timeout(buffer, rank, num_ranks)  # last: its error record stays set
             dist.barrier()
             if not shrink and not bench:
                 run_timeout(buffer, rank, num_ranks, seed)  # last: the buffer is unusable after it
