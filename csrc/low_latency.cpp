@@ -378,9 +378,24 @@ std::optional<std::tuple<int, std::string, int, int64_t, int64_t, int64_t>> LowL
     const volatile ll::ErrorRecord* record = error_host_;
     if (record->flag != 1) return std::nullopt;  // the kernel sets it to 1 after the fields
     std::atomic_thread_fence(std::memory_order_acquire);
-    return std::make_tuple(static_cast<int>(record->rank), std::string(kernel_name(record->kernel)),
-                           static_cast<int>(record->peer), static_cast<int64_t>(record->seen),
-                           static_cast<int64_t>(record->expected), static_cast<int64_t>(record->waited_ns));
+    const int kernel = record->kernel;
+    unsigned long long seen = record->seen, expected = record->expected;
+    std::string name = kernel_name(kernel & ~ll::kKernelDeliveryFlag);
+    if (kernel & ll::kKernelDeliveryFlag) {
+        // A sending block's delivery flag: report call numbers, and the tokens in the name.
+        const unsigned long long token_mask = ll::kFlagAllTokens;
+        auto tokens = [&](unsigned long long v) {
+            return (v & token_mask) == token_mask ? std::string("all its tokens") : std::to_string(v & token_mask) + " token(s)";
+        };
+        name += " (a sending block's delivery flag: it had delivered " + tokens(seen) + " of call " +
+                std::to_string(seen >> ll::kDeliveryTokenBits) + ", the receive waited for " + tokens(expected) +
+                " of call " + std::to_string(expected >> ll::kDeliveryTokenBits) + ")";
+        seen >>= ll::kDeliveryTokenBits;
+        expected >>= ll::kDeliveryTokenBits;
+    }
+    return std::make_tuple(static_cast<int>(record->rank), name, static_cast<int>(record->peer),
+                           static_cast<int64_t>(seen), static_cast<int64_t>(expected),
+                           static_cast<int64_t>(record->waited_ns));
 }
 
 void LowLatencyRuntime::set_timeout(double timeout_s) {

@@ -63,7 +63,9 @@ public:
     void clean_mask();
 
     // None when no kernel reported a timeout, else (rank, kernel name, peer, counter seen,
-    // expected, waited ns) of the first one; the Python layer words the message.
+    // expected, waited ns) of the first one; the Python layer words the message. A copy-engine
+    // sending block's delivery flag comes decoded: seen / expected as call numbers, the tokens in
+    // the kernel name.
     std::optional<std::tuple<int, std::string, int, int64_t, int64_t, int64_t>> error_record() const;
     void set_timeout(double timeout_s);
     bool is_direct_peer(int pe) const;

@@ -827,11 +827,10 @@ __device__ void dispatch_send(const Context& ctx, const Geometry& g, const Dispa
 __host__ __device__ __forceinline__ size_t bulk_stage_bytes(size_t msg_bytes) { return (msg_bytes + 127) / 128 * 128; }
 constexpr int kMaxBulkStages = 8;
 
-// A bulk-sending block's delivery flag: (call << 16) | its tokens whose copies have completed in
-// the call, kFlagAllTokens once all have (at once for a block without tokens).
-constexpr unsigned long long kFlagAllTokens = 0xFFFFull;
+// A bulk-sending block's delivery flag: (call << kDeliveryTokenBits) | its tokens whose copies
+// have completed in the call, kFlagAllTokens once all have (at once for a block without tokens).
 __device__ __forceinline__ unsigned long long bulk_flag(unsigned long long call, unsigned long long tokens_done) {
-    return (call << 16) | tokens_done;
+    return (call << kDeliveryTokenBits) | tokens_done;
 }
 
 // The bulk send's data warps: [0, parts) cast and stage a token, the last warp writes its header.
@@ -1226,7 +1225,7 @@ __device__ __forceinline__ void recv_barrier(int first_warp) {
 // wait (ns) of the warp, or -1 after a timeout (recorded for the host). The barrier after the
 // lanes' acquires orders every lane's later reads of the data those blocks delivered.
 __device__ long long wait_sending_blocks(const Context& ctx, const Geometry& g, int src, int first_block, int count,
-                                         unsigned long long expected) {
+                                         unsigned long long expected, bool bulk_flags) {
     const int lane = threadIdx.x % 32;
     const int span = min(count, static_cast<int>(gridDim.x));
     long long waited_max = 0;
@@ -1236,7 +1235,8 @@ __device__ long long wait_sending_blocks(const Context& ctx, const Geometry& g, 
         const unsigned long long* flag = g.block_flags + static_cast<size_t>(src) * kMaxBlocks + block;
         unsigned long long seen = 0, waited = 0;
         if (wait_counter_at_least(flag, expected, ctx.timeout_ns, &seen, &waited) != kWaitOk) {
-            report_timeout(ctx.error, ctx.rank, kKernelDispatch, src, expected, seen, waited);
+            report_timeout(ctx.error, ctx.rank, kKernelDispatch | (bulk_flags ? kKernelDeliveryFlag : 0), src, expected,
+                           seen, waited);
             failed = true;
             break;  // the source is gone: one timeout, not one per flag
         }
@@ -1298,7 +1298,8 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             i < num_ranks ? g.count_flags + i
                           : g.block_flags + static_cast<size_t>(src) * kMaxBlocks + (i - num_ranks) % static_cast<int>(gridDim.x);
         // Without shrink mode wait_peer returns 0 (in) or 2 (timed out, recorded).
-        if (wait_peer(ctx, flag, i < num_ranks ? seq : all_sent, src, kKernelDispatch, nullptr, false) != 0)
+        const int kernel = kKernelDispatch | (i >= num_ranks && a.bulk_send ? kKernelDeliveryFlag : 0);
+        if (wait_peer(ctx, flag, i < num_ranks ? seq : all_sent, src, kernel, nullptr, false) != 0)
             s_counts_abort = 1;
     }
     recv_barrier(first_warp);
@@ -1374,7 +1375,7 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
             for (int src = warp; src < num_ranks; src += num_warps) {
                 // One timeout is enough; one lane's read decides for the warp (whole-warp wait below).
                 if (__any_sync(0xffffffffu, *reinterpret_cast<volatile int*>(&s_abort) != 0)) break;
-                const long long waited = wait_sending_blocks(ctx, g, src, 0, static_cast<int>(gridDim.x), all_sent);
+                const long long waited = wait_sending_blocks(ctx, g, src, 0, static_cast<int>(gridDim.x), all_sent, a.bulk_send);
                 if (waited < 0) s_abort = 1;
                 else if (lane == 0) atomicAdd(reinterpret_cast<unsigned long long*>(a.wait_recv_cost_stats + src),
                                               static_cast<unsigned long long>(waited));
@@ -1405,7 +1406,7 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
         const int num_senders = a.bulk_send ? 1 : (first_send_task + send_parts - 1) / kNumWarps - first_block + 1;
         // A bulk sender's token is in once its flag counts the token's turn in the block.
         const unsigned long long sent = a.bulk_send ? bulk_flag(seq, token / static_cast<int>(gridDim.x) + 1) : seq;
-        if (!flags_first && wait_sending_blocks(ctx, g, src, first_block, num_senders, sent) < 0) {
+        if (!flags_first && wait_sending_blocks(ctx, g, src, first_block, num_senders, sent, a.bulk_send) < 0) {
             if (lane == 0) s_abort = 1;
             break;
         }

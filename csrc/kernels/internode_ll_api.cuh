@@ -60,6 +60,12 @@ constexpr int kPhaseRecv = 2;
 
 // Kernel identifiers in an error record.
 enum KernelId : int { kKernelDispatch = 1, kKernelCombine = 2, kKernelRankBarrier = 3 };
+// Or'ed into ErrorRecord::kernel when the wait was for a copy-engine sending block's delivery
+// flag, whose values pack (call << kDeliveryTokenBits) | tokens delivered (kFlagAllTokens: all of
+// them): the host decodes them for the message.
+constexpr int kKernelDeliveryFlag = 0x100;
+constexpr int kDeliveryTokenBits = 16;
+constexpr unsigned long long kFlagAllTokens = (1ull << kDeliveryTokenBits) - 1;
 
 // Written by a kernel that gave up waiting (into host-mapped memory, so the host can read it
 // without a device synchronization). flag == 0: no error.
