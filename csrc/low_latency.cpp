@@ -191,6 +191,7 @@ void LowLatencyRuntime::ensure_layout(int num_max_tokens, int hidden, int num_ex
 
 void LowLatencyRuntime::barrier() {
     TORCH_CHECK(!destroyed_, "deep_ep low-latency: the runtime has been destroyed");
+    const c10::cuda::CUDAGuard guard(device_);
     LL_CUDA_CHECK(ll::launch_rank_barrier(base_context(), barrier_flags_, ++barrier_calls_,
                                           at::cuda::getCurrentCUDAStream()));
 }

@@ -786,7 +786,6 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
         # The pieces of a dispatch call's host time, each timed alone (launch-only pieces run the
         # kernels too: every rank makes the same calls).
         backend = buffer._backend
-        runtime = getattr(backend, "_ll", None)
         pieces = {"whole call": dispatch,
                   "backend call (no Buffer checks)": lambda: backend.low_latency_dispatch(
                       x, topk_idx, num_max, num_experts, None, None, True, False, False, False, False),

@@ -39,8 +39,6 @@ __device__ __forceinline__ void bulk_wait_group() {
     asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void bulk_wait_all_complete() { bulk_wait_group<0>(); }
-
 // bulk_wait_group with a run-time count (the instruction takes an immediate): counts above
 // kMaxBulkPending wait for more than asked, which is always correct.
 constexpr int kMaxBulkPending = 7;

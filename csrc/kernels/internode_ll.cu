@@ -840,28 +840,6 @@ __device__ __forceinline__ int bulk_data_warps(int hidden) {
     return min(kNumWarps - 1, (num_units + 31) / 32);
 }
 
-// One local expert's exclusive scan over the sources of the count table ([source][local], written
-// by publish_dispatch_counts): the first row of each source's block into offset[source * num_local
-// + e], the sum into total[e]. The loads go out kScanRound at a time (all of them in one round up to
-// kScanRound ranks), the sums stay in registers.
-constexpr int kScanRound = 16;
-__device__ __forceinline__ void scan_expert_counts(const int* counts, int e, int num_ranks, int num_local, int* offset,
-                                                   int* total) {
-    int running = 0;
-    for (int i0 = 0; i0 < num_ranks; i0 += kScanRound) {
-        int c[kScanRound];
-#pragma unroll
-        for (int i = 0; i < kScanRound; ++i)
-            c[i] = i0 + i < num_ranks ? __ldcg(counts + static_cast<size_t>(i0 + i) * num_local + e) : 0;
-#pragma unroll
-        for (int i = 0; i < kScanRound; ++i) {
-            if (i0 + i < num_ranks) offset[(i0 + i) * num_local + e] = running;
-            running += c[i];
-        }
-    }
-    total[e] = running;
-}
-
 template <bool kUseFP8>
 __device__ void dispatch_send_bulk(const Context& ctx, const Geometry& g, const DispatchArgs& a, unsigned long long tag) {
     extern __shared__ __align__(128) uint8_t s_stages[];
@@ -1326,14 +1304,27 @@ __device__ void dispatch_recv_direct(const Context& ctx, const Geometry& g, cons
     };
 
     // Each source's last sending block wrote its counts before its count flag (publish_dispatch_counts).
-    // The exclusive scan over the sources, per local expert. Up to kScanRound ranks: one
-    // thread per expert (scan_expert_counts: every source's load in one round, the sums in registers; no
+    // The exclusive scan over the sources, per local expert. Up to kScanInRegisters ranks: one
+    // thread per expert, the loads of all sources in one round, the sums in registers (no
     // barrier between load and scan: the warp-per-expert scan below took ~3 us at 2 ranks).
     // More ranks: counts staged in shared memory, one warp per expert scanning 32 sources a step.
     const int* counts = reinterpret_cast<const int*>(g.buf + g.count_offset);
     const int num_pairs = num_ranks * num_local;
-    if (num_ranks <= kScanRound) {
-        for (int e = tid; e < num_local; e += num_threads) scan_expert_counts(counts, e, num_ranks, num_local, s_offset, s_total);
+    constexpr int kScanInRegisters = 16;
+    if (num_ranks <= kScanInRegisters) {
+        for (int e = tid; e < num_local; e += num_threads) {
+            int c[kScanInRegisters];
+#pragma unroll
+            for (int i = 0; i < kScanInRegisters; ++i)
+                c[i] = i < num_ranks ? __ldcg(counts + static_cast<size_t>(i) * num_local + e) : 0;
+            int running = 0;
+#pragma unroll
+            for (int i = 0; i < kScanInRegisters; ++i) {
+                if (i < num_ranks) s_offset[i * num_local + e] = running;
+                running += c[i];
+            }
+            s_total[e] = running;
+        }
     } else {
         for (int i = tid; i < num_pairs; i += num_threads) s_offset[i] = __ldcg(counts + i);
         recv_barrier(first_warp);

@@ -139,7 +139,7 @@ struct DispatchArgs {
     int bulk_stages;
     // Set by launch_dispatch (DEEP_EP_LL_SPLIT_HEADER=0 turns it off): the bulk send copies a
     // token's data and scales once the data warps have staged them, and its header after (in the
-    // same bulk group): dispatch 0.4-0.5 us faster in three A/B runs of 2026-11-28 (11th session).
+    // same bulk group): dispatch 0.2-0.5 us faster in four A/B runs of 2026-11-28 (11th session).
     bool split_header;
 };
 

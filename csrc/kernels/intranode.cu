@@ -304,11 +304,6 @@ __device__ __forceinline__ bool stage_own_row(const DispatchArgs& args, int toke
     return true;
 }
 
-// kRowMap: the kernel instance for a row map (DispatchArgs::row_segment_end); the one without
-// compiles to the code it had before maps existed. kOwnRowsByReceiver: the rows this rank sends to
-// itself are copied by the receiver block's warps of that source (idle otherwise) instead of the
-// sender's, so the sender block's memory pipeline carries NVLink stores only (measured against the
-// default with DEEP_EP_OWN_ROWS_BY_RECEIVER=1; see launch_intranode_dispatch; docs/benchmarks.md has the A/B).
 // The dedicated publisher (experiment, DispatchArgs::dedicated_publisher): the writing warps
 // release their progress into shared memory at CTA scope, and one otherwise idle warp (the first
 // of this rank's own group, idle when the receiver copies the own rows) releases it to the peers'
@@ -359,6 +354,11 @@ __device__ void publish_progress_loop(const DispatchArgs& args, int channel, con
     }
 }
 
+// kRowMap: the kernel instance for a row map (DispatchArgs::row_segment_end); the one without
+// compiles to the code it had before maps existed. kOwnRowsByReceiver: the rows this rank sends to
+// itself are copied by the receiver block's warps of that source (idle otherwise) instead of the
+// sender's, so the sender block's memory pipeline carries NVLink stores only (the default;
+// DEEP_EP_OWN_ROWS_BY_RECEIVER=0 selects the sender copy, see launch_intranode_dispatch; docs/benchmarks.md has the A/B).
 template <bool kRowMap, bool kOwnRowsByReceiver>
 __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpTrace& trace) {
     const RingGeometry& ring = args.ring;
