@@ -27,8 +27,8 @@
 #   dispatch's SM stores instead of its copy-engine send (DEEP_EP_LL_BULK_SEND=0);
 #   llbenchnosplit / llnoshrinknosplit: the low-latency benchmark / checks with the header copied
 #   with the data (DEEP_EP_LL_SPLIT_HEADER=0);
-#   test4pub / test2pub / inter22pub / benchpub: the intranode checks (4 ranks; 2 ranks quick; as
-#   2 x 2) and benchmark with the dispatch's tails released by one publishing warp per sender block
+#   test4pub / test2pub / inter22pub / benchpub / bench2pub: the intranode checks (4 ranks; 2 ranks
+#   quick; as 2 x 2) and benchmark (4 ranks; 2 ranks) with the dispatch's tails released by one publishing warp per sender block
 #   (DEEP_EP_INTRANODE_PUBLISHER=1, an experiment);
 #   benchsendown: the intranode benchmark with the sender block copying a rank's rows to itself
 #   (the variant before the receiver block did).
@@ -128,6 +128,8 @@ run_named() {
     inter22pub) run_step inter22pub "${INTER_LIMIT:-300}" "DEEP_EP_INTRANODE_PUBLISHER=1 $(internode 4 2 "${INTER_ARGS:-}")" ;;
     benchpub) run_step benchpub "${BENCH_LIMIT:-300}" \
         "DEEP_EP_INTRANODE_PUBLISHER=1 $(intranode 4 --bench --json "$LOGS/benchpub.json" "${BENCH_ARGS:-}")" ;;
+    bench2pub) run_step bench2pub "${BENCH_LIMIT:-300}" \
+        "DEEP_EP_INTRANODE_PUBLISHER=1 $(intranode 2 --bench --json "$LOGS/bench2pub.json" "${BENCH_ARGS:-}")" ;;
     benchsendown) run_step benchsendown "${BENCH_LIMIT:-300}" \
         "DEEP_EP_OWN_ROWS_BY_RECEIVER=0 $(intranode 4 --bench --json "$LOGS/benchsendown.json")" ;;
     ll4) run_step ll4 "${LL4_LIMIT:-240}" "$(low_latency 4)" ;;
@@ -169,7 +171,7 @@ for step in "${step_list[@]}"; do
 done
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
-for log in "$LOGS/bench.log" "$LOGS/bench2.log"; do
+for log in "$LOGS"/bench*.log; do
     [ -f "$log" ] && sed -n '/^summary/,$p' "$log"
 done
 exit 0
