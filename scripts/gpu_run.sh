@@ -30,6 +30,8 @@
 #   test4pub / test2pub / inter22pub / benchpub / bench2pub: the intranode checks (4 ranks; 2 ranks
 #   quick; as 2 x 2) and benchmark (4 ranks; 2 ranks) with the dispatch's tails released by one publishing warp per sender block
 #   (DEEP_EP_INTRANODE_PUBLISHER=1, an experiment);
+#   aggr: a rebuild with DISABLE_AGGRESSIVE_PTX_INSTRS=0 (non-coherent input loads, L2 256-byte
+#   prefetch), then the intranode checks (quick) and benchmark on the GPUs there (put it last);
 #   benchsendown: the intranode benchmark with the sender block copying a rank's rows to itself
 #   (the variant before the receiver block did).
 #
@@ -112,6 +114,14 @@ run_named() {
         run_step trace_build "${BUILD_LIMIT:-300}" "rm -rf build && KERNEL_TRACE=1 $BUILD_CMD" || return 1
         run_step trace_intranode "${BENCH_LIMIT:-300}" "DEEP_EP_INTRANODE_TRACE=1 $(intranode 4 --bench)"
         run_step trace_internode "${INTERBENCH_LIMIT:-240}" "DEEP_EP_RAIL_TRACE=1 $(internode 4 2 --bench)" ;;
+    # The non-coherent input loads with an L2 256-byte prefetch hint (a rebuild with
+    # DISABLE_AGGRESSIVE_PTX_INSTRS=0), then the intranode checks (quick) and benchmark on the GPUs
+    # there, for A/B against `bench` / `bench2` of the default build. Later steps use this build: put it last.
+    aggr)
+        local n; n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); (( n > 4 )) && n=4
+        run_step aggr_build "${BUILD_LIMIT:-300}" "rm -rf build && DISABLE_AGGRESSIVE_PTX_INSTRS=0 $BUILD_CMD" || return 1
+        run_step aggr_test "${TEST4_LIMIT:-420}" "$(intranode "$n" --quick)"
+        run_step aggr_bench "${BENCH_LIMIT:-300}" "$(intranode "$n" --bench --json "$LOGS/aggr_bench.json")" ;;
     probe) run_step probe "${PROBE_LIMIT:-90}" \
         "nvcc -O3 -arch=sm_90 -o /tmp/nvlink_probe scripts/nvlink_probe.cu && /tmp/nvlink_probe ${PROBE_MIB:-64}" ;;
     test4) run_step test4 "${TEST4_LIMIT:-420}" "$(intranode 4 "${TEST_ARGS:-}")" ;;
@@ -171,7 +181,7 @@ for step in "${step_list[@]}"; do
 done
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
-for log in "$LOGS"/bench*.log; do
+for log in "$LOGS"/bench*.log "$LOGS"/aggr_bench.log; do
     [ -f "$log" ] && sed -n '/^summary/,$p' "$log"
 done
 exit 0
