@@ -9,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import socket
+import time
 import traceback
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -222,6 +223,60 @@ def cuda_event_times_us(fn: Callable[[int], Any], iters: int, warmup: int) -> Li
         ends[i].record()
     torch.cuda.synchronize()
     return [s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends)]
+
+
+# A GPU sleep long enough to cover one call's host work (about 0.5 ms at Hopper clocks).
+HOST_COVER_SLEEP_CYCLES = 1_000_000
+
+
+def covered_event_times_us(fn: Callable[[int], Any], iters: int, warmup: int) -> Tuple[List[float], List[float]]:
+    """Device time (us) of each of ``iters`` calls ``fn(i)`` with the host's work hidden, and the
+    host time (us) of each call.
+
+    Back-to-back calls timed by events measure the host too once a call's host work outlasts its
+    kernels: the stream runs dry and the gap lands between the events. Here a GPU sleep before
+    each call keeps the stream busy while the host enqueues the call, so the events bracket the
+    call's device work only. The host time is the wall time of ``fn(i)`` alone.
+    """
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    dist.barrier()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    host: List[float] = []
+    for i in range(iters):
+        torch.cuda._sleep(HOST_COVER_SLEEP_CYCLES)
+        starts[i].record()
+        begin = time.perf_counter()
+        fn(i)
+        host.append((time.perf_counter() - begin) * 1e6)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends)], host
+
+
+def print_host_profile(fn: Callable[[], Any], rank: int, title: str, calls: int = 200) -> None:
+    """Where the host time of ``calls`` calls ``fn()`` goes: a cProfile, top 25 by own time, of
+    rank 0. Every rank must call it: the kernels of one call wait for every rank's."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    dist.barrier()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    dist.barrier()
+    if rank != 0:
+        return
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    print(f"host profile of {calls} {title} calls (rank 0):\n{text.getvalue()}", flush=True)
 
 
 def _all_reduce_value(value: float, op: Any) -> float:

@@ -439,8 +439,15 @@ def correctness_worker(rank: int, num_ranks: int, group: Any, seed: int, quick: 
 # benchmark
 # ------------------------------------------------------------------------------------------------
 def _time_us(fn: Callable[[int], Any], iters: int, warmup: int = 5) -> float:
-    """Median device time (us) on this rank of ``iters`` calls ``fn(i)``."""
+    """Median device time (us) on this rank of ``iters`` back-to-back calls ``fn(i)``."""
     return statistics.median(gpu_utils.cuda_event_times_us(fn, iters, warmup))
+
+
+def _covered_time_us(fn: Callable[[int], Any], iters: int, warmup: int = 5) -> Tuple[float, float]:
+    """Median device time (us) on this rank of ``iters`` calls ``fn(i)`` with each call's host work
+    hidden behind a GPU sleep (gpu_utils.covered_event_times_us), and the median host time per call."""
+    device, host = gpu_utils.covered_event_times_us(fn, iters, warmup)
+    return statistics.median(device), statistics.median(host)
 
 
 _slowest = gpu_utils.max_over_ranks
@@ -537,16 +544,19 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, j
     byte_counts = {"dispatch_bf16": bf16_bytes, "dispatch_fp8": fp8_bytes, "combine_bf16": bf16_bytes}
     results: List[Dict[str, Any]] = []
 
-    def record(op: str, sms: int, chunk: int, cap: int, t_us: float) -> None:
+    def record(op: str, sms: int, chunk: int, cap: int, t_us: float, covered: Tuple[float, float]) -> None:
         gbps = byte_counts[op] / t_us / 1e3
         base_gbps = byte_counts[op] / baseline[op] / 1e3
         row = dict(op=op, num_sms=sms, chunk=chunk, capacity=cap, time_us=_slowest(t_us),
-                   gbps_min=_lowest(gbps), baseline_us=_slowest(baseline[op]), baseline_gbps_min=_lowest(base_gbps))
+                   gbps_min=_lowest(gbps), baseline_us=_slowest(baseline[op]), baseline_gbps_min=_lowest(base_gbps),
+                   covered_time_us=_slowest(covered[0]), covered_gbps_min=_lowest(byte_counts[op] / covered[0] / 1e3),
+                   host_us=_slowest(covered[1]))
         row["speedup"] = row["gbps_min"] / row["baseline_gbps_min"]
         results.append(row)
         _log(rank, f"{op:14s} sms={sms:2d} chunk={chunk:2d} cap={cap:3d}: {row['time_us']:8.1f} us "
                    f"{row['gbps_min']:6.1f} GB/s | all_to_all_single {row['baseline_us']:8.1f} us "
-                   f"{row['baseline_gbps_min']:6.1f} GB/s | x{row['speedup']:.2f}")
+                   f"{row['baseline_gbps_min']:6.1f} GB/s | x{row['speedup']:.2f} | host covered "
+                   f"{row['covered_time_us']:8.1f} us {row['covered_gbps_min']:6.1f} GB/s, host {row['host_us']:6.1f} us")
 
     def measure(sms: int, chunk: int, cap: int) -> None:
         config = deep_ep.Config(sms, chunk, cap)
@@ -556,6 +566,7 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, j
         for op, call in calls.items():
             try:
                 t_us = _time_us(call, iters)
+                covered = _covered_time_us(call, iters)
             except ValueError as error:
                 # A ring below the kernel's minimum for this rank count (the combine needs more
                 # slots per sub-ring than dispatch): the same on every rank, raised before launch.
@@ -563,7 +574,7 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, j
                     raise
                 _log(rank, f"{op:14s} sms={sms:2d} chunk={chunk:2d} cap={cap:3d}: skipped ({error})")
                 continue
-            record(op, sms, chunk, cap, t_us)
+            record(op, sms, chunk, cap, t_us, covered)
 
     _log(rank, f"bench: {num_ranks} ranks, {torch.cuda.get_device_name()}, {num_tokens} tokens x {hidden} "
                f"top-{num_topk} of {num_experts}; rank 0 receives {rows} rows; median of {iters}, slowest rank")
@@ -582,9 +593,13 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, j
                         config.num_sms // 2)
         intranode_trace(rank, "combine_bf16", lambda i: buf.combine(comb_ins[i % 2], handle, config=config), iters,
                         config.num_sms // 2)
-    t_full = _time_us(lambda i: buf.dispatch(xs[i % 3], **layout, topk_idx=topk_idx, topk_weights=topk_weights,
-                                             config=config), iters)
-    record("dispatch_bf16", 24, -1, 256, t_full)
+    if os.environ.get("DEEP_EP_INTRANODE_HOST_PROFILE") == "1":
+        # Where a cached call's host time goes (every rank calls: the kernels wait for each other).
+        gpu_utils.print_host_profile(lambda: buf.dispatch(x8s[0], handle=handle, config=config), rank,
+                                     "cached FP8 dispatch", 100)
+        gpu_utils.print_host_profile(lambda: buf.combine(comb_ins[0], handle, config=config), rank, "combine", 100)
+    full = lambda i: buf.dispatch(xs[i % 3], **layout, topk_idx=topk_idx, topk_weights=topk_weights, config=config)
+    record("dispatch_bf16", 24, -1, 256, _time_us(full, iters), _covered_time_us(full, iters))
     _log(rank, "(chunk=-1: non-cached dispatch incl. count exchange, host wait and value checks)")
     buf.destroy()
     if rank == 0:
@@ -598,11 +613,14 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, j
 
 def print_summary(results: List[Dict[str, Any]]) -> None:
     """One line per (op, SMs, chunk, capacity): the kernels' GB/s, all_to_all_single's, and the ratio."""
-    print("\nsummary: GB/s of the slowest rank; chunk -1 = non-cached dispatch")
-    print(f"{'op':14s} {'sms':>3s} {'chunk':>5s} {'cap':>4s} | {'GB/s':>7s} | {'a2a GB/s':>8s} | ratio")
+    print("\nsummary: GB/s of the slowest rank; chunk -1 = non-cached dispatch; GB/s and a2a: back-to-back "
+          "calls; covered: each call's host work hidden behind a GPU sleep (device time alone); host: us per call")
+    print(f"{'op':14s} {'sms':>3s} {'chunk':>5s} {'cap':>4s} | {'GB/s':>7s} | {'a2a GB/s':>8s} | ratio | "
+          f"{'covered':>7s} | {'host us':>7s}")
     for row in results:
         print(f"{row['op']:14s} {row['num_sms']:3d} {row['chunk']:5d} {row['capacity']:4d} | {row['gbps_min']:7.1f} | "
-              f"{row['baseline_gbps_min']:8.1f} | x{row['speedup']:.2f}")
+              f"{row['baseline_gbps_min']:8.1f} | x{row['speedup']:.2f} | {row['covered_gbps_min']:7.1f} | "
+              f"{row['host_us']:7.1f}")
 
 
 # ------------------------------------------------------------------------------------------------

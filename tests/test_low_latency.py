@@ -609,29 +609,6 @@ def _host_time(fn, calls: int = 40, repeats: int = 5) -> float:
     return _median_max(times)
 
 
-def _print_host_profile(fn, rank: int, calls: int = 200) -> None:
-    """DEEP_EP_LL_HOST_PROFILE=1: where the host time of ``calls`` calls goes (cProfile, top 25 of
-    rank 0). Every rank must call it: the kernels of one call wait for every rank's."""
-    import cProfile
-    import io
-    import pstats
-
-    torch.cuda.synchronize()
-    dist.barrier()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(calls):
-        fn()
-    profiler.disable()
-    torch.cuda.synchronize()
-    dist.barrier()
-    if rank != 0:
-        return
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-    print(f"host profile of {calls} dispatch + combine calls (rank 0):\n{text.getvalue()}", flush=True)
-
-
 _ALIGN_SLEEP_CYCLES = 1_000_000  # about 0.5 ms at Hopper clocks
 
 
@@ -782,7 +759,7 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
     results["host_dispatch_us"] = _host_time(dispatch)
     results["host_combine_us"] = _host_time(lambda: buffer.low_latency_combine(y, topk_idx, weights, handle))
     if os.environ.get("DEEP_EP_LL_HOST_PROFILE", "0") == "1":
-        _print_host_profile(both, rank)  # every rank calls (the kernels wait for each other)
+        gpu_utils.print_host_profile(both, rank, "dispatch + combine")  # every rank calls (the kernels wait for each other)
         # The pieces of a dispatch call's host time, each timed alone (launch-only pieces run the
         # kernels too: every rank makes the same calls).
         backend = buffer._backend
