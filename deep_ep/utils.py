@@ -49,7 +49,6 @@ INTRANODE_TARGET_NAMES = {
     4: "the sender's token count of a ring",
     5: "the receiver's end-of-call acknowledgement",
     6: "room in the output (num_worst_tokens too small)",
-    32: "the sending warps of its block (the dedicated tail publisher)",
 }
 
 

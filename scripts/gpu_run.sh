@@ -27,9 +27,6 @@
 #   dispatch's SM stores instead of its copy-engine send (DEEP_EP_LL_BULK_SEND=0);
 #   llbenchnosplit / llnoshrinknosplit: the low-latency benchmark / checks with the header copied
 #   with the data (DEEP_EP_LL_SPLIT_HEADER=0);
-#   test4pub / test2pub / inter22pub / benchpub / bench2pub: the intranode checks (4 ranks; 2 ranks
-#   quick; as 2 x 2) and benchmark (4 ranks; 2 ranks) with the dispatch's tails released by one publishing warp per sender block
-#   (DEEP_EP_INTRANODE_PUBLISHER=1, an experiment);
 #   aggr: a rebuild with DISABLE_AGGRESSIVE_PTX_INSTRS=0 (non-coherent input loads, L2 256-byte
 #   prefetch), then the intranode checks (quick) and benchmark on the GPUs there (put it last);
 #   benchsendown: the intranode benchmark with the sender block copying a rank's rows to itself
@@ -131,15 +128,6 @@ run_named() {
     bench2) run_step bench2 "${BENCH_LIMIT:-300}" "$(intranode 2 --bench --json "$LOGS/bench2.json" "${BENCH_ARGS:-}")" ;;
     # The intranode dispatch with the sender block copying a rank's rows to itself
     # (DEEP_EP_OWN_ROWS_BY_RECEIVER=0), for A/B against the default (compare with `bench` in the same call).
-    # Experiment: the intranode dispatch's tails released by one publishing warp per sender block
-    # (DEEP_EP_INTRANODE_PUBLISHER=1): its checks on 4 ranks, quick on 2, as 2 x 2, and its benchmark.
-    test4pub) run_step test4pub "${TEST4_LIMIT:-420}" "DEEP_EP_INTRANODE_PUBLISHER=1 $(intranode 4 "${TEST_ARGS:-}")" ;;
-    test2pub) run_step test2pub "${TEST2_LIMIT:-240}" "DEEP_EP_INTRANODE_PUBLISHER=1 $(intranode 2 --quick)" ;;
-    inter22pub) run_step inter22pub "${INTER_LIMIT:-300}" "DEEP_EP_INTRANODE_PUBLISHER=1 $(internode 4 2 "${INTER_ARGS:-}")" ;;
-    benchpub) run_step benchpub "${BENCH_LIMIT:-300}" \
-        "DEEP_EP_INTRANODE_PUBLISHER=1 $(intranode 4 --bench --json "$LOGS/benchpub.json" "${BENCH_ARGS:-}")" ;;
-    bench2pub) run_step bench2pub "${BENCH_LIMIT:-300}" \
-        "DEEP_EP_INTRANODE_PUBLISHER=1 $(intranode 2 --bench --json "$LOGS/bench2pub.json" "${BENCH_ARGS:-}")" ;;
     benchsendown) run_step benchsendown "${BENCH_LIMIT:-300}" \
         "DEEP_EP_OWN_ROWS_BY_RECEIVER=0 $(intranode 4 --bench --json "$LOGS/benchsendown.json")" ;;
     ll4) run_step ll4 "${LL4_LIMIT:-240}" "$(low_latency 4)" ;;

@@ -105,10 +105,6 @@ struct DispatchArgs {
     RingGeometry ring;
     PeerBuffers buffers;
     FailureContext fail;
-    // Set by launch_intranode_dispatch (experiment, DEEP_EP_INTRANODE_PUBLISHER=1): the sender's
-    // warps hand their progress to one publishing warp through shared memory instead of each
-    // releasing its ring tail itself (dispatch_send).
-    bool dedicated_publisher;
 };
 void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream);
 

@@ -47,8 +47,6 @@ enum WaitTarget : int32_t {
     kWaitRingMeta = 4,      // a peer sender's token count for a ring
     kWaitRingAck = 5,       // a peer receiver's end-of-call acknowledgement
     kWaitRowCapacity = 6,   // (overflow) more received rows than the output holds
-    // 7..31: the internode path's (internode_api.cuh).
-    kWaitSendWarps = 32,    // the sending warps of this block (the dedicated publisher, dispatch_send)
 };
 
 // Lives in host-mapped (pinned) memory; written once, by the first failing thread.

@@ -304,56 +304,6 @@ __device__ __forceinline__ bool stage_own_row(const DispatchArgs& args, int toke
     return true;
 }
 
-// The dedicated publisher (experiment, DispatchArgs::dedicated_publisher): the writing warps
-// release their progress into shared memory at CTA scope, and one otherwise idle warp (the first
-// of this rank's own group, idle when the receiver copies the own rows) releases it to the peers'
-// ring tails at system scope. Cumulativity carries the writers' row stores: they precede the
-// CTA-scope release the publisher acquires, and so its system-scope release of the tail. The
-// writers then stream on while only the publisher waits for the system-scope fences (the
-// seventh session's trace: 88 of the bf16 sender's 487 us went to the writers' own releases).
-// Lane i serves sub-ring i: remote destination i / W (this rank skipped), its warp i % W.
-constexpr int kProgressDone = 1 << 30;
-
-__device__ void publish_progress_loop(const DispatchArgs& args, int channel, const int* progress, int num_subrings,
-                                      int W) {
-    const int lane = lane_id();
-    int* tail = nullptr;
-    if (lane < num_subrings) {
-        const int d = lane / W;
-        tail = counter_ptr(args.buffers.ptrs[d < args.rank ? d : d + 1], kCounterTail, channel, args.rank, lane % W);
-    }
-    int published = 0;
-    bool done = lane >= num_subrings;
-    uint64_t last_progress = global_timer_ns();
-    while (true) {
-        bool moved = false;
-        if (!done) {
-            const int p = ld_acquire_cta(progress + lane);
-            const int value = p & ~kProgressDone;
-            if (value != published) {
-                st_release_sys(tail, value);
-                published = value;
-                moved = true;
-            }
-            done = (p & kProgressDone) != 0;
-        }
-        if (__all_sync(0xffffffffu, done))
-            return;
-        // Bounded: every writer reports done on every exit, and each of its waits is bounded; a
-        // timeout here (no writer progress for the whole timeout) means a fault.
-        const uint64_t now = global_timer_ns();
-        if (__any_sync(0xffffffffu, moved))
-            last_progress = now;
-        if (ld_volatile(args.fail.abort_flag) != 0)
-            return;
-        if (now - last_progress > args.fail.timeout_ns) {
-            if (lane == 0)
-                report_failure(args.fail, kErrorTimeout, kKernelDispatch, -1, kWaitSendWarps, channel, published, -1);
-            return;
-        }
-    }
-}
-
 // kRowMap: the kernel instance for a row map (DispatchArgs::row_segment_end); the one without
 // compiles to the code it had before maps existed. kOwnRowsByReceiver: the rows this rank sends to
 // itself are copied by the receiver block's warps of that source (idle otherwise) instead of the
@@ -369,12 +319,8 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpT
 
     // Tokens each destination gets before this channel (its first row) and inside it.
     __shared__ int s_before[kMaxRanks], s_inside[kMaxRanks];
-    // With the dedicated publisher: each remote sub-ring's rows written (publish_progress_loop).
-    __shared__ int s_progress[kWarpSize];
     if (threadIdx.x < kMaxRanks)
         s_before[threadIdx.x] = s_inside[threadIdx.x] = 0;
-    if (threadIdx.x < kWarpSize)
-        s_progress[threadIdx.x] = 0;
     __syncthreads();
     for (int dest = 0; dest < num_ranks; ++dest) {
         int before = 0, inside = 0;
@@ -403,23 +349,8 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpT
     // Tokens for this rank itself skip the ring: the sender writes them straight to their rows
     // (stage_own_row), or with kOwnRowsByReceiver the receiver block does (dispatch_receive).
     const bool local = dest == args.rank;
-    const bool publisher_mode =  // block-uniform
-        kOwnRowsByReceiver && args.dedicated_publisher && num_ranks > 1 && (num_ranks - 1) * W <= kWarpSize;
-    if (kOwnRowsByReceiver && local) {
-        if (publisher_mode && w == 0)
-            publish_progress_loop(args, channel, s_progress, (num_ranks - 1) * W, W);
+    if (kOwnRowsByReceiver && local)
         return;
-    }
-    const int progress_slot = (dest < args.rank ? dest : dest - 1) * W + w;  // publisher_mode only
-    auto publish = [&](int value) {
-        if (publisher_mode) {
-            __syncwarp();
-            if (lane == 0)
-                st_release_cta(&s_progress[progress_slot], value);
-        } else {
-            publish_tail(peer_tail, value);
-        }
-    };
     const int64_t local_first_row = local ? static_cast<int64_t>(args.recv_rank_prefix[args.rank]) + s_before[dest] : 0;
     const SlotMetaLane lane_meta = slot_meta_lane(args.slot, lane);
     if (!local && lane == 0) {
@@ -452,7 +383,7 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpT
                 // slots it has been told about.
                 long long since = trace.now();
                 if (sent != published) {
-                    publish(sent);
+                    publish_tail(peer_tail, sent);
                     published = sent;
                 }
                 trace.add(kTracePublish, since);
@@ -481,23 +412,17 @@ __device__ void dispatch_send(const DispatchArgs& args, int channel, const WarpT
             ++sent;
             if (sent - published >= ring.publish_every) {
                 since = trace.now();
-                publish(sent);
+                publish_tail(peer_tail, sent);
                 published = sent;
                 trace.add(kTracePublish, since);
             }
         }
         seq += count;
     }
-    if (publisher_mode) {
-        // Done, after a failure too: the publisher waits for every writer.
-        __syncwarp();
-        if (lane == 0)
-            st_release_cta(&s_progress[progress_slot], sent | kProgressDone);
-    }
     if (!ok || local)
         return;
     __syncwarp();
-    if (!publisher_mode && lane == 0 && sent != published)
+    if (lane == 0 && sent != published)
         st_release_sys(peer_tail, sent);
     // The receiver acknowledges with count + 1 once it has consumed everything and zeroed its
     // counters; only then may this head word be zeroed for the next call.
@@ -1064,21 +989,16 @@ void launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream) {
     // three A/B runs; docs/benchmarks.md). DEEP_EP_OWN_ROWS_BY_RECEIVER=0 (read once; the same on
     // every rank) selects the sender copy, for measuring against it (it was ahead at 20 SMs).
     static const bool own_rows_by_receiver = env_int("DEEP_EP_OWN_ROWS_BY_RECEIVER", 1) != 0;
-    // Experiment, off unless DEEP_EP_INTRANODE_PUBLISHER=1 (read once; the same on every rank):
-    // DispatchArgs::dedicated_publisher, with own rows by the receiver only.
-    static const bool dedicated_publisher = env_int("DEEP_EP_INTRANODE_PUBLISHER", 0) != 0;
-    DispatchArgs a = args;
-    a.dedicated_publisher = dedicated_publisher && own_rows_by_receiver;
-    const int grid = a.ring.num_channels * 2;
-    if (a.row_segment_end != nullptr) {
+    const int grid = args.ring.num_channels * 2;
+    if (args.row_segment_end != nullptr) {
         if (own_rows_by_receiver)
-            intranode_dispatch_kernel<true, true><<<grid, kThreads, 0, stream>>>(a);
+            intranode_dispatch_kernel<true, true><<<grid, kThreads, 0, stream>>>(args);
         else
-            intranode_dispatch_kernel<true, false><<<grid, kThreads, 0, stream>>>(a);
+            intranode_dispatch_kernel<true, false><<<grid, kThreads, 0, stream>>>(args);
     } else if (own_rows_by_receiver) {
-        intranode_dispatch_kernel<false, true><<<grid, kThreads, 0, stream>>>(a);
+        intranode_dispatch_kernel<false, true><<<grid, kThreads, 0, stream>>>(args);
     } else {
-        intranode_dispatch_kernel<false, false><<<grid, kThreads, 0, stream>>>(a);
+        intranode_dispatch_kernel<false, false><<<grid, kThreads, 0, stream>>>(args);
     }
     DEEP_EP_LAUNCH_CHECK();
 }
