@@ -256,6 +256,23 @@ def covered_event_times_us(fn: Callable[[int], Any], iters: int, warmup: int) ->
     return [s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends)], host
 
 
+def host_time_us(fn: Callable[[], Any], calls: int = 40, repeats: int = 5) -> float:
+    """Host wall time per call (us) of ``calls`` back-to-back calls ``fn()``: the median over
+    ``repeats``, then the slowest rank. Every rank must call it (kernels may wait for each other)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        dist.barrier()
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - begin) / calls * 1e6)
+    torch.cuda.synchronize()
+    dist.barrier()
+    times.sort()
+    return max_over_ranks(times[len(times) // 2])
+
+
 def print_host_profile(fn: Callable[[], Any], rank: int, title: str, calls: int = 200) -> None:
     """Where the host time of ``calls`` calls ``fn()`` goes: a cProfile, top 25 by own time, of
     rank 0. Every rank must call it: the kernels of one call wait for every rank's."""

@@ -598,6 +598,32 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, j
         gpu_utils.print_host_profile(lambda: buf.dispatch(x8s[0], handle=handle, config=config), rank,
                                      "cached FP8 dispatch", 100)
         gpu_utils.print_host_profile(lambda: buf.combine(comb_ins[0], handle, config=config), rank, "combine", 100)
+        # The pieces of a cached FP8 dispatch's host time, each timed alone (every rank makes the
+        # same calls: the launches among them run their kernels).
+        backend = buf._backend
+        runtime = backend._runtime
+        data, scales = x8s[0]
+        rows = handle.num_output_rows
+        outs = (torch.empty(rows, hidden, dtype=data.dtype, device="cuda"),
+                torch.empty(rows, scales.shape[1], dtype=torch.float32, device="cuda"),
+                torch.empty(rows, dtype=torch.int32, device="cuda"))
+        pieces = {
+            "Buffer.dispatch": lambda: buf.dispatch(x8s[0], handle=handle, config=config),
+            "backend.dispatch (no Buffer checks)": lambda: backend.dispatch(
+                x8s[0], handle, None, None, None, None, None, None, 1, 0, config, None, False, False),
+            "runtime.dispatch (C++ checks + launch)": lambda: runtime.dispatch(
+                data, scales, None, None, handle.is_token_in_rank, handle.recv_rank_prefix, outs[0], outs[1], None,
+                None, outs[2], handle.num_experts, False, config.num_sms, config.num_max_nvl_chunked_send_tokens,
+                config.num_max_nvl_chunked_recv_tokens, None),
+            "the three output torch.empty": lambda: (
+                torch.empty(rows, hidden, dtype=data.dtype, device="cuda"),
+                torch.empty(rows, scales.shape[1], dtype=torch.float32, device="cuda"),
+                torch.empty(rows, dtype=torch.int32, device="cuda")),
+            "empty kernel launch": lambda: torch.cuda._sleep(0),
+            "Buffer.combine": lambda: buf.combine(comb_ins[0], handle, config=config),
+        }
+        for name, fn in pieces.items():
+            _log(rank, f"host time of {name}: {gpu_utils.host_time_us(fn):.1f} us")
     full = lambda i: buf.dispatch(xs[i % 3], **layout, topk_idx=topk_idx, topk_weights=topk_weights, config=config)
     record("dispatch_bf16", 24, -1, 256, _time_us(full, iters), _covered_time_us(full, iters))
     _log(rank, "(chunk=-1: non-cached dispatch incl. count exchange, host wait and value checks)")

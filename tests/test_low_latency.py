@@ -594,21 +594,6 @@ def _time_calls(fn, iterations: int, warmup: int = 10) -> float:
     return _median_max(gpu_utils.cuda_event_times_us(lambda _: fn(), iterations, warmup))
 
 
-def _host_time(fn, calls: int = 40, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the host wall time per call of ``calls`` back-to-back calls, us."""
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        dist.barrier()
-        begin = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - begin) / calls * 1e6)
-    torch.cuda.synchronize()
-    dist.barrier()
-    return _median_max(times)
-
-
 _ALIGN_SLEEP_CYCLES = 1_000_000  # about 0.5 ms at Hopper clocks
 
 
@@ -756,8 +741,8 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
     results["call_dispatch_combine_us"] = _time_calls(both, iterations)
     # Host time per call: what the Python API, the backend and the runtime spend before the
     # launch returns (the GPU never blocks the host here: launches are queued).
-    results["host_dispatch_us"] = _host_time(dispatch)
-    results["host_combine_us"] = _host_time(lambda: buffer.low_latency_combine(y, topk_idx, weights, handle))
+    results["host_dispatch_us"] = gpu_utils.host_time_us(dispatch)
+    results["host_combine_us"] = gpu_utils.host_time_us(lambda: buffer.low_latency_combine(y, topk_idx, weights, handle))
     if os.environ.get("DEEP_EP_LL_HOST_PROFILE", "0") == "1":
         gpu_utils.print_host_profile(both, rank, "dispatch + combine")  # every rank calls (the kernels wait for each other)
         # The pieces of a dispatch call's host time, each timed alone (launch-only pieces run the
@@ -772,7 +757,7 @@ def run_bench(buffer, ref, rank: int, num_ranks: int, seed: int, iterations: int
         if runtime is not None:
             pieces["dispatch_outputs (C++)"] = lambda: runtime.dispatch_outputs(num_max, hidden, num_experts, True, False)
         for name, fn in pieces.items():
-            log(rank, f"  host time of {name}: {_host_time(fn):.1f} us")
+            log(rank, f"  host time of {name}: {gpu_utils.host_time_us(fn):.1f} us")
 
     # One CUDA graph of dispatch + combine (the decode step's communication), replayed back to back.
     graph = torch.cuda.CUDAGraph()
