@@ -13,6 +13,7 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include "comm_frame.hpp"
 #include "config.hpp"
 #include "dispatch_combine_args.hpp"
 #include "event.hpp"
@@ -377,6 +378,62 @@ void Buffer::combine(const torch::Tensor& x, const std::optional<torch::Tensor>&
     launch_intranode_combine(args, at::cuda::getCurrentCUDAStream());
 }
 
+void Buffer::set_comm_stream(int64_t stream_id, int64_t device_index, int64_t device_type) {
+    const c10::Stream stream = c10::Stream::unpack3(static_cast<c10::StreamId>(stream_id),
+                                                    static_cast<c10::DeviceIndex>(device_index),
+                                                    static_cast<c10::DeviceType>(device_type));
+    DEEP_EP_HOST_ASSERT(stream.device_type() == c10::DeviceType::CUDA && stream.device_index() == device_,
+                        "the comm stream must be a CUDA stream of the buffer's device");
+    comm_stream_.emplace(stream);
+}
+
+std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<EventHandle>> Buffer::cached_dispatch(
+    const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales, const torch::Tensor& is_token_in_rank,
+    const torch::Tensor& recv_rank_prefix, int64_t num_rows, int num_experts, bool fill_padding, int num_sms,
+    int send_chunk, int ring_capacity, bool wait_compute, bool async_finish) {
+    check_usable();
+    DEEP_EP_HOST_ASSERT(comm_stream_.has_value(), "set_comm_stream() has not been called");
+    DEEP_EP_HOST_ASSERT(x.dim() == 2 && num_rows >= 0, "x must be 2-D and num_rows non-negative");
+    CommFrame frame(*comm_stream_, wait_compute);
+    torch::Tensor recv_x = torch::empty({num_rows, x.size(1)}, x.options());
+    std::optional<torch::Tensor> recv_x_scales;
+    if (x_scales.has_value()) {
+        DEEP_EP_HOST_ASSERT(x_scales->dim() == 2, "x_scales must be 2-D");
+        recv_x_scales = torch::empty({num_rows, x_scales->size(1)}, x.options().dtype(torch::kFloat32));
+    }
+    // The source indices are the handle's already; the kernel writes them anyway.
+    const torch::Tensor recv_src_idx = torch::empty({num_rows}, x.options().dtype(torch::kInt32));
+    dispatch(x, x_scales, std::nullopt, std::nullopt, is_token_in_rank, recv_rank_prefix, recv_x, recv_x_scales,
+             std::nullopt, std::nullopt, recv_src_idx, num_experts, fill_padding, num_sms, send_chunk, ring_capacity,
+             std::nullopt);
+    frame.keep_for_comm(x, x_scales, is_token_in_rank, recv_rank_prefix);
+    frame.keep_for_compute(recv_x, recv_x_scales);
+    return {recv_x, recv_x_scales, frame.finish(async_finish)};
+}
+
+std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<EventHandle>> Buffer::combine_on_comm_stream(
+    const torch::Tensor& x, const std::optional<torch::Tensor>& topk_weights, const std::optional<torch::Tensor>& bias0,
+    const std::optional<torch::Tensor>& bias1, const torch::Tensor& is_token_in_rank, const torch::Tensor& recv_src_idx,
+    const torch::Tensor& recv_rank_prefix, const torch::Tensor& recv_src_num_tokens, int64_t num_tokens, int num_sms,
+    int send_chunk, int ring_capacity, bool wait_compute, bool async_finish) {
+    check_usable();
+    DEEP_EP_HOST_ASSERT(comm_stream_.has_value(), "set_comm_stream() has not been called");
+    DEEP_EP_HOST_ASSERT(x.dim() == 2 && num_tokens >= 0, "x must be 2-D and num_tokens non-negative");
+    CommFrame frame(*comm_stream_, wait_compute);
+    torch::Tensor combined_x = torch::empty({num_tokens, x.size(1)}, x.options().dtype(torch::kBFloat16));
+    std::optional<torch::Tensor> combined_topk_weights;
+    if (topk_weights.has_value()) {
+        DEEP_EP_HOST_ASSERT(topk_weights->dim() == 2, "topk_weights must be 2-D");
+        combined_topk_weights = torch::empty({num_tokens, topk_weights->size(1)}, x.options().dtype(torch::kFloat32));
+    }
+    combine(x, topk_weights, bias0, bias1, is_token_in_rank, recv_src_idx, recv_rank_prefix, recv_src_num_tokens,
+            combined_x, combined_topk_weights, num_sms, send_chunk, ring_capacity, std::nullopt);
+    frame.keep_for_comm(x, topk_weights, bias0, bias1, is_token_in_rank, recv_src_idx, recv_rank_prefix,
+                        recv_src_num_tokens);
+    frame.keep_for_compute(combined_x, combined_topk_weights);
+    return {combined_x, combined_topk_weights, frame.finish(async_finish)};
+}
+
 void Buffer::barrier() {
     check_usable();
     launch_intranode_barrier(peers_, rank_, num_ranks_, failure_context(), at::cuda::getCurrentCUDAStream());
@@ -444,6 +501,9 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         .def("wait_notify", &deep_ep::Buffer::wait_notify)
         .def("dispatch", &deep_ep::Buffer::dispatch)
         .def("combine", &deep_ep::Buffer::combine)
+        .def("set_comm_stream", &deep_ep::Buffer::set_comm_stream)
+        .def("cached_dispatch", &deep_ep::Buffer::cached_dispatch)
+        .def("combine_on_comm_stream", &deep_ep::Buffer::combine_on_comm_stream)
         .def("barrier", &deep_ep::Buffer::barrier)
         .def("get_error", &deep_ep::Buffer::get_error)
         .def("destroy", &deep_ep::Buffer::destroy);

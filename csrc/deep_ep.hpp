@@ -1,6 +1,7 @@
 // The runtime of the intranode kernels: one NVLink buffer per rank, mapped by every peer through
 // CUDA IPC; host-mapped counters and error record; kernel launches on the current stream (the
-// Python side switches to the comm stream and allocates every output).
+// Python side switches to the comm stream and allocates the outputs), except for the cached
+// dispatch and the combine, which do that here in one call (CommFrame, comm_frame.hpp).
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,7 @@
 #include <torch/types.h>
 
 #include "error_record.hpp"
+#include "event.hpp"
 #include "kernels/api.cuh"
 
 namespace deep_ep {
@@ -74,6 +76,24 @@ public:
                  const torch::Tensor& combined_x, const std::optional<torch::Tensor>& combined_topk_weights,
                  int num_sms, int send_chunk, int ring_capacity, const std::optional<torch::Tensor>& row_segments);
 
+    // The comm stream (a torch.cuda.Stream's stream_id, device_index, device_type) of the calls
+    // below that run under a CommFrame (comm_frame.hpp).
+    void set_comm_stream(int64_t stream_id, int64_t device_index, int64_t device_type);
+    // A cached dispatch (a handle's layout: no top-k) as one call under a CommFrame: allocates
+    // recv_x [num_rows, hidden] (and the FP8 scales) on the comm stream and dispatches there.
+    // Returns (recv_x, recv_x_scales, the call's event if async_finish).
+    std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<EventHandle>> cached_dispatch(
+        const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales, const torch::Tensor& is_token_in_rank,
+        const torch::Tensor& recv_rank_prefix, int64_t num_rows, int num_experts, bool fill_padding, int num_sms,
+        int send_chunk, int ring_capacity, bool wait_compute, bool async_finish);
+    // combine() as one call under a CommFrame: allocates combined_x [num_tokens, hidden] (and the
+    // combined top-k weights) on the comm stream. Returns them and the event if async_finish.
+    std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<EventHandle>> combine_on_comm_stream(
+        const torch::Tensor& x, const std::optional<torch::Tensor>& topk_weights,
+        const std::optional<torch::Tensor>& bias0, const std::optional<torch::Tensor>& bias1,
+        const torch::Tensor& is_token_in_rank, const torch::Tensor& recv_src_idx, const torch::Tensor& recv_rank_prefix,
+        const torch::Tensor& recv_src_num_tokens, int64_t num_tokens, int num_sms, int send_chunk, int ring_capacity,
+        bool wait_compute, bool async_finish);
     // A cross-rank barrier on the current stream.
     void barrier();
 
@@ -103,6 +123,7 @@ private:
     ErrorRecord* error_device_ = nullptr; // device view of it
     int* counters_host_ = nullptr;        // host-mapped notify results
     int* counters_device_ = nullptr;
+    std::optional<at::cuda::CUDAStream> comm_stream_;
 };
 
 }  // namespace deep_ep
