@@ -387,6 +387,22 @@ void Buffer::set_comm_stream(int64_t stream_id, int64_t device_index, int64_t de
     comm_stream_.emplace(stream);
 }
 
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, std::optional<EventHandle>>
+Buffer::dispatch_layout_on_comm_stream(const torch::Tensor& topk_idx, int num_experts, bool wait_compute,
+                                       bool async_finish) {
+    DEEP_EP_HOST_ASSERT(comm_stream_.has_value(), "set_comm_stream() has not been called");
+    DEEP_EP_HOST_ASSERT(topk_idx.dim() == 2, "topk_idx must be 2-D");
+    CommFrame frame(*comm_stream_, wait_compute);
+    const auto int32 = topk_idx.options().dtype(torch::kInt32);
+    torch::Tensor per_rank = torch::empty({num_ranks_}, int32);
+    torch::Tensor per_expert = torch::empty({num_experts}, int32);
+    torch::Tensor is_token_in_rank = torch::empty({topk_idx.size(0), num_ranks_}, topk_idx.options().dtype(torch::kBool));
+    get_dispatch_layout(topk_idx, num_experts, per_rank, per_expert, is_token_in_rank);
+    frame.keep_for_comm(topk_idx);
+    frame.keep_for_compute(per_rank, per_expert, is_token_in_rank);
+    return {per_rank, per_expert, is_token_in_rank, frame.finish(async_finish)};
+}
+
 std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<EventHandle>> Buffer::cached_dispatch(
     const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales, const torch::Tensor& is_token_in_rank,
     const torch::Tensor& recv_rank_prefix, int64_t num_rows, int num_experts, bool fill_padding, int num_sms,
@@ -502,6 +518,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         .def("dispatch", &deep_ep::Buffer::dispatch)
         .def("combine", &deep_ep::Buffer::combine)
         .def("set_comm_stream", &deep_ep::Buffer::set_comm_stream)
+        .def("dispatch_layout_on_comm_stream", &deep_ep::Buffer::dispatch_layout_on_comm_stream)
         .def("cached_dispatch", &deep_ep::Buffer::cached_dispatch)
         .def("combine_on_comm_stream", &deep_ep::Buffer::combine_on_comm_stream)
         .def("barrier", &deep_ep::Buffer::barrier)

@@ -79,6 +79,11 @@ public:
     // The comm stream (a torch.cuda.Stream's stream_id, device_index, device_type) of the calls
     // below that run under a CommFrame (comm_frame.hpp).
     void set_comm_stream(int64_t stream_id, int64_t device_index, int64_t device_type);
+    // get_dispatch_layout() as one call under a CommFrame: allocates its three outputs on the comm
+    // stream. Returns (num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, the event if
+    // async_finish).
+    std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, std::optional<EventHandle>> dispatch_layout_on_comm_stream(
+        const torch::Tensor& topk_idx, int num_experts, bool wait_compute, bool async_finish);
     // A cached dispatch (a handle's layout: no top-k) as one call under a CommFrame: allocates
     // recv_x [num_rows, hidden] (and the FP8 scales) on the comm stream and dispatches there.
     // Returns (recv_x, recv_x_scales, the call's event if async_finish).

@@ -11,7 +11,7 @@ across nodes).
 
 Streams: the kernels run on the comm stream of :class:`TorchBackend`, and every output is
 allocated there, with the same rules as the torch backend (``_on_comm_stream`` / ``_finish``); a
-cached dispatch and a combine keep those rules in one C++ call (``csrc/comm_frame.hpp``), which
+layout, a cached dispatch and a combine keep those rules in one C++ call (``csrc/comm_frame.hpp``), which
 costs the host a fraction of the Python stream switches.
 
 Environment: ``DEEP_EP_TIMEOUT_S`` (default 100) bounds every wait inside the kernels. A kernel
@@ -33,7 +33,7 @@ from .cuda_internode import InternodeKernelsMixin, KernelDispatchHandle, open_nv
 from .cuda_ll import LowLatencyKernelsMixin
 from .torch_backend import TorchBackend, view_bytes
 from .utils import (INTRANODE_TARGET_NAMES, DeepEPTimeoutError, EventOverlap, describe_kernel_failure,
-                    dispatch_result, empty_dispatch_rows, empty_layout, host_wait_timeout_message,
+                    dispatch_result, empty_dispatch_rows, host_wait_timeout_message,
                     raise_layout_value_errors, split_bias, split_dispatch_x, tensors_alive, timeout_from_env)
 
 try:  # the extension is optional; Buffer only picks this backend where it imports
@@ -163,12 +163,11 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
         if not self._intranode():
             return super().get_dispatch_layout(topk_idx, num_experts, previous_event, async_finish,
                                                allocate_on_comm_stream)
-        with self._on_comm_stream(previous_event):
-            per_rank, per_expert, is_token_in_rank = empty_layout(topk_idx.shape[0], self.num_ranks, num_experts,
-                                                                  self.device)
-            self._runtime.get_dispatch_layout(topk_idx, num_experts, per_rank, per_expert, is_token_in_rank)
-        event = self._finish(async_finish, (topk_idx,), (per_rank, per_expert, is_token_in_rank))
-        return per_rank, None, per_expert, is_token_in_rank, event
+        # The stream rules, the allocation and the launch in one C++ call (CommFrame).
+        per_rank, per_expert, is_token_in_rank, event = self._runtime.dispatch_layout_on_comm_stream(
+            topk_idx, num_experts, self._comm_waits_for(previous_event), async_finish)
+        return per_rank, None, per_expert, is_token_in_rank, _overlap(
+            event, (topk_idx,), (per_rank, per_expert, is_token_in_rank))
 
     # ------------------------------------------------------------------ dispatch
     def _wait_counts(self, num_local_experts: int) -> Tuple[int, List[int], int]:

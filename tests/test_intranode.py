@@ -621,6 +621,7 @@ def bench_worker(rank: int, num_ranks: int, group: Any, seed: int, iters: int, j
                 torch.empty(rows, dtype=torch.int32, device="cuda")),
             "empty kernel launch": lambda: torch.cuda._sleep(0),
             "Buffer.combine": lambda: buf.combine(comb_ins[0], handle, config=config),
+            "Buffer.get_dispatch_layout": lambda: buf.get_dispatch_layout(topk_idx, num_experts),
         }
         for name, fn in pieces.items():
             _log(rank, f"host time of {name}: {gpu_utils.host_time_us(fn):.1f} us")
