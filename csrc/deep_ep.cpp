@@ -403,6 +403,65 @@ Buffer::dispatch_layout_on_comm_stream(const torch::Tensor& topk_idx, int num_ex
     return {per_rank, per_expert, is_token_in_rank, frame.finish(async_finish)};
 }
 
+Buffer::DispatchResult Buffer::dispatch_on_comm_stream(
+    const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales, const std::optional<torch::Tensor>& topk_idx,
+    const std::optional<torch::Tensor>& topk_weights, const torch::Tensor& num_tokens_per_rank,
+    const torch::Tensor& num_tokens_per_expert, const torch::Tensor& is_token_in_rank, int expert_alignment,
+    int num_worst_tokens, int num_sms, int send_chunk, int ring_capacity, bool wait_compute, bool async_finish) {
+    check_usable();
+    DEEP_EP_HOST_ASSERT(comm_stream_.has_value(), "set_comm_stream() has not been called");
+    DEEP_EP_HOST_ASSERT(x.dim() == 2 && num_worst_tokens >= 0, "x must be 2-D and num_worst_tokens non-negative");
+    DEEP_EP_HOST_ASSERT(topk_idx.has_value() == topk_weights.has_value(), "topk_idx and topk_weights go together");
+    CommFrame frame(*comm_stream_, wait_compute);
+    const auto int32 = x.options().dtype(torch::kInt32);
+    torch::Tensor recv_rank_prefix = torch::empty({num_ranks_ + 1}, int32);
+    torch::Tensor recv_src_num_tokens = torch::empty({num_ranks_}, int32);
+    const bool padded = num_worst_tokens > 0;
+    const int num_experts = static_cast<int>(num_tokens_per_expert.numel());
+    // Without num_worst_tokens the host waits for the counts: the layout values are checked on
+    // the device on the way (Buffer then skips its own, synchronizing check).
+    notify_dispatch(num_tokens_per_rank, num_tokens_per_expert, static_cast<int>(x.size(0)), expert_alignment,
+                    recv_rank_prefix, recv_src_num_tokens, !padded, padded ? std::nullopt : topk_idx,
+                    padded ? std::nullopt : std::optional<torch::Tensor>(is_token_in_rank));
+    int64_t rows = num_worst_tokens;
+    int num_recv = -1;
+    std::vector<int> per_expert;
+    const auto failed = [&](int status, int flags) {
+        return DispatchResult{status, flags, -1, {}, torch::Tensor(), std::nullopt, std::nullopt, std::nullopt,
+                              torch::Tensor(), recv_rank_prefix, recv_src_num_tokens, std::nullopt};
+    };
+    if (!padded) {
+        auto [ok, total, counts, check_flags] = wait_notify(num_experts / num_ranks_);
+        if (!ok)
+            return failed(kDispatchWaitFailed, 0);
+        if (check_flags != 0)  // nothing dispatched; every rank given the same bad layout stops here too
+            return failed(kDispatchBadLayout, check_flags);
+        rows = num_recv = total;
+        per_expert = std::move(counts);
+    }
+    torch::Tensor recv_x = torch::empty({rows, x.size(1)}, x.options());
+    std::optional<torch::Tensor> recv_x_scales, recv_topk_idx, recv_topk_weights;
+    if (x_scales.has_value()) {
+        DEEP_EP_HOST_ASSERT(x_scales->dim() == 2, "x_scales must be 2-D");
+        recv_x_scales = torch::empty({rows, x_scales->size(1)}, x.options().dtype(torch::kFloat32));
+    }
+    if (topk_idx.has_value()) {
+        DEEP_EP_HOST_ASSERT(topk_idx->dim() == 2, "topk_idx must be 2-D");
+        recv_topk_idx = torch::empty({rows, topk_idx->size(1)}, x.options().dtype(torch::kInt64));
+        recv_topk_weights = torch::empty({rows, topk_idx->size(1)}, x.options().dtype(torch::kFloat32));
+    }
+    torch::Tensor recv_src_idx = torch::empty({rows}, int32);
+    dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, recv_rank_prefix, recv_x, recv_x_scales,
+             recv_topk_idx, recv_topk_weights, recv_src_idx, num_experts, padded, num_sms, send_chunk, ring_capacity,
+             std::nullopt);
+    frame.keep_for_comm(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                        num_tokens_per_expert);
+    frame.keep_for_compute(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx);
+    return DispatchResult{kDispatchOk, 0, num_recv, std::move(per_expert), recv_x, recv_x_scales, recv_topk_idx,
+                          recv_topk_weights, recv_src_idx, recv_rank_prefix, recv_src_num_tokens,
+                          frame.finish(async_finish)};
+}
+
 std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<EventHandle>> Buffer::cached_dispatch(
     const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales, const torch::Tensor& is_token_in_rank,
     const torch::Tensor& recv_rank_prefix, int64_t num_rows, int num_experts, bool fill_padding, int num_sms,
@@ -485,6 +544,9 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
     m.attr("INTRANODE_WARPS") = deep_ep::kIntranodeWarps;
     m.attr("CHECK_BAD_TOPK") = deep_ep::kCheckBadTopk;
     m.attr("CHECK_BAD_COUNTS") = deep_ep::kCheckBadCounts;
+    m.attr("DISPATCH_OK") = deep_ep::Buffer::kDispatchOk;
+    m.attr("DISPATCH_WAIT_FAILED") = deep_ep::Buffer::kDispatchWaitFailed;
+    m.attr("DISPATCH_BAD_LAYOUT") = deep_ep::Buffer::kDispatchBadLayout;
 
     py::class_<deep_ep::Config>(m, "Config")
         .def(py::init<int, int, int, int, int>(), py::arg("num_sms") = 20,
@@ -519,6 +581,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         .def("combine", &deep_ep::Buffer::combine)
         .def("set_comm_stream", &deep_ep::Buffer::set_comm_stream)
         .def("dispatch_layout_on_comm_stream", &deep_ep::Buffer::dispatch_layout_on_comm_stream)
+        .def("dispatch_on_comm_stream", &deep_ep::Buffer::dispatch_on_comm_stream)
         .def("cached_dispatch", &deep_ep::Buffer::cached_dispatch)
         .def("combine_on_comm_stream", &deep_ep::Buffer::combine_on_comm_stream)
         .def("barrier", &deep_ep::Buffer::barrier)

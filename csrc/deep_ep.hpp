@@ -84,6 +84,28 @@ public:
     // async_finish).
     std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, std::optional<EventHandle>> dispatch_layout_on_comm_stream(
         const torch::Tensor& topk_idx, int num_experts, bool wait_compute, bool async_finish);
+    // A dispatch with a layout (not cached) as one call under a CommFrame: the count exchange
+    // (notify_dispatch, with the layout value checks unless num_worst_tokens > 0), the host wait
+    // for the counts (none with num_worst_tokens > 0: then num_worst_tokens rows), the outputs
+    // allocated on the comm stream, the dispatch. Returns
+    // (status, check flags, received rows (-1 with num_worst_tokens), per-local-expert counts,
+    //  recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, recv_rank_prefix,
+    //  recv_src_num_tokens, the event if async_finish); status kDispatchOk, kDispatchWaitFailed
+    // (a kernel recorded a failure or the host wait timed out: nothing else ran) or
+    // kDispatchBadLayout (the value checks failed, see the flags: nothing was dispatched).
+    using DispatchResult =
+        std::tuple<int, int, int, std::vector<int>, torch::Tensor, std::optional<torch::Tensor>,
+                   std::optional<torch::Tensor>, std::optional<torch::Tensor>, torch::Tensor, torch::Tensor,
+                   torch::Tensor, std::optional<EventHandle>>;
+    static constexpr int kDispatchOk = 0, kDispatchWaitFailed = 1, kDispatchBadLayout = 2;
+    DispatchResult dispatch_on_comm_stream(const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales,
+                                           const std::optional<torch::Tensor>& topk_idx,
+                                           const std::optional<torch::Tensor>& topk_weights,
+                                           const torch::Tensor& num_tokens_per_rank,
+                                           const torch::Tensor& num_tokens_per_expert,
+                                           const torch::Tensor& is_token_in_rank, int expert_alignment,
+                                           int num_worst_tokens, int num_sms, int send_chunk, int ring_capacity,
+                                           bool wait_compute, bool async_finish);
     // A cached dispatch (a handle's layout: no top-k) as one call under a CommFrame: allocates
     // recv_x [num_rows, hidden] (and the FP8 scales) on the comm stream and dispatches there.
     // Returns (recv_x, recv_x_scales, the call's event if async_finish).

@@ -11,7 +11,7 @@ across nodes).
 
 Streams: the kernels run on the comm stream of :class:`TorchBackend`, and every output is
 allocated there, with the same rules as the torch backend (``_on_comm_stream`` / ``_finish``); a
-layout, a cached dispatch and a combine keep those rules in one C++ call (``csrc/comm_frame.hpp``), which
+layout, dispatch and combine keep those rules in one C++ call each (``csrc/comm_frame.hpp``), which
 costs the host a fraction of the Python stream switches.
 
 Environment: ``DEEP_EP_TIMEOUT_S`` (default 100) bounds every wait inside the kernels. A kernel
@@ -23,7 +23,7 @@ stays failed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -33,8 +33,8 @@ from .cuda_internode import InternodeKernelsMixin, KernelDispatchHandle, open_nv
 from .cuda_ll import LowLatencyKernelsMixin
 from .torch_backend import TorchBackend, view_bytes
 from .utils import (INTRANODE_TARGET_NAMES, DeepEPTimeoutError, EventOverlap, describe_kernel_failure,
-                    dispatch_result, empty_dispatch_rows, host_wait_timeout_message,
-                    raise_layout_value_errors, split_bias, split_dispatch_x, tensors_alive, timeout_from_env)
+                    dispatch_result, host_wait_timeout_message, raise_layout_value_errors, split_bias,
+                    split_dispatch_x, tensors_alive, timeout_from_env)
 
 try:  # the extension is optional; Buffer only picks this backend where it imports
     import deep_ep_cpp as _ext
@@ -170,14 +170,6 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
             event, (topk_idx,), (per_rank, per_expert, is_token_in_rank))
 
     # ------------------------------------------------------------------ dispatch
-    def _wait_counts(self, num_local_experts: int) -> Tuple[int, List[int], int]:
-        ok, total, per_expert, check_flags = self._runtime.wait_notify(num_local_experts)
-        if ok:
-            return total, list(per_expert), check_flags
-        self.check_errors()  # a kernel recorded why
-        self._failure = host_wait_timeout_message(self.rank, self.timeout_s, "notify_dispatch")
-        raise DeepEPTimeoutError(self._failure)
-
     def dispatch(self, x: Union[torch.Tensor, Fp8Pair], handle: Optional[Any],
                  num_tokens_per_rank: Optional[torch.Tensor], num_tokens_per_rdma_rank: Optional[torch.Tensor],
                  is_token_in_rank: Optional[torch.Tensor], num_tokens_per_expert: Optional[torch.Tensor],
@@ -190,60 +182,39 @@ class CudaBackend(InternodeKernelsMixin, LowLatencyKernelsMixin, TorchBackend):
                                     num_worst_tokens, config, previous_event, async_finish, allocate_on_comm_stream)
         is_fp8, data, scales = split_dispatch_x(x)
         num_tokens, hidden = data.shape
-        cached = handle is not None
-        if cached:
-            # The stream rules, the allocation and the launch in one C++ call (CommFrame).
+        waits = self._comm_waits_for(previous_event)
+        # The stream rules, the allocation and the launches in one C++ call each (CommFrame).
+        if handle is not None:
             recv_data, recv_scales, event = self._runtime.cached_dispatch(
                 data, scales, handle.is_token_in_rank, handle.recv_rank_prefix, handle.num_output_rows,
                 handle.num_experts, handle.padded, config.num_sms, config.num_max_nvl_chunked_send_tokens,
-                config.num_max_nvl_chunked_recv_tokens, self._comm_waits_for(previous_event), async_finish)
+                config.num_max_nvl_chunked_recv_tokens, waits, async_finish)
             recv_x = (recv_data, recv_scales) if is_fp8 else recv_data
             return dispatch_result(True, recv_x, None, None, [], handle, _overlap(
                 event, (x, handle.is_token_in_rank, handle.recv_rank_prefix), (recv_data, recv_scales)))
-        device = self.device
-        with self._on_comm_stream(previous_event):
-            per_expert_list: List[int] = []
-            if cached:
-                num_experts = handle.num_experts
-                rows = handle.num_output_rows
-                is_token_in_rank = handle.is_token_in_rank
-                recv_rank_prefix, recv_src_num_tokens = handle.recv_rank_prefix, handle.recv_src_num_tokens
-                padded = handle.padded
-            else:
-                num_experts = num_tokens_per_expert.numel()
-                recv_rank_prefix = torch.empty(self.num_ranks + 1, dtype=torch.int32, device=device)
-                recv_src_num_tokens = torch.empty(self.num_ranks, dtype=torch.int32, device=device)
-                padded = num_worst_tokens > 0
-                # Without num_worst_tokens the host waits for the counts: the layout values are
-                # checked on the device on the way (Buffer then skips its own, synchronizing check).
-                check = not padded
-                self._runtime.notify_dispatch(num_tokens_per_rank, num_tokens_per_expert, num_tokens,
-                                              expert_alignment, recv_rank_prefix, recv_src_num_tokens, not padded,
-                                              topk_idx if check else None, is_token_in_rank if check else None)
-                if padded:
-                    rows, num_recv = num_worst_tokens, None
-                else:
-                    num_recv, per_expert_list, check_flags = self._wait_counts(num_experts // self.num_ranks)
-                    if check_flags:
-                        # Nothing was dispatched; every rank given the same bad layout stops here too.
-                        raise_layout_value_errors(bool(check_flags & _ext.CHECK_BAD_TOPK),
-                                                  bool(check_flags & _ext.CHECK_BAD_COUNTS), topk_idx, num_experts)
-                    rows = num_recv
-            recv_data, recv_scales, recv_topk_idx, recv_topk_weights = empty_dispatch_rows(
-                rows, hidden, data.dtype, scales, topk_idx, device)
-            recv_src_idx = torch.empty(rows, dtype=torch.int32, device=device)
-            self._runtime.dispatch(data, scales, topk_idx, topk_weights, is_token_in_rank, recv_rank_prefix,
-                                   recv_data, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx,
-                                   num_experts, padded, config.num_sms, config.num_max_nvl_chunked_send_tokens,
-                                   config.num_max_nvl_chunked_recv_tokens, None)
-            if not cached:
-                handle = CudaDispatchHandle(num_tokens, hidden, num_experts, rows, num_recv, is_token_in_rank,
-                                            recv_rank_prefix, recv_src_num_tokens, recv_src_idx, padded)
+        (status, check_flags, num_recv, per_expert_list, recv_data, recv_scales, recv_topk_idx, recv_topk_weights,
+         recv_src_idx, recv_rank_prefix, recv_src_num_tokens, event) = self._runtime.dispatch_on_comm_stream(
+            data, scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank,
+            expert_alignment, num_worst_tokens, config.num_sms, config.num_max_nvl_chunked_send_tokens,
+            config.num_max_nvl_chunked_recv_tokens, waits, async_finish)
+        num_experts = num_tokens_per_expert.numel()
+        if status == _ext.DISPATCH_WAIT_FAILED:
+            self.check_errors()  # a kernel recorded why
+            self._failure = host_wait_timeout_message(self.rank, self.timeout_s, "notify_dispatch")
+            raise DeepEPTimeoutError(self._failure)
+        if status == _ext.DISPATCH_BAD_LAYOUT:
+            # Nothing was dispatched; every rank given the same bad layout stops here too.
+            raise_layout_value_errors(bool(check_flags & _ext.CHECK_BAD_TOPK),
+                                      bool(check_flags & _ext.CHECK_BAD_COUNTS), topk_idx, num_experts)
+        padded = num_worst_tokens > 0
+        handle = CudaDispatchHandle(num_tokens, hidden, num_experts, recv_data.shape[0],
+                                    None if padded else num_recv, is_token_in_rank, recv_rank_prefix,
+                                    recv_src_num_tokens, recv_src_idx, padded)
         recv_x: Union[torch.Tensor, Fp8Pair] = (recv_data, recv_scales) if is_fp8 else recv_data
-        event = self._finish(async_finish, (x, topk_idx, topk_weights, is_token_in_rank, recv_rank_prefix,
-                                            recv_src_num_tokens, num_tokens_per_rank, num_tokens_per_expert),
-                             (recv_data, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx))
-        return dispatch_result(cached, recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event)
+        return dispatch_result(False, recv_x, recv_topk_idx, recv_topk_weights, list(per_expert_list), handle,
+                               _overlap(event, (x, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                                                num_tokens_per_expert),
+                                        (recv_data, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx)))
 
     # ------------------------------------------------------------------ combine
     def combine(self, x: torch.Tensor, handle: Any, topk_weights: Optional[torch.Tensor],

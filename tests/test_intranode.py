@@ -383,6 +383,40 @@ def check_timeout(rank: int, num_ranks: int, group: Any, seed: int) -> None:
     buf.destroy()
 
 
+def check_notify_timeout(rank: int, num_ranks: int, group: Any, seed: int) -> None:
+    """Rank 0 never calls a non-cached dispatch: every other rank's count exchange times out and its
+    dispatch raises DeepEPTimeoutError naming notify_dispatch and rank 0 within the timeout."""
+    import deep_ep
+    timeout_s = 3.0
+    os.environ["DEEP_EP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        buf = make_cuda_buffer(group, _nvl_bytes(num_ranks), explicitly_destroy=True)
+    finally:
+        del os.environ["DEEP_EP_TIMEOUT_S"]
+    case = make_case(rank, num_ranks, seed, 512, 2048, 8, 8 * num_ranks, "uniform")
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(case["topk_idx"], 8 * num_ranks)
+    torch.cuda.synchronize()
+    dist.barrier(group=group)
+    if rank == 0:
+        time.sleep(timeout_s + 6)
+    else:
+        start = time.monotonic()
+        raised = None
+        try:
+            buf.dispatch(case["x"], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                         num_tokens_per_expert=per_expert, topk_idx=case["topk_idx"],
+                         topk_weights=case["topk_weights"], config=deep_ep.Config(8, 4, 64))
+        except deep_ep.DeepEPTimeoutError as error:
+            raised = str(error)
+        elapsed = time.monotonic() - start
+        assert raised is not None, f"rank {rank}: no DeepEPTimeoutError after a peer skipped dispatch"
+        assert f"rank {rank}" in raised and "notify_dispatch" in raised and "rank 0" in raised, raised
+        assert elapsed < timeout_s + 5, f"rank {rank}: the timeout took {elapsed:.1f} s"
+        print(f"rank {rank}: notify timeout reported after {elapsed:.2f} s: {raised}", flush=True)
+    dist.barrier(group=group)
+    buf.destroy()
+
+
 def correctness_worker(rank: int, num_ranks: int, group: Any, seed: int, quick: bool, skip_timeout: bool) -> None:
     """Every check of this module: the cases, graph, repeatability, tuned-config, bad-value and
     timeout checks."""
@@ -432,6 +466,8 @@ def correctness_worker(rank: int, num_ranks: int, group: Any, seed: int, quick: 
     if not skip_timeout:
         check_timeout(rank, num_ranks, group, seed + 5)
         _log(rank, "timeout -> DeepEPTimeoutError: ok")
+        check_notify_timeout(rank, num_ranks, group, seed + 6)
+        _log(rank, "count-exchange timeout -> DeepEPTimeoutError: ok")
     torch_buf.destroy()
 
 
