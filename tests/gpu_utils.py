@@ -211,18 +211,7 @@ def check_graph_replay(step: Callable[[], Tuple[torch.Tensor, ...]], static: dic
 def cuda_event_times_us(fn: Callable[[int], Any], iters: int, warmup: int) -> List[float]:
     """Device time (us, CUDA events on the current stream) of each of ``iters`` calls ``fn(i)``,
     after ``warmup`` calls ``fn(i)``, a synchronize and a barrier of the default group."""
-    for i in range(warmup):
-        fn(i)
-    torch.cuda.synchronize()
-    dist.barrier()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for i in range(iters):
-        starts[i].record()
-        fn(i)
-        ends[i].record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends)]
+    return _event_times_us(fn, iters, warmup, cover_host=False)[0]
 
 
 # A GPU sleep long enough to cover one call's host work (about 0.5 ms at Hopper clocks).
@@ -238,6 +227,11 @@ def covered_event_times_us(fn: Callable[[int], Any], iters: int, warmup: int) ->
     each call keeps the stream busy while the host enqueues the call, so the events bracket the
     call's device work only. The host time is the wall time of ``fn(i)`` alone.
     """
+    return _event_times_us(fn, iters, warmup, cover_host=True)
+
+
+def _event_times_us(fn: Callable[[int], Any], iters: int, warmup: int,
+                    cover_host: bool) -> Tuple[List[float], List[float]]:
     for i in range(warmup):
         fn(i)
     torch.cuda.synchronize()
@@ -246,7 +240,8 @@ def covered_event_times_us(fn: Callable[[int], Any], iters: int, warmup: int) ->
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     host: List[float] = []
     for i in range(iters):
-        torch.cuda._sleep(HOST_COVER_SLEEP_CYCLES)
+        if cover_host:
+            torch.cuda._sleep(HOST_COVER_SLEEP_CYCLES)
         starts[i].record()
         begin = time.perf_counter()
         fn(i)

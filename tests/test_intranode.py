@@ -340,15 +340,20 @@ def check_repeatable(rank: int, num_ranks: int, cuda_buf: Any, seed: int, config
         assert_bitwise_equal(f"repeat {i} combine", combined, first_combined)
 
 
+def _buffer_with_timeout(group: Any, num_ranks: int, timeout_s: float) -> Any:
+    """A cuda-backend buffer whose kernels give up waiting after ``timeout_s``."""
+    os.environ["DEEP_EP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        return make_cuda_buffer(group, _nvl_bytes(num_ranks), explicitly_destroy=True)
+    finally:
+        del os.environ["DEEP_EP_TIMEOUT_S"]
+
+
 def check_timeout(rank: int, num_ranks: int, group: Any, seed: int) -> None:
     """Rank 0 never calls combine: every other rank gets DeepEPTimeoutError within the timeout."""
     import deep_ep
     timeout_s = 3.0
-    os.environ["DEEP_EP_TIMEOUT_S"] = str(timeout_s)
-    try:
-        buf = make_cuda_buffer(group, _nvl_bytes(num_ranks), explicitly_destroy=True)
-    finally:
-        del os.environ["DEEP_EP_TIMEOUT_S"]
+    buf = _buffer_with_timeout(group, num_ranks, timeout_s)
     config = deep_ep.Config(8, 4, 64)
     case = make_case(rank, num_ranks, seed, 2048, 2048, 8, 8 * num_ranks, "uniform")
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(case["topk_idx"], 8 * num_ranks)
@@ -388,11 +393,7 @@ def check_notify_timeout(rank: int, num_ranks: int, group: Any, seed: int) -> No
     dispatch raises DeepEPTimeoutError naming notify_dispatch and rank 0 within the timeout."""
     import deep_ep
     timeout_s = 3.0
-    os.environ["DEEP_EP_TIMEOUT_S"] = str(timeout_s)
-    try:
-        buf = make_cuda_buffer(group, _nvl_bytes(num_ranks), explicitly_destroy=True)
-    finally:
-        del os.environ["DEEP_EP_TIMEOUT_S"]
+    buf = _buffer_with_timeout(group, num_ranks, timeout_s)
     case = make_case(rank, num_ranks, seed, 512, 2048, 8, 8 * num_ranks, "uniform")
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(case["topk_idx"], 8 * num_ranks)
     torch.cuda.synchronize()
