@@ -40,6 +40,11 @@ def timeout_from_env() -> float:
 
 KERNEL_ERROR_OVERFLOW = 2  # codes of csrc/kernels/exception.cuh: 1 = timeout, 2 = overflow
 
+# The barrier of csrc/kernels/buffer.cuh (barrier_block): wait target 1; each arrival adds
+# kBarrierTag to the arriving rank's own slot for every peer, and each peer's arrival takes it off.
+WAIT_BARRIER = 1
+BARRIER_TAG = 1 << 20
+
 # Names of the wait targets of csrc/kernels/exception.cuh (the intranode kernels; the internode
 # path adds its own after them).
 INTRANODE_TARGET_NAMES = {
@@ -63,8 +68,13 @@ def describe_kernel_failure(record: Tuple[int, ...], kernel_names: dict, target_
     if code == KERNEL_ERROR_OVERFLOW:
         return (f"deep_ep: rank {rank}: {kernel_name}: {target_name}: row {seen} needed, {expected} rows "
                 f"allocated (from rank {peer}); the buffer is now unusable")
+    if target == WAIT_BARRIER and seen > 0 and seen % BARRIER_TAG == 0:
+        # The rank's own slot for that peer holds one tag per arrival the peer has not matched.
+        state = f"{where}it is {seen // BARRIER_TAG} barrier(s) behind"
+    else:
+        state = f"{where}last value {seen}, expected {expected}"
     return (f"deep_ep: rank {rank}: {kernel_name} timed out after {timeout_s:g} s waiting for {target_name} "
-            f"from rank {peer} ({where}last value {seen}, expected {expected}); the buffer is now unusable")
+            f"from rank {peer} ({state}); the buffer is now unusable")
 
 
 class EventHandle:

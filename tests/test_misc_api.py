@@ -30,6 +30,25 @@ def test_exports():
     assert DeepEPTimeoutError is deep_ep.DeepEPTimeoutError
 
 
+def test_kernel_failure_messages():
+    from deep_ep.utils import BARRIER_TAG, INTRANODE_TARGET_NAMES, WAIT_BARRIER, describe_kernel_failure
+
+    names = {1: "notify_dispatch", 3: "intranode_combine"}
+    # (code, kernel, rank, peer, target, channel, seen, expected)
+    barrier = describe_kernel_failure((1, 1, 2, 0, WAIT_BARRIER, -1, BARRIER_TAG, 0), names,
+                                      INTRANODE_TARGET_NAMES, 3.0)
+    assert barrier == ("deep_ep: rank 2: notify_dispatch timed out after 3 s waiting for a barrier arrival from "
+                       "rank 0 (it is 1 barrier(s) behind); the buffer is now unusable"), barrier
+    ring = describe_kernel_failure((1, 3, 1, 0, 2, 4, 0, 2), names, INTRANODE_TARGET_NAMES, 3.0)
+    assert "intranode_combine timed out after 3 s waiting for ring data (the sender's tail) from rank 0 " \
+           "(channel 4, last value 0, expected 2)" in ring, ring
+    # A barrier value that is not a whole number of arrivals is printed as it is.
+    odd = describe_kernel_failure((1, 1, 2, 0, WAIT_BARRIER, -1, 5, 0), names, INTRANODE_TARGET_NAMES, 3.0)
+    assert "(last value 5, expected 0)" in odd, odd
+    overflow = describe_kernel_failure((2, 3, 1, 0, 6, 0, 10, 8), names, INTRANODE_TARGET_NAMES, 3.0)
+    assert "row 10 needed, 8 rows allocated (from rank 0)" in overflow, overflow
+
+
 def test_buffer_statics():
     import deep_ep
 

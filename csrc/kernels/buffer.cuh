@@ -81,7 +81,7 @@ __host__ __device__ __forceinline__ uint8_t* ring_ptr(uint8_t* buffer, const Rin
 // every peer and subtracts kTag from its slot in every peer, then waits until all of its own
 // slots are back at or below zero. Ranks can be at most one barrier apart, which keeps the
 // sums unambiguous. Returns false (in every thread) if the wait failed.
-constexpr int kBarrierTag = 1 << 20;
+constexpr int kBarrierTag = 1 << 20;  // deep_ep/utils.py BARRIER_TAG decodes timeouts with it
 
 #ifdef __CUDACC__
 __device__ __forceinline__ bool barrier_block(const PeerBuffers& buffers, int rank, int num_ranks,
