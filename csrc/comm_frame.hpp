@@ -4,8 +4,9 @@
 // the call or its event is returned (async_finish).
 //
 // The Python side does the same for the calls without a frame here (TorchBackend._on_comm_stream
-// / _finish); for a cached dispatch or a combine those stream switches, record_stream calls and
-// events were ~100 of the ~130 us of host time per call on the lent hosts (docs/benchmarks.md).
+// / _finish); for an intranode cached dispatch or combine those stream switches, record_stream
+// calls and events were ~100 of the ~130 us of host time per call on the lent hosts
+// (docs/benchmarks.md).
 #pragma once
 
 #include <optional>

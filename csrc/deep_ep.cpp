@@ -387,12 +387,33 @@ void Buffer::set_comm_stream(int64_t stream_id, int64_t device_index, int64_t de
     comm_stream_.emplace(stream);
 }
 
+CommFrame Buffer::comm_frame(bool wait_compute) const {
+    DEEP_EP_HOST_ASSERT(comm_stream_.has_value(), "set_comm_stream() has not been called");
+    return CommFrame(*comm_stream_, wait_compute);
+}
+
+Buffer::DispatchRows Buffer::empty_dispatch_rows(const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales,
+                                                 const std::optional<torch::Tensor>& topk_idx, int64_t rows) {
+    DispatchRows out;
+    out.x = torch::empty({rows, x.size(1)}, x.options());
+    if (x_scales.has_value()) {
+        DEEP_EP_HOST_ASSERT(x_scales->dim() == 2, "x_scales must be 2-D");
+        out.x_scales = torch::empty({rows, x_scales->size(1)}, x.options().dtype(torch::kFloat32));
+    }
+    if (topk_idx.has_value()) {
+        DEEP_EP_HOST_ASSERT(topk_idx->dim() == 2, "topk_idx must be 2-D");
+        out.topk_idx = torch::empty({rows, topk_idx->size(1)}, x.options().dtype(torch::kInt64));
+        out.topk_weights = torch::empty({rows, topk_idx->size(1)}, x.options().dtype(torch::kFloat32));
+    }
+    out.src_idx = torch::empty({rows}, x.options().dtype(torch::kInt32));
+    return out;
+}
+
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, std::optional<EventHandle>>
 Buffer::dispatch_layout_on_comm_stream(const torch::Tensor& topk_idx, int num_experts, bool wait_compute,
                                        bool async_finish) {
-    DEEP_EP_HOST_ASSERT(comm_stream_.has_value(), "set_comm_stream() has not been called");
     DEEP_EP_HOST_ASSERT(topk_idx.dim() == 2, "topk_idx must be 2-D");
-    CommFrame frame(*comm_stream_, wait_compute);
+    CommFrame frame = comm_frame(wait_compute);
     const auto int32 = topk_idx.options().dtype(torch::kInt32);
     torch::Tensor per_rank = torch::empty({num_ranks_}, int32);
     torch::Tensor per_expert = torch::empty({num_experts}, int32);
@@ -409,10 +430,9 @@ Buffer::DispatchResult Buffer::dispatch_on_comm_stream(
     const torch::Tensor& num_tokens_per_expert, const torch::Tensor& is_token_in_rank, int expert_alignment,
     int num_worst_tokens, int num_sms, int send_chunk, int ring_capacity, bool wait_compute, bool async_finish) {
     check_usable();
-    DEEP_EP_HOST_ASSERT(comm_stream_.has_value(), "set_comm_stream() has not been called");
     DEEP_EP_HOST_ASSERT(x.dim() == 2 && num_worst_tokens >= 0, "x must be 2-D and num_worst_tokens non-negative");
     DEEP_EP_HOST_ASSERT(topk_idx.has_value() == topk_weights.has_value(), "topk_idx and topk_weights go together");
-    CommFrame frame(*comm_stream_, wait_compute);
+    CommFrame frame = comm_frame(wait_compute);
     const auto int32 = x.options().dtype(torch::kInt32);
     torch::Tensor recv_rank_prefix = torch::empty({num_ranks_ + 1}, int32);
     torch::Tensor recv_src_num_tokens = torch::empty({num_ranks_}, int32);
@@ -439,26 +459,15 @@ Buffer::DispatchResult Buffer::dispatch_on_comm_stream(
         rows = num_recv = total;
         per_expert = std::move(counts);
     }
-    torch::Tensor recv_x = torch::empty({rows, x.size(1)}, x.options());
-    std::optional<torch::Tensor> recv_x_scales, recv_topk_idx, recv_topk_weights;
-    if (x_scales.has_value()) {
-        DEEP_EP_HOST_ASSERT(x_scales->dim() == 2, "x_scales must be 2-D");
-        recv_x_scales = torch::empty({rows, x_scales->size(1)}, x.options().dtype(torch::kFloat32));
-    }
-    if (topk_idx.has_value()) {
-        DEEP_EP_HOST_ASSERT(topk_idx->dim() == 2, "topk_idx must be 2-D");
-        recv_topk_idx = torch::empty({rows, topk_idx->size(1)}, x.options().dtype(torch::kInt64));
-        recv_topk_weights = torch::empty({rows, topk_idx->size(1)}, x.options().dtype(torch::kFloat32));
-    }
-    torch::Tensor recv_src_idx = torch::empty({rows}, int32);
-    dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, recv_rank_prefix, recv_x, recv_x_scales,
-             recv_topk_idx, recv_topk_weights, recv_src_idx, num_experts, padded, num_sms, send_chunk, ring_capacity,
+    const DispatchRows out = empty_dispatch_rows(x, x_scales, topk_idx, rows);
+    dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, recv_rank_prefix, out.x, out.x_scales,
+             out.topk_idx, out.topk_weights, out.src_idx, num_experts, padded, num_sms, send_chunk, ring_capacity,
              std::nullopt);
     frame.keep_for_comm(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                         num_tokens_per_expert);
-    frame.keep_for_compute(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx);
-    return DispatchResult{kDispatchOk, 0, num_recv, std::move(per_expert), recv_x, recv_x_scales, recv_topk_idx,
-                          recv_topk_weights, recv_src_idx, recv_rank_prefix, recv_src_num_tokens,
+    frame.keep_for_compute(out.x, out.x_scales, out.topk_idx, out.topk_weights, out.src_idx);
+    return DispatchResult{kDispatchOk, 0, num_recv, std::move(per_expert), out.x, out.x_scales, out.topk_idx,
+                          out.topk_weights, out.src_idx, recv_rank_prefix, recv_src_num_tokens,
                           frame.finish(async_finish)};
 }
 
@@ -467,23 +476,16 @@ std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<EventHandl
     const torch::Tensor& recv_rank_prefix, int64_t num_rows, int num_experts, bool fill_padding, int num_sms,
     int send_chunk, int ring_capacity, bool wait_compute, bool async_finish) {
     check_usable();
-    DEEP_EP_HOST_ASSERT(comm_stream_.has_value(), "set_comm_stream() has not been called");
     DEEP_EP_HOST_ASSERT(x.dim() == 2 && num_rows >= 0, "x must be 2-D and num_rows non-negative");
-    CommFrame frame(*comm_stream_, wait_compute);
-    torch::Tensor recv_x = torch::empty({num_rows, x.size(1)}, x.options());
-    std::optional<torch::Tensor> recv_x_scales;
-    if (x_scales.has_value()) {
-        DEEP_EP_HOST_ASSERT(x_scales->dim() == 2, "x_scales must be 2-D");
-        recv_x_scales = torch::empty({num_rows, x_scales->size(1)}, x.options().dtype(torch::kFloat32));
-    }
+    CommFrame frame = comm_frame(wait_compute);
     // The source indices are the handle's already; the kernel writes them anyway.
-    const torch::Tensor recv_src_idx = torch::empty({num_rows}, x.options().dtype(torch::kInt32));
-    dispatch(x, x_scales, std::nullopt, std::nullopt, is_token_in_rank, recv_rank_prefix, recv_x, recv_x_scales,
-             std::nullopt, std::nullopt, recv_src_idx, num_experts, fill_padding, num_sms, send_chunk, ring_capacity,
+    const DispatchRows out = empty_dispatch_rows(x, x_scales, std::nullopt, num_rows);
+    dispatch(x, x_scales, std::nullopt, std::nullopt, is_token_in_rank, recv_rank_prefix, out.x, out.x_scales,
+             std::nullopt, std::nullopt, out.src_idx, num_experts, fill_padding, num_sms, send_chunk, ring_capacity,
              std::nullopt);
     frame.keep_for_comm(x, x_scales, is_token_in_rank, recv_rank_prefix);
-    frame.keep_for_compute(recv_x, recv_x_scales);
-    return {recv_x, recv_x_scales, frame.finish(async_finish)};
+    frame.keep_for_compute(out.x, out.x_scales);
+    return {out.x, out.x_scales, frame.finish(async_finish)};
 }
 
 std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<EventHandle>> Buffer::combine_on_comm_stream(
@@ -492,9 +494,8 @@ std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<EventHandl
     const torch::Tensor& recv_rank_prefix, const torch::Tensor& recv_src_num_tokens, int64_t num_tokens, int num_sms,
     int send_chunk, int ring_capacity, bool wait_compute, bool async_finish) {
     check_usable();
-    DEEP_EP_HOST_ASSERT(comm_stream_.has_value(), "set_comm_stream() has not been called");
     DEEP_EP_HOST_ASSERT(x.dim() == 2 && num_tokens >= 0, "x must be 2-D and num_tokens non-negative");
-    CommFrame frame(*comm_stream_, wait_compute);
+    CommFrame frame = comm_frame(wait_compute);
     torch::Tensor combined_x = torch::empty({num_tokens, x.size(1)}, x.options().dtype(torch::kBFloat16));
     std::optional<torch::Tensor> combined_topk_weights;
     if (topk_weights.has_value()) {
@@ -574,9 +575,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         .def("get_local_ipc_handle", &deep_ep::Buffer::get_local_ipc_handle)
         .def("sync", &deep_ep::Buffer::sync)
         .def("get_local_buffer_tensor", &deep_ep::Buffer::get_local_buffer_tensor)
-        .def("get_dispatch_layout", &deep_ep::Buffer::get_dispatch_layout)
         .def("notify_dispatch", &deep_ep::Buffer::notify_dispatch)
-        .def("wait_notify", &deep_ep::Buffer::wait_notify)
         .def("dispatch", &deep_ep::Buffer::dispatch)
         .def("combine", &deep_ep::Buffer::combine)
         .def("set_comm_stream", &deep_ep::Buffer::set_comm_stream)

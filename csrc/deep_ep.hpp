@@ -1,7 +1,8 @@
 // The runtime of the intranode kernels: one NVLink buffer per rank, mapped by every peer through
-// CUDA IPC; host-mapped counters and error record; kernel launches on the current stream (the
-// Python side switches to the comm stream and allocates the outputs), except for the cached
-// dispatch and the combine, which do that here in one call (CommFrame, comm_frame.hpp).
+// CUDA IPC; host-mapped counters and error record; kernel launches on the current stream. The
+// *_on_comm_stream calls and cached_dispatch (the Buffer calls of the cuda backend) switch to the
+// comm stream and allocate their outputs here (CommFrame, comm_frame.hpp); the internode path
+// drives notify_dispatch / dispatch / combine from Python on its own comm stream.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/types.h>
 
+#include "comm_frame.hpp"
 #include "error_record.hpp"
 #include "event.hpp"
 #include "kernels/api.cuh"
@@ -136,6 +138,17 @@ private:
     RingGeometry make_ring(int num_sms, int send_chunk, int ring_capacity, int slot_bytes,
                            int min_slots_per_sub_ring) const;
     FailureContext failure_context() const;
+    // A CommFrame on the comm stream (set_comm_stream).
+    CommFrame comm_frame(bool wait_compute) const;
+    // A dispatch's outputs for `rows` rows: x's dtype and width, the FP8 scales with x_scales, the
+    // top-k ids and weights with topk_idx, the source indices.
+    struct DispatchRows {
+        torch::Tensor x;
+        std::optional<torch::Tensor> x_scales, topk_idx, topk_weights;
+        torch::Tensor src_idx;
+    };
+    static DispatchRows empty_dispatch_rows(const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales,
+                                            const std::optional<torch::Tensor>& topk_idx, int64_t rows);
     int warps_per_peer() const;
     void check_usable() const;
 
