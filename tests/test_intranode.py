@@ -349,6 +349,31 @@ def _buffer_with_timeout(group: Any, num_ranks: int, timeout_s: float) -> Any:
         del os.environ["DEEP_EP_TIMEOUT_S"]
 
 
+def _expect_peer_timeout(rank: int, group: Any, timeout_s: float, call: Callable[[], Any], what: str,
+                         kernel: str) -> Optional[str]:
+    """Rank 0 sleeps past the timeout instead of taking part; every other rank runs ``call``, which
+    must raise DeepEPTimeoutError naming this rank, ``kernel`` and rank 0 within the timeout. Returns
+    the message on the other ranks (None on rank 0); ``what`` names the skipped call."""
+    import deep_ep
+    torch.cuda.synchronize()
+    dist.barrier(group=group)
+    if rank == 0:
+        time.sleep(timeout_s + 6)
+        return None
+    start = time.monotonic()
+    raised = None
+    try:
+        call()
+    except deep_ep.DeepEPTimeoutError as error:
+        raised = str(error)
+    elapsed = time.monotonic() - start
+    assert raised is not None, f"rank {rank}: no DeepEPTimeoutError after a peer skipped {what}"
+    assert f"rank {rank}" in raised and kernel in raised and "rank 0" in raised, raised
+    assert elapsed < timeout_s + 5, f"rank {rank}: the timeout took {elapsed:.1f} s"
+    print(f"rank {rank}: {what} timeout reported after {elapsed:.2f} s: {raised}", flush=True)
+    return raised
+
+
 def check_timeout(rank: int, num_ranks: int, group: Any, seed: int) -> None:
     """Rank 0 never calls combine: every other rank gets DeepEPTimeoutError within the timeout."""
     import deep_ep
@@ -360,30 +385,19 @@ def check_timeout(rank: int, num_ranks: int, group: Any, seed: int) -> None:
     recv_x, _, _, _, handle, _ = buf.dispatch(case["x"], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                               num_tokens_per_expert=per_expert, topk_idx=case["topk_idx"],
                                               topk_weights=case["topk_weights"], config=config)
-    torch.cuda.synchronize()
-    dist.barrier(group=group)
-    if rank == 0:
-        time.sleep(timeout_s + 6)
-    else:
-        start = time.monotonic()
+
+    def combine_twice() -> None:
         buf.combine(recv_x, handle, config=config)
         torch.cuda.synchronize()  # the kernel gives up after the timeout
-        raised = None
-        try:
-            buf.combine(recv_x, handle, config=config)
-        except deep_ep.DeepEPTimeoutError as error:
-            raised = str(error)
-        elapsed = time.monotonic() - start
-        assert raised is not None, f"rank {rank}: no DeepEPTimeoutError after a peer skipped combine"
-        assert f"rank {rank}" in raised and "intranode_combine" in raised and "rank 0" in raised, raised
-        assert elapsed < timeout_s + 5, f"rank {rank}: the timeout took {elapsed:.1f} s"
+        buf.combine(recv_x, handle, config=config)  # raises: the kernel recorded why
+
+    if _expect_peer_timeout(rank, group, timeout_s, combine_twice, "combine", "intranode_combine") is not None:
         try:
             buf.get_dispatch_layout(case["topk_idx"], 8 * num_ranks)
         except RuntimeError as error:
             assert "failure" in str(error) or "unusable" in str(error), str(error)
         else:
             raise AssertionError("a failed buffer accepted another call")
-        print(f"rank {rank}: timeout reported after {elapsed:.2f} s: {raised}", flush=True)
     dist.barrier(group=group)
     buf.destroy()
 
@@ -396,24 +410,12 @@ def check_notify_timeout(rank: int, num_ranks: int, group: Any, seed: int) -> No
     buf = _buffer_with_timeout(group, num_ranks, timeout_s)
     case = make_case(rank, num_ranks, seed, 512, 2048, 8, 8 * num_ranks, "uniform")
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(case["topk_idx"], 8 * num_ranks)
-    torch.cuda.synchronize()
-    dist.barrier(group=group)
-    if rank == 0:
-        time.sleep(timeout_s + 6)
-    else:
-        start = time.monotonic()
-        raised = None
-        try:
-            buf.dispatch(case["x"], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                         num_tokens_per_expert=per_expert, topk_idx=case["topk_idx"],
-                         topk_weights=case["topk_weights"], config=deep_ep.Config(8, 4, 64))
-        except deep_ep.DeepEPTimeoutError as error:
-            raised = str(error)
-        elapsed = time.monotonic() - start
-        assert raised is not None, f"rank {rank}: no DeepEPTimeoutError after a peer skipped dispatch"
-        assert f"rank {rank}" in raised and "notify_dispatch" in raised and "rank 0" in raised, raised
-        assert elapsed < timeout_s + 5, f"rank {rank}: the timeout took {elapsed:.1f} s"
-        print(f"rank {rank}: notify timeout reported after {elapsed:.2f} s: {raised}", flush=True)
+    _expect_peer_timeout(
+        rank, group, timeout_s,
+        lambda: buf.dispatch(case["x"], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                             num_tokens_per_expert=per_expert, topk_idx=case["topk_idx"],
+                             topk_weights=case["topk_weights"], config=deep_ep.Config(8, 4, 64)),
+        "non-cached dispatch", "notify_dispatch")
     dist.barrier(group=group)
     buf.destroy()
 
